@@ -1,0 +1,111 @@
+"""Backend selection for engine ops.
+
+Every op has three implementations: ``eager`` (plain PyTorch, the reference the others are
+checked against), ``triton`` and ``cuda`` (the compiled ``engine._C`` module). The choice is
+
+    explicit ``backend=`` argument  >  ``ENGINE_BACKEND`` environment variable  >  ``auto``
+
+``auto`` picks the op's preferred available backend on CUDA tensors and ``eager`` on the CPU.
+An unknown name, or a backend asked for by name that cannot run here, is an error: never a
+silent fallback, so a benchmark row labelled ``triton`` really ran Triton.
+
+On CPU tensors the non-eager backends still run, so CI exercises their logic:
+``triton`` under the Triton interpreter (``TRITON_INTERPRET=1`` must be set before Triton
+kernels are defined) and ``cuda`` through the C++ reference path of ``engine._C``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("eager", "triton", "cuda")
+_CHOICES = BACKENDS + ("auto",)
+
+
+@functools.cache
+def extension():
+    """The compiled ``engine._C`` module, or None when the package was installed without it."""
+    try:
+        from engine import _C
+    except ImportError:
+        return None
+    return _C
+
+
+@functools.cache
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device``, or None when it can."""
+    if backend == "eager":
+        return None
+    if backend == "triton":
+        if not triton_importable():
+            return "the triton package is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+            return None
+        if device.type == "cpu":
+            return "Triton kernels run on CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before importing engine"
+        return f"Triton kernels do not run on device type {device.type!r}"
+    if backend == "cuda":
+        ext = extension()
+        if ext is None:
+            return ("engine._C is not built (reinstall with `pip install -e .`; "
+                    "it needs CMake, pybind11 and a C++ compiler, plus nvcc for GPU kernels)")
+        if device.type == "cuda" and not ext.has_cuda():
+            return "engine._C was built without nvcc, so it has only its C++ reference (CPU) kernels"
+        if device.type not in ("cuda", "cpu"):
+            return f"engine._C has no kernels for device type {device.type!r}"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; choose one of {_CHOICES}")
+
+
+def resolve(backend: str | None, device: torch.device, prefer: tuple[str, ...] = ("cuda", "triton")) -> str:
+    """Return the concrete backend an op call runs with.
+
+    ``prefer`` is the op's own order for ``auto`` on CUDA tensors (fastest measured first);
+    eager is always the last resort there and the only ``auto`` choice on other devices.
+    """
+    name = backend if backend is not None else os.environ.get("ENGINE_BACKEND", "auto")
+    if name not in _CHOICES:
+        source = "backend argument" if backend is not None else "ENGINE_BACKEND"
+        raise ValueError(f"unknown backend {name!r} (from {source}); choose one of {_CHOICES}")
+    if name == "auto":
+        if device.type != "cuda":
+            return "eager"
+        for candidate in prefer:
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return "eager"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} was asked for but cannot run on {device.type}: {reason}")
+    return name
+
+
+def cuda_stream(tensor: torch.Tensor) -> int:
+    """The raw stream handle ``engine._C`` kernels launch on (0 for CPU tensors)."""
+    if tensor.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+# Element types as engine._C receives them (csrc/common.h mirrors this table).
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def dtype_code(tensor: torch.Tensor) -> int:
+    try:
+        return _DTYPE_CODES[tensor.dtype]
+    except KeyError:
+        raise TypeError(f"engine._C kernels take float32, float16, bfloat16 or float64 tensors, got {tensor.dtype}") from None
