@@ -1,0 +1,112 @@
+"""Layers shared by the PixArt-α and DiT transformers: embeddings, attention, MLP."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine import ops
+
+FREQ_DIM = 256  # sinusoidal features fed to the timestep and size embedders
+
+
+def sincos_pos_embed(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation: float) -> torch.Tensor:
+    """2-D sin-cos position embedding of a (grid_h, grid_w) token grid -> (grid_h * grid_w, dim), float64.
+
+    PixArt-α's scheme: each axis spans [0, base_size / interpolation) whatever its token count, so a
+    model trained at one resolution sees the same coordinate range at another (512px: scale 1,
+    1024px: scale 2). The first dim/2 channels encode the column, the last dim/2 the row.
+    """
+    rows = torch.arange(grid_h, dtype=torch.float64) / (grid_h / base_size) / interpolation
+    cols = torch.arange(grid_w, dtype=torch.float64) / (grid_w / base_size) / interpolation
+    row_pos, col_pos = torch.meshgrid(rows, cols, indexing="ij")  # (grid_h, grid_w) each
+    return torch.cat([_sincos_1d(dim // 2, col_pos.flatten()), _sincos_1d(dim // 2, row_pos.flatten())], dim=1)
+
+
+@functools.lru_cache(maxsize=32)
+def pos_embed_table(dim: int, grid_h: int, grid_w: int, base_size: int, interpolation: float,
+                    device: torch.device) -> torch.Tensor:
+    """sincos_pos_embed in float32 on ``device``, computed once per grid (multi-aspect training
+    cycles through a few dozen grids; recomputing and copying it every step is wasted work)."""
+    return sincos_pos_embed(dim, grid_h, grid_w, base_size, interpolation).float().to(device)
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = pos[:, None] * omega[None]  # (M, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def timestep_frequencies(t: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of (possibly fractional) timesteps: (B,) -> (B, dim), cosines first (as in DiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar -> sinusoidal features -> Linear -> SiLU -> Linear. Also embeds PixArt's size micro-conditions."""
+
+    def __init__(self, out_dim: int, freq_dim: int = FREQ_DIM):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.fc1 = nn.Linear(freq_dim, out_dim)
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freqs = timestep_frequencies(t, self.freq_dim).to(self.fc1.weight.dtype)  # (B, freq_dim)
+        return self.fc2(F.silu(self.fc1(freqs)))  # (B, out_dim)
+
+
+class Mlp(nn.Module):
+    """Linear -> tanh-GELU -> Linear (the transformer MLP and PixArt's caption projection)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) each
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    """Image tokens attend to the padded caption tokens; padding is excluded by length."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        L = context.shape[1]
+        H, d = self.num_heads, D // self.num_heads
+        q = self.q(x).view(B, N, H, d)
+        k, v = self.kv(context).view(B, L, 2, H, d).unbind(2)  # (B, L, H, d) each
+        out = ops.cross_attention(q, k, v, context_lens)  # (B, N, H, d)
+        return self.proj(out.reshape(B, N, D))
