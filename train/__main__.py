@@ -1,0 +1,32 @@
+"""`python -m train <command> ...`: dispatch to one module per subcommand.
+
+Each module named in COMMANDS provides ``add_arguments(parser)`` and ``main(args) -> int``,
+and keeps heavy imports inside ``main`` so that ``--help`` stays fast. A new subcommand is
+one new module plus one line here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "prepare": ("train.prepare", "encode images and captions into a latent cache"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description="Train PixArt-α-family models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        modules[name] = importlib.import_module(module_name)
+        modules[name].add_arguments(commands.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return modules[args.command].main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
