@@ -70,8 +70,13 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; choose one of {_CHOICES}")
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend: str | None, device: torch.device, prefer: tuple[str, ...] = ("cuda", "triton")) -> str:
     """Return the concrete backend an op call runs with.
+
+    Under torch.compile this runs once while tracing and its result is baked into the graph:
+    Dynamo cannot trace ``engine._C.has_cuda()`` (a pybind11 function), and the choice is fixed
+    per graph anyway (changing ENGINE_BACKEND later does not retrace a compiled model).
 
     ``prefer`` is the op's own order for ``auto`` on CUDA tensors (fastest measured first);
     eager is always the last resort there and the only ``auto`` choice on other devices.

@@ -1,0 +1,209 @@
+// Shared by every op family of engine._C: the dtype table, host-side 16-bit float
+// conversions for the C++ reference kernels, CUDA error checks, and the launcher
+// declarations that csrc/binding.cpp dispatches to.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace engine {
+
+// ---------------------------------------------------------------------------------------
+// Element types. The codes are what Python passes (engine/ops/backend.py dtype_code).
+
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2, Float64 = 3 };
+
+inline bool is_dtype_code(int code) { return code >= 0 && code <= 3; }
+
+inline std::size_t element_size(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return 4;
+    case DType::Float16: return 2;
+    case DType::BFloat16: return 2;
+    case DType::Float64: return 8;
+  }
+  throw std::invalid_argument("dtype: unknown dtype code " + std::to_string(static_cast<int>(dtype)));
+}
+
+// Host storage of the 16-bit types on the reference path: the raw IEEE / bfloat16 bits.
+struct Half {
+  std::uint16_t bits;
+};
+struct BFloat16 {
+  std::uint16_t bits;
+};
+
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<T>{}) with T the element type of `dtype`. F16 and BF16 are the caller's
+// 16-bit types: engine::Half / engine::BFloat16 on the host, __half / __nv_bfloat16 in CUDA.
+template <class F16, class BF16, class Fn>
+void dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::Float32: fn(TypeTag<float>{}); return;
+    case DType::Float16: fn(TypeTag<F16>{}); return;
+    case DType::BFloat16: fn(TypeTag<BF16>{}); return;
+    case DType::Float64: fn(TypeTag<double>{}); return;
+  }
+  throw std::invalid_argument("dtype: unknown dtype code " + std::to_string(static_cast<int>(dtype)));
+}
+
+template <class Fn>
+void dispatch_host_dtype(DType dtype, Fn&& fn) {
+  dispatch_dtype<Half, BFloat16>(dtype, static_cast<Fn&&>(fn));
+}
+
+#ifdef __CUDACC__
+template <class Fn>
+void dispatch_cuda_dtype(DType dtype, Fn&& fn) {
+  dispatch_dtype<__half, __nv_bfloat16>(dtype, static_cast<Fn&&>(fn));
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Host conversions for the reference kernels: 16-bit values are computed in float (fp32
+// statistics and accumulation, as on the GPU), fp64 stays fp64. Rounding is to nearest even,
+// matching torch's own casts, so reference outputs equal eager outputs bit for bit.
+
+inline std::uint32_t float_bits(float value) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+inline float bits_float(std::uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline float half_to_float(std::uint16_t h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  const std::uint32_t exponent = (h >> 10) & 0x1fu;
+  const std::uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
+    const float magnitude = static_cast<float>(mantissa) * bits_float(0x33800000u);  // 2^-24
+    return sign ? -magnitude : magnitude;
+  }
+  if (exponent == 0x1f) return bits_float(sign | 0x7f800000u | (mantissa << 13));  // inf / NaN
+  return bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));  // rebias 15 -> 127
+}
+
+inline std::uint16_t float_to_half(float value) {
+  std::uint32_t magnitude = float_bits(value);
+  const std::uint16_t sign = static_cast<std::uint16_t>((magnitude >> 16) & 0x8000u);
+  magnitude &= 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return sign | 0x7e00u;  // NaN stays a (quiet) NaN
+  if (magnitude >= 0x47800000u) return sign | 0x7c00u;  // >= 2^16: infinity
+  if (magnitude < 0x38800000u) {
+    // Below 2^-14 the result is subnormal: adding 0.5f lines the half's last mantissa bit up
+    // with float's, so the FPU's own round-to-nearest-even does the rounding.
+    const float shifted = bits_float(magnitude) + 0.5f;
+    return sign | static_cast<std::uint16_t>(float_bits(shifted) - 0x3f000000u);
+  }
+  // Normal: rebias the exponent, then round the 13 dropped mantissa bits to nearest even.
+  // A carry out of the mantissa bumps the exponent, up to infinity for [65520, 65536).
+  const std::uint32_t lowest_kept_bit = (magnitude >> 13) & 1u;
+  magnitude += 0xc8000000u + 0xfffu + lowest_kept_bit;  // 0xc8000000 = (15 - 127) << 23 mod 2^32
+  return sign | static_cast<std::uint16_t>(magnitude >> 13);
+}
+
+inline float bfloat16_to_float(std::uint16_t b) { return bits_float(static_cast<std::uint32_t>(b) << 16); }
+
+inline std::uint16_t float_to_bfloat16(float value) {
+  const std::uint32_t bits = float_bits(value);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((bits >> 16) | 0x40u);  // quiet NaN
+  const std::uint32_t lowest_kept_bit = (bits >> 16) & 1u;
+  return static_cast<std::uint16_t>((bits + 0x7fffu + lowest_kept_bit) >> 16);
+}
+
+// Compute type of each storage type on the reference path, with load / store helpers.
+template <class T>
+struct HostMath {
+  using compute = float;
+};
+template <>
+struct HostMath<double> {
+  using compute = double;
+};
+
+inline float load(float v) { return v; }
+inline double load(double v) { return v; }
+inline float load(Half v) { return half_to_float(v.bits); }
+inline float load(BFloat16 v) { return bfloat16_to_float(v.bits); }
+
+template <class T>
+T store(typename HostMath<T>::compute v);
+template <>
+inline float store<float>(float v) { return v; }
+template <>
+inline double store<double>(double v) { return v; }
+template <>
+inline Half store<Half>(float v) { return Half{float_to_half(v)}; }
+template <>
+inline BFloat16 store<BFloat16>(float v) { return BFloat16{float_to_bfloat16(v)}; }
+
+// ---------------------------------------------------------------------------------------
+// CUDA error checks: every runtime call, and cudaGetLastError() after every launch, so a
+// failure surfaces as a Python RuntimeError naming the op instead of a later, unrelated one.
+
+#ifdef __CUDACC__
+inline void cuda_check(cudaError_t status, const char* op, const char* call) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string(op) + ": " + call + " failed: " + cudaGetErrorString(status));
+  }
+}
+
+#define ENGINE_CUDA_CHECK(op, call) ::engine::cuda_check((call), (op), #call)
+
+// Makes `device` current for one launch and restores the caller's device afterwards, so
+// torch's idea of the current device is left as it was.
+class CudaDeviceScope {
+ public:
+  CudaDeviceScope(int device, const char* op) {
+    ENGINE_CUDA_CHECK(op, cudaGetDevice(&previous_));
+    if (device != previous_) ENGINE_CUDA_CHECK(op, cudaSetDevice(device));
+    changed_ = device != previous_;
+  }
+  ~CudaDeviceScope() {
+    if (changed_) cudaSetDevice(previous_);
+  }
+  CudaDeviceScope(const CudaDeviceScope&) = delete;
+  CudaDeviceScope& operator=(const CudaDeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+};
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Launchers, one block per op family. `*_cpu` (csrc/<op>_ref.cpp) take host pointers;
+// `*_cuda` (csrc/<op>.cu, only with ENGINE_WITH_CUDA) take device pointers, the device
+// index and a cudaStream_t passed as void*. Inputs are checked by csrc/binding.cpp.
+
+// patchify: image (B, C, H, W) <-> tokens (B, N, C*p*p), N = (H/p)*(W/p) patches in
+// row-major order, each patch vector ordered (channel, row in patch, column in patch).
+struct PatchShape {
+  std::int64_t batch, channels, height, width, patch;
+};
+
+void patchify_cpu(const void* image, void* tokens, const PatchShape& shape, DType dtype);
+void unpatchify_cpu(const void* tokens, void* image, const PatchShape& shape, DType dtype);
+#ifdef ENGINE_WITH_CUDA
+void patchify_cuda(const void* image, void* tokens, const PatchShape& shape, DType dtype, int device, void* stream);
+void unpatchify_cuda(const void* tokens, void* image, const PatchShape& shape, DType dtype, int device, void* stream);
+#endif
+
+}  // namespace engine

@@ -1,0 +1,6 @@
+"""Engine ops: one op per module (see DESIGN.md §3); each public function takes ``backend=``."""
+
+from engine.ops.patchify import patchify, unpatchify
+from engine.ops.norm_modulate import norm_modulate, add_norm_modulate
+from engine.ops.cross_attention import cross_attention
+from engine.ops.self_attention import self_attention
