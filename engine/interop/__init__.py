@@ -126,6 +126,7 @@ def load_converted(model_cls, config, foreign: dict, table: dict[str, tuple[str,
     engine_sd.update(fill or {})
     dtype = engine_sd[PATCH_KEY].dtype
     model.load_state_dict({k: v.to(dtype) for k, v in engine_sd.items()}, strict=True, assign=True)
+    model.pos_embed.reset_table(engine_sd[PATCH_KEY].device)  # the only buffer, not in checkpoints
     return model
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from engine import ops
 from engine.config import VAE_DOWNSAMPLE, DiTConfig
-from engine.model.layers import FREQ_DIM, Mlp, SelfAttention, TimestepEmbedder, pos_embed_table
+from engine.model.layers import FREQ_DIM, Mlp, PositionEmbedding, SelfAttention, TimestepEmbedder
 from engine.model.pixart import modulated_block
 
 
@@ -47,6 +47,8 @@ class DiT(nn.Module):
         self.config = config
         c, D, p = config, config.hidden_size, config.patch_size
         self.patch_embed = nn.Linear(c.in_channels * p * p, D)
+        # DiT's fixed embedding: integer coordinates, i.e. PixArt's with base = grid side and scale 1
+        self.pos_embed = PositionEmbedding(D, c.input_size // p, 1.0)
         self.time_embed = TimestepEmbedder(D, FREQ_DIM)
         self.label_embed = nn.Embedding(c.num_classes + 1, D)  # row num_classes: the null class (guidance)
         self.blocks = nn.ModuleList(DiTBlock(D, c.num_heads, c.mlp_ratio) for _ in range(c.depth))
@@ -70,12 +72,6 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def pos_embed(self, grid_h: int, grid_w: int, device, dtype) -> torch.Tensor:
-        # DiT's fixed embedding: integer coordinates, i.e. PixArt's with base = grid side and scale 1
-        c = self.config
-        return pos_embed_table(c.hidden_size, grid_h, grid_w, c.input_size // c.patch_size, 1.0,
-                                torch.device(device)).to(dtype)
-
     def condition(self, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """c = embed(t) + embed(label): (B, D), before the SiLU the adaLN layers apply."""
         return self.time_embed(t) + self.label_embed(labels)
@@ -87,7 +83,7 @@ class DiT(nn.Module):
         if C != c.in_channels or H % p or W % p:
             raise ValueError(f"DiT expects latents (B, {c.in_channels}, H, W) with H, W multiples of {p}; got {tuple(x.shape)}")
         tokens = self.patch_embed(ops.patchify(x, p))  # (B, N, D)
-        x = tokens + self.pos_embed(H // p, W // p, tokens.device, tokens.dtype)
+        x = tokens + self.pos_embed(H // p, W // p, tokens.dtype)  # (B, N, D)
         cond = F.silu(self.condition(t, labels))  # (B, D)
         pending, gate = None, None
         for block in self.blocks:

@@ -35,6 +35,31 @@ def pos_embed_table(dim: int, grid_h: int, grid_w: int, base_size: int, interpol
     return sincos_pos_embed(dim, grid_h, grid_w, base_size, interpolation).float().to(device)
 
 
+class PositionEmbedding(nn.Module):
+    """The fixed sin-cos table of a ``base_size`` x ``base_size`` token grid, kept as a
+    non-persistent buffer (checkpoints don't carry it; under torch.compile the graph reads a
+    tensor instead of recomputing the table every step). Other grids (multi-aspect buckets,
+    other resolutions) are computed on demand and cached per grid."""
+
+    def __init__(self, dim: int, base_size: int, interpolation: float):
+        super().__init__()
+        self.dim, self.base_size, self.interpolation = dim, base_size, interpolation
+        self.register_buffer("table", self._compute(base_size, base_size), persistent=False)
+
+    def _compute(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        return sincos_pos_embed(self.dim, grid_h, grid_w, self.base_size, self.interpolation).float()
+
+    def reset_table(self, device: torch.device) -> None:
+        """Recompute the buffer on ``device``, for models built on the meta device and then loaded."""
+        self.table = self._compute(self.base_size, self.base_size).to(device)
+
+    def forward(self, grid_h: int, grid_w: int, dtype: torch.dtype) -> torch.Tensor:
+        if grid_h == grid_w == self.base_size:
+            return self.table.to(dtype)  # (N, D)
+        return pos_embed_table(self.dim, grid_h, grid_w, self.base_size, self.interpolation,
+                               self.table.device).to(dtype)
+
+
 def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
     angles = pos[:, None] * omega[None]  # (M, dim/2)
@@ -86,10 +111,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) each
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).unbind(2)  # (B, N, H, d) each
+        out = ops.self_attention(q, k, v)  # (B, N, H, d)
+        return self.proj(out.reshape(B, N, D))
 
 
 class CrossAttention(nn.Module):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from engine import ops
 from engine.config import VAE_DOWNSAMPLE, PixArtConfig
-from engine.model.layers import FREQ_DIM, CrossAttention, Mlp, SelfAttention, TimestepEmbedder, pos_embed_table
+from engine.model.layers import FREQ_DIM, CrossAttention, Mlp, PositionEmbedding, SelfAttention, TimestepEmbedder
 
 
 class PixArtBlock(nn.Module):
@@ -79,6 +79,7 @@ class PixArt(nn.Module):
         self.config = config
         c, D, p = config, config.hidden_size, config.patch_size
         self.patch_embed = nn.Linear(c.in_channels * p * p, D)  # = Conv2d(k=p, s=p) on patchified input
+        self.pos_embed = PositionEmbedding(D, c.input_size // p, c.pe_interpolation)
         self.time_embed = TimestepEmbedder(D, FREQ_DIM)
         if c.micro_conditions:  # PixArt-α MS: original (h, w) and aspect ratio, D/3 channels each
             self.size_embed = TimestepEmbedder(D // 3, FREQ_DIM)
@@ -110,12 +111,6 @@ class PixArt(nn.Module):
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
-    def pos_embed(self, grid_h: int, grid_w: int, device, dtype) -> torch.Tensor:
-        c = self.config
-        table = pos_embed_table(c.hidden_size, grid_h, grid_w, c.input_size // c.patch_size, c.pe_interpolation,
-                                 torch.device(device))
-        return table.to(dtype)  # (N, D)
-
     def embed_timestep(self, t, resolution=None, aspect_ratio=None) -> torch.Tensor:
         """Timestep (+ micro-conditions) -> (B, D): the final layer's modulation input."""
         t_emb = self.time_embed(t)  # (B, D)
@@ -135,7 +130,7 @@ class PixArt(nn.Module):
         if C != c.in_channels or H % p or W % p:
             raise ValueError(f"PixArt expects latents (B, {c.in_channels}, H, W) with H, W multiples of {p}; got {tuple(x.shape)}")
         tokens = self.patch_embed(ops.patchify(x, p))  # (B, N, D)
-        x = tokens + self.pos_embed(H // p, W // p, tokens.device, tokens.dtype)  # (B, N, D)
+        x = tokens + self.pos_embed(H // p, W // p, tokens.dtype)  # (B, N, D)
         t_emb = self.embed_timestep(t, resolution, aspect_ratio)  # (B, D)
         t_mod = self.time_modulation(F.silu(t_emb))  # (B, 6D)
         y = self.caption_proj(caption)  # (B, L, D)

@@ -36,9 +36,12 @@ def extension():
     return _C
 
 
-@functools.cache
+# Looked up once at import: Dynamo cannot trace importlib.util.find_spec (seen with torch 2.11).
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpreted() -> bool:

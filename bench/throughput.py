@@ -1,0 +1,625 @@
+"""Training throughput of PixArt-α side by side: engine kernels vs eager vs torch.compile vs diffusers.
+
+    python bench/throughput.py [--preset pixart-xl2] [--res 256] [--batch 64] [--variants LIST]
+                               [--steps N] [--warmup N] [--schedule] [--json PATH] [--csv PATH] [--plot PATH]
+
+One row per variant, all on the same model config, synthetic inputs, optimizer and loss:
+
+    eager              engine model, ops backend "eager" (ENGINE_BACKEND=eager)
+    engine             engine model, fused backends (ENGINE_BACKEND=auto)
+    compile            torch.compile of the eager engine model
+    engine+compile     fused backends under torch.compile
+    diffusers          diffusers' PixArtTransformer2DModel of the same architecture
+    diffusers+compile  the same under torch.compile
+
+A training step is: IDDPM loss (engine.diffusion.iddpm, learned variance) under bf16 autocast over
+fp32 master weights, backward, AdamW (fused on CUDA) step. Inputs: latents (B, 4, res/8, res/8),
+text features (B, text_len, caption_channels) with random valid lengths in [1, text_len], integer
+timesteps. Each variant builds a fresh model and optimizer; its first step (which compiles, for
+compile variants) and --warmup more steps are untimed; the step time is the median over --steps,
+timed by CUDA events. On the GPU each variant runs in its own process (--no-isolate to turn that off),
+so a faulting kernel cannot take the later rows down and every variant starts with all GPU memory
+free. A variant that fails (out of memory, compile error, crash) shows its error in its row and the
+run goes on; the JSON and CSV are rewritten after every row, so a run cut short keeps what it
+measured.
+
+FLOPs per image are the engine model's ``flops_per_sample`` (DESIGN §6) at the padded text length,
+used for the diffusers rows too (same architecture). MFU is reported against the bf16 matmul rate
+measured in the same run (8192^3) and against the datasheet dense peak.
+
+--schedule measures every resolution of bench/schedule_pixart_alpha.json (256 and 512 px with
+--preset, 1024 px with its micro-conditioned "-ms" twin) and projects the schedule to GPU-days on
+this GPU and to A100-equivalent GPU-days, per variant.
+
+Device time: on an H200 the default run at 256 px took about 5 minutes, mostly compiling (the first
+step of a compile variant took 64-82 s); a non-compiled variant takes 10-20 s. --schedule measures
+three resolutions, so where commands have a time limit, repeat
+
+    python bench/throughput.py --schedule --resume R.json --json R.json --csv R.csv --plot R.png
+
+until every row is in: each run keeps the error-free rows of the last and measures the rest.
+
+Without a GPU it runs the ``tiny`` preset on the CPU: a smoke test of the whole path whose numbers
+say nothing about GPU training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import csv
+import dataclasses
+import gc
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import hardware
+from engine.config import PixArtConfig, latent_size, preset
+from engine.diffusion.iddpm import GaussianDiffusion
+from engine.model import build_model
+
+SCHEDULE_PATH = Path(__file__).resolve().parent / "schedule_pixart_alpha.json"
+SECONDS_PER_DAY = 86400.0
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    model: str  # "engine" or "diffusers"
+    backend: str | None  # ENGINE_BACKEND while it runs; None leaves the variable as it is
+    compiled: bool
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("eager", "engine", "eager", False),
+    Variant("engine", "engine", "auto", False),
+    Variant("compile", "engine", "eager", True),
+    Variant("engine+compile", "engine", "auto", True),
+    Variant("diffusers", "diffusers", None, False),
+    Variant("diffusers+compile", "diffusers", None, True),
+)}
+
+# Per-device defaults. On a 2-core CPU machine torch.compile of even the tiny model took 110-180 s
+# per variant (fwd + bwd, measured while sharing the cores), so the CPU run leaves the compile
+# variants out unless asked.
+GPU_DEFAULTS = dict(preset="pixart-xl2", batch=64, steps=10, warmup=3, variants=",".join(VARIANTS),
+                    schedule_batches="64,32,8", matmul_n=8192, copy_bytes=1 << 30)
+CPU_DEFAULTS = dict(preset="tiny", batch=4, steps=3, warmup=1, variants="eager,engine,diffusers",
+                    schedule_batches="4,2,1", matmul_n=128, copy_bytes=16 << 20)
+
+A100_NOTE = ("A100-equivalent GPU-days = GPU-days on this GPU x (its datasheet dense bf16 peak / 312 TFLOP/s), "
+             "i.e. assuming an A100 reaches the same MFU")
+CPU_NOTE = ("CPU run: a smoke test of the benchmark path on a tiny model; these numbers are NOT representative "
+            "of GPU training throughput (and on the CPU the 'engine' variant's auto backend is eager)")
+
+
+class DiffusersPixArt(nn.Module):
+    """diffusers' PixArtTransformer2DModel behind the engine model's call signature."""
+
+    def __init__(self, config: PixArtConfig):
+        super().__init__()
+        from diffusers import PixArtTransformer2DModel
+
+        from engine.interop.diffusers import diffusers_kwargs
+
+        self.transformer = PixArtTransformer2DModel(**diffusers_kwargs(config))
+
+    def forward(self, x, t, caption, caption_lens, resolution=None, aspect_ratio=None):
+        L = caption.shape[1]
+        keep = (torch.arange(L, device=caption.device)[None] < caption_lens[:, None]).to(x.dtype)  # (B, L) 1 = valid
+        return self.transformer(
+            x, encoder_hidden_states=caption, timestep=t, encoder_attention_mask=keep,
+            added_cond_kwargs={"resolution": resolution, "aspect_ratio": aspect_ratio}, return_dict=False,
+        )[0]  # (B, 2C, H, W)
+
+
+@contextlib.contextmanager
+def engine_backend(name: str | None):
+    """Set ENGINE_BACKEND (read by the ops at call time) for one variant, then restore it."""
+    previous = os.environ.get("ENGINE_BACKEND")
+    if name is not None:
+        os.environ["ENGINE_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("ENGINE_BACKEND", None)
+        else:
+            os.environ["ENGINE_BACKEND"] = previous
+
+
+@contextlib.contextmanager
+def single_cpu_thread(device: torch.device):
+    """On the CPU, run the (tiny) model on one thread: with the cores shared by other jobs, OpenMP
+    threads waiting on each other made a tiny-model step 18x slower (716 ms on 2 threads, 39 ms on 1)."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def synthetic_batch(config: PixArtConfig, resolution: int, batch: int, device: torch.device, num_timesteps: int):
+    """Latents, timesteps and caption features for one step; the same for every variant (fixed seed)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    side = latent_size(resolution)
+    x0 = torch.randn(batch, config.in_channels, side, side, generator=g, device=device)  # (B, C, h, w)
+    t = torch.randint(0, num_timesteps, (batch,), generator=g, device=device)  # (B,)
+    caption = torch.randn(batch, config.text_len, config.caption_channels, generator=g, device=device)  # (B, L, Cc)
+    caption_lens = torch.randint(1, config.text_len + 1, (batch,), generator=g, device=device)  # (B,)
+    kwargs = dict(caption=caption, caption_lens=caption_lens)
+    if config.micro_conditions:  # square images at their own size, as in the 1024px MS stage
+        kwargs["resolution"] = torch.full((batch, 2), float(resolution), device=device)  # (B, 2) = (h, w)
+        kwargs["aspect_ratio"] = torch.ones(batch, 1, device=device)  # (B, 1)
+    return x0, t, kwargs
+
+
+def flops_per_image(config: PixArtConfig, resolution: int) -> float:
+    """Training FLOPs per image from the engine model itself (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = build_model(config)
+    return model.flops_per_sample(resolution, resolution, config.text_len)
+
+
+def _build(variant: Variant, config: PixArtConfig, device: torch.device) -> nn.Module:
+    with torch.device(device):  # initialise on the device: no host copy of the fp32 weights
+        model = build_model(config) if variant.model == "engine" else DiffusersPixArt(config)
+    return model.to(device).train()
+
+
+def measure_variant(variant: Variant, config: PixArtConfig, resolution: int, batch: int, device: torch.device,
+                    steps: int, warmup: int) -> dict:
+    """Time training steps of one freshly built variant; raises on any failure."""
+    diffusion = GaussianDiffusion(learn_sigma=config.learn_sigma)
+    x0, t, model_kwargs = synthetic_batch(config, resolution, batch, device, diffusion.num_timesteps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch._dynamo.utils.counters.clear()
+    with engine_backend(variant.backend), single_cpu_thread(device):
+        model = _build(variant, config, device)
+        forward = torch.compile(model) if variant.compiled else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.03, eps=1e-10,
+                                      fused=device.type == "cuda")
+        losses = []
+
+        def train_step():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = diffusion.training_losses(forward, x0, t, model_kwargs)["loss"].mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+
+        start = time.perf_counter()
+        train_step()  # compiles, for the compile variants
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first_step_s = time.perf_counter() - start
+        step_s = hardware.median_seconds(train_step, device, repeats=steps, warmup=warmup)
+        if not torch.isfinite(torch.stack(losses)).all():
+            raise FloatingPointError(f"non-finite training loss: {[round(x, 4) for x in torch.stack(losses).tolist()]}")
+    return dict(
+        step_ms=step_s * 1e3,
+        img_per_s=batch / step_s,
+        first_step_s=first_step_s,
+        peak_mem_gib=torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+        graph_breaks=sum(torch._dynamo.utils.counters["graph_break"].values()) if variant.compiled else None,
+    )
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the table: the exception type and the first line of its message."""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first_line}"[:300]
+
+
+def _release_memory(device: torch.device) -> None:
+    torch._dynamo.reset()  # drops compiled graphs, which hold their own buffers
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_or_error(name: str, preset_name: str, resolution: int, batch: int, device: torch.device, steps: int,
+                     warmup: int) -> dict:
+    """measure_variant's figures, or {"error": ...}: one variant failing (OOM, compile error) must not end the run."""
+    try:
+        measured = measure_variant(VARIANTS[name], preset(preset_name, resolution), resolution, batch, device,
+                                   steps, warmup)
+    except Exception as exc:
+        measured = dict(error=describe_error(exc))
+    try:
+        _release_memory(device)
+    except Exception as exc:  # an asynchronous CUDA error (a faulting kernel) can first surface here
+        measured = dict(error=measured.get("error") or describe_error(exc))
+    return measured
+
+
+def run_isolated(fn, *args) -> dict:
+    """fn(*args) in a fresh (spawned) process.
+
+    On the GPU each variant runs this way: a kernel that faults (an illegal memory access
+    poisons the CUDA context for the rest of the process) or crashes the interpreter then
+    ends only its own row, and the process exit hands all its memory back before the next
+    variant is built.
+    """
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except concurrent.futures.process.BrokenProcessPool as exc:
+            return dict(error=f"worker process died: {exc}")
+
+
+def add_rates(row: dict, flops: float, peaks: dict) -> None:
+    """tflops and MFU from img/s; speed-ups are filled in once every variant of a resolution ran."""
+    row["flops_per_sample"] = flops
+    rate = row.get("img_per_s")
+    tflops = rate * flops / 1e12 if rate is not None else None
+    row["tflops"] = tflops
+    row["mfu"] = {
+        kind: (tflops / peak if tflops is not None and peak else None)
+        for kind, peak in (("measured", peaks["measured"]), ("datasheet", peaks["datasheet"]))
+    }
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speed-up of each row over the eager and diffusers rows of the same resolution (None where missing)."""
+    for row in rows:
+        for baseline in ("eager", "diffusers"):
+            ref = next((r for r in rows if r["variant"] == baseline and r["resolution"] == row["resolution"]), None)
+            ok = row.get("img_per_s") is not None and ref is not None and ref.get("img_per_s")
+            row[f"speedup_vs_{baseline}"] = row["img_per_s"] / ref["img_per_s"] if ok else None
+
+
+def project_schedule(schedule: dict, img_per_s_by_res: dict[int, float | None], datasheet_peak: float | None) -> dict:
+    """GPU-days of each stage (steps x global batch / img/s / 86400) and in total, plus A100-equivalent.
+
+    A stage whose resolution was not measured (or failed) makes its own figure and the total None.
+    """
+    stages = []
+    for stage in schedule["stages"]:
+        rate = img_per_s_by_res.get(stage["resolution"])
+        images = stage["steps"] * stage["global_batch"]
+        days = images / rate / SECONDS_PER_DAY if rate else None
+        stages.append(dict(name=stage["name"], resolution=stage["resolution"], images=images, img_per_s=rate,
+                           gpu_days=days))
+    total = sum(s["gpu_days"] for s in stages) if all(s["gpu_days"] is not None for s in stages) else None
+    a100 = total * datasheet_peak / hardware.A100_DENSE_BF16_TFLOPS if total is not None and datasheet_peak else None
+    return dict(stages=stages, gpu_days=total, a100_equivalent_gpu_days=a100)
+
+
+def _parse_batches(text: str, count: int) -> list[int]:
+    try:
+        batches = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--schedule-batches must be comma-separated integers, got {text!r}") from None
+    if len(batches) != count or min(batches) < 1:
+        raise SystemExit(f"--schedule-batches needs {count} positive batch sizes (one per resolution of the "
+                         f"schedule), got {text!r}")
+    return batches
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--preset", default=None, help="model preset (default: pixart-xl2 on GPU, tiny on CPU)")
+    p.add_argument("--res", type=int, default=None, help="image side in pixels (default: the preset's)")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: 64 on GPU, 4 on CPU)")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated, from {','.join(VARIANTS)} "
+                        "(default: all on GPU; eager,engine,diffusers on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default: 10 GPU, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps after the first (compiling) step (default: 3 GPU, 1 CPU)")
+    p.add_argument("--schedule", action="store_true",
+                   help="measure the schedule's resolutions (256/512/1024 px) and project it to GPU-days")
+    p.add_argument("--schedule-batches", default=None,
+                   help="batch sizes for the schedule's resolutions, ascending (default: 64,32,8 on GPU for "
+                        "256,512,1024 px)")
+    p.add_argument("--schedule-file", type=Path, default=SCHEDULE_PATH,
+                   help="stages (resolution, steps, global_batch, micro_conditions) to project")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each variant in its own process (default: on GPU yes, on CPU no)")
+    p.add_argument("--git-commit", default=None,
+                   help="commit to record when the tree is not a git checkout (e.g. a copy on a GPU machine)")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="reuse the error-free rows of an earlier --json result of the same GPU and settings and "
+                        "measure only the others (a missing file is fine): for a run split by a time limit, repeat "
+                        "the same command with --resume X --json X until it completes")
+    p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    p.add_argument("--csv", type=Path, default=None, help="write one CSV row per measurement here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
+    args = p.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
+    defaults = GPU_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS
+    for name in ("preset", "batch", "steps", "warmup", "variants", "schedule_batches"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    args.matmul_n, args.copy_bytes = defaults["matmul_n"], defaults["copy_bytes"]
+    if args.isolate is None:
+        args.isolate = args.device.type == "cuda"
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants:
+        raise SystemExit(f"--variants: unknown {unknown or 'empty list'}; choose from {','.join(VARIANTS)}")
+    for name in ("batch", "steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
+    return args
+
+
+def measurement_plan(args, schedule: dict | None) -> list[tuple[str, int, int]]:
+    """(preset, resolution, batch) to measure, in order: --res, or each resolution of the schedule.
+
+    A schedule stage with micro_conditions is measured with the "-ms" twin of --preset.
+    """
+    if schedule is None:
+        try:
+            resolution = args.res if args.res is not None else preset(args.preset).input_size * 8
+            preset(args.preset, resolution)
+        except ValueError as exc:
+            raise SystemExit(f"--preset {args.preset!r} --res {args.res}: {exc}") from None
+        return [(args.preset, resolution, args.batch)]
+    points = sorted({(s["resolution"], bool(s.get("micro_conditions"))) for s in schedule["stages"]})
+    if len({res for res, _ in points}) != len(points):
+        raise SystemExit(f"{args.schedule_file}: a resolution appears with and without micro_conditions")
+    batches = _parse_batches(args.schedule_batches, len(points))
+    plan = []
+    for (resolution, micro), batch in zip(points, batches):
+        name = args.preset + "-ms" if micro else args.preset
+        try:
+            preset(name, resolution)
+        except ValueError as exc:
+            raise SystemExit(f"--schedule cannot measure {resolution} px with preset {name!r}: {exc}") from None
+        plan.append((name, resolution, batch))
+    return plan
+
+
+def earlier_rows(args, gpu_name: str | None) -> dict[tuple, dict]:
+    """The measured fields of --resume's error-free rows, keyed by (preset, resolution, batch, variant)."""
+    if args.resume is None or not args.resume.exists():
+        return {}
+    earlier = json.loads(args.resume.read_text())
+    if earlier["hardware"]["gpu_name"] != gpu_name:
+        raise SystemExit(f"--resume {args.resume} was measured on {earlier['hardware']['gpu_name']!r}, "
+                         f"this run is on {gpu_name!r}")
+    settings = {k: earlier["settings"][k] for k in ("steps", "warmup")}
+    if settings != dict(steps=args.steps, warmup=args.warmup):
+        raise SystemExit(f"--resume {args.resume} was measured with {settings}; this run has steps={args.steps}, "
+                         f"warmup={args.warmup}")
+    measured_fields = ("img_per_s", "step_ms", "first_step_s", "peak_mem_gib", "graph_breaks", "measured_at")
+    return {(r["preset"], r["resolution"], r["batch"], r["variant"]): {k: r[k] for k in measured_fields}
+            for r in earlier["rows"] if r["error"] is None}
+
+
+def measure_hardware(args) -> dict:
+    device = args.device
+    matmul = hardware.measure_matmul_tflops(device, n=args.matmul_n)
+    copy = hardware.measure_copy_bandwidth(device, nbytes=args.copy_bytes)
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the copy buffers (2 GiB) go back before the variants are built
+    return dict(device=str(device), gpu_name=gpu_name, matmul_n=args.matmul_n, matmul_dtype="bfloat16",
+                matmul_tflops_measured=matmul, copy_bytes=args.copy_bytes, copy_bytes_per_s=copy,
+                datasheet_peak_tflops=hardware.datasheet_peak_tflops(gpu_name))
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _fmt_speedup(value) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+# (header, width: negative = left-aligned, cell text of a row)
+_TABLE_COLUMNS = (
+    ("preset", -14, lambda r: r["preset"]),
+    ("res", 5, lambda r: str(r["resolution"])),
+    ("batch", 5, lambda r: str(r["batch"])),
+    ("variant", -18, lambda r: r["variant"]),
+    ("img/s", 9, lambda r: _fmt(r["img_per_s"], ".2f")),
+    ("vs eager", 8, lambda r: _fmt_speedup(r["speedup_vs_eager"])),
+    ("vs diff", 8, lambda r: _fmt_speedup(r["speedup_vs_diffusers"])),
+    ("TFLOP/s", 8, lambda r: _fmt(r["tflops"], ".1f")),
+    ("MFU meas", 8, lambda r: _fmt(r["mfu"]["measured"], ".1%")),
+    ("MFU sheet", 9, lambda r: _fmt(r["mfu"]["datasheet"], ".1%")),
+    ("peak GiB", 8, lambda r: _fmt(r["peak_mem_gib"], ".1f")),
+    ("1st step s", 10, lambda r: _fmt(r["first_step_s"], ".1f")),
+    ("error", -1, lambda r: r["error"] or ""),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+    def line(cells):
+        return " ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, (_, w, _) in zip(cells, _TABLE_COLUMNS)).rstrip()
+
+    header = line([name for name, _, _ in _TABLE_COLUMNS])
+    return "\n".join([header, "-" * len(header), *(line([cell(r) for _, _, cell in _TABLE_COLUMNS]) for r in rows)])
+
+
+def format_schedule(schedule: dict) -> str:
+    lines = [f"PixArt-α schedule projected to this GPU ({schedule['source']}):",
+             f"  published: {schedule['published_a100_gpu_days']}",
+             "  GPU-days = sum over stages of steps x global batch / (img/s per GPU) / 86400"]
+    for variant, projection in schedule["variants"].items():
+        per_stage = ", ".join(f"{s['name'].split()[0]}: {_fmt(s['gpu_days'], '.1f')}" for s in projection["stages"])
+        lines.append(f"  {variant:<18} GPU-days {_fmt(projection['gpu_days'], '8.1f')}   "
+                     f"A100-equivalent {_fmt(projection['a100_equivalent_gpu_days'], '8.1f')}   ({per_stage})")
+    lines += [f"  {A100_NOTE}.", *(f"  stage {note}" for note in schedule["stage_notes"])]
+    return "\n".join(lines)
+
+
+def schedule_result(rows: list[dict], variants: list[str], schedule: dict, schedule_path: Path,
+                    datasheet_peak: float | None) -> dict:
+    projections = {}
+    for variant in variants:
+        rates = {r["resolution"]: r.get("img_per_s") for r in rows if r["variant"] == variant}
+        projections[variant] = project_schedule(schedule, rates, datasheet_peak)
+    return dict(
+        source=str(schedule_path.name),
+        published_a100_gpu_days={k: v for k, v in schedule.get("published_a100_gpu_days", {}).items()
+                                 if k != "sources"},
+        a100_equivalent_note=A100_NOTE,
+        stage_notes=[f"{s['name']}: {s['measured_with']}" for s in schedule["stages"] if "measured_with" in s],
+        variants=projections,
+    )
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)  # a reader never sees half a file, even if the run is killed mid-write
+
+
+_CSV_ENV_FIELDS = ("gpu_name", "torch", "triton", "diffusers", "cuda", "date", "git_commit", "command")
+_CSV_ROW_FIELDS = ("preset", "resolution", "batch", "variant", "img_per_s", "step_ms", "speedup_vs_eager",
+                   "speedup_vs_diffusers", "flops_per_sample", "tflops", "mfu_measured", "mfu_datasheet",
+                   "peak_mem_gib", "first_step_s", "graph_breaks", "error", "measured_at")
+
+
+def write_csv(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*_CSV_ROW_FIELDS, "matmul_tflops_measured", "copy_bytes_per_s",
+                                               "datasheet_peak_tflops", *_CSV_ENV_FIELDS])
+        writer.writeheader()
+        for row in result["rows"]:
+            flat = {k: row.get(k) for k in _CSV_ROW_FIELDS if not k.startswith("mfu_")}
+            flat.update(mfu_measured=row["mfu"]["measured"], mfu_datasheet=row["mfu"]["datasheet"])
+            flat.update({k: result["hardware"][k] for k in ("matmul_tflops_measured", "copy_bytes_per_s",
+                                                           "datasheet_peak_tflops")})
+            flat.update({k: result["environment"][k] for k in _CSV_ENV_FIELDS})
+            writer.writerow(flat)
+    tmp.replace(path)
+
+
+def write_plot(path: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    resolutions = sorted({r["resolution"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(resolutions), figsize=(5 * len(resolutions), 4), squeeze=False)
+    for ax, res in zip(axes[0], resolutions):
+        rows = [r for r in result["rows"] if r["resolution"] == res]
+        rates = [r["img_per_s"] or 0.0 for r in rows]
+        bars = ax.bar(range(len(rows)), rates, color=["tab:gray" if r["error"] else "tab:blue" for r in rows])
+        for bar, r in zip(bars, rows):
+            mfu = r["mfu"]["measured"]
+            label = "failed" if r["error"] else (f"{mfu:.0%}" if mfu is not None else "")
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=8)
+        ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{rows[0]['preset']} {res}px, batch {rows[0]['batch']}", fontsize=9)
+        ax.set_ylabel("images/s (labels: MFU vs measured matmul)", fontsize=8)
+    env = result["environment"]
+    device = env["gpu_name"] or "CPU (not representative)"
+    fig.suptitle(f"Training throughput on {device}, torch {env['torch']}, {env['date'][:10]}, "
+                 f"{(env['git_commit'] or 'no commit')[:12]}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = args.device
+    command = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    result = dict(
+        benchmark="training throughput",
+        representative=device.type == "cuda",
+        note=None if device.type == "cuda" else CPU_NOTE,
+        environment=hardware.environment(command, git_commit=args.git_commit),
+        hardware=None,
+        settings=dict(steps=args.steps, warmup=args.warmup, variants=args.variants, isolate=args.isolate,
+                      timing="median step time by CUDA events (perf_counter on CPU), first step + warmup untimed",
+                      flops="model.flops_per_sample(res, res, text_len) of the engine model, text_len = padded "
+                            "length; used for the diffusers rows too"),
+        rows=[],
+        schedule=None,
+    )
+    schedule = json.loads(args.schedule_file.read_text()) if args.schedule else None
+    plan = measurement_plan(args, schedule)  # argument errors surface before anything is measured
+    if device.type != "cuda":
+        print(f"NOTE: {CPU_NOTE}.", flush=True)
+    result["hardware"] = measure_hardware(args)
+    hw = result["hardware"]
+    print(f"device {hw['gpu_name'] or 'cpu'}: bf16 matmul {hw['matmul_n']}^3 {hw['matmul_tflops_measured']:.2f} "
+          f"TFLOP/s measured, datasheet {_fmt(hw['datasheet_peak_tflops'], '.0f')} TFLOP/s; "
+          f"copy {hw['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write)", flush=True)
+    peaks = dict(measured=hw["matmul_tflops_measured"], datasheet=hw["datasheet_peak_tflops"])
+
+    def save():
+        if args.json is not None:
+            write_json(args.json, result)
+        if args.csv is not None:
+            write_csv(args.csv, result)
+
+    earlier = earlier_rows(args, hw["gpu_name"])
+    for preset_name, resolution, batch in plan:
+        flops = flops_per_image(preset(preset_name, resolution), resolution)
+        resolution_rows = []
+        for name in args.variants:
+            row = dict(preset=preset_name, resolution=resolution, batch=batch, variant=name,
+                       backend=VARIANTS[name].backend, img_per_s=None, step_ms=None, first_step_s=None,
+                       peak_mem_gib=None, graph_breaks=None, error=None,
+                       measured_at=result["environment"]["date"])
+            if (preset_name, resolution, batch, name) in earlier:
+                row.update(earlier[preset_name, resolution, batch, name])
+            else:
+                job = (name, preset_name, resolution, batch, device, args.steps, args.warmup)
+                row.update(run_isolated(measure_or_error, *job) if args.isolate else measure_or_error(*job))
+            add_rates(row, flops, peaks)
+            resolution_rows.append(row)
+            result["rows"].append(row)
+            add_speedups(resolution_rows)
+            print(f"  {preset_name} {resolution}px batch {batch} {name}: "
+                  f"{_fmt(row['img_per_s'], '.2f')} img/s {row['error'] or ''}", flush=True)
+            save()
+
+    if schedule is not None:
+        result["schedule"] = schedule_result(result["rows"], args.variants, schedule, args.schedule_file,
+                                             hw["datasheet_peak_tflops"])
+    save()
+    print()
+    print(format_table(result["rows"]))
+    print("MFU meas: against the bf16 matmul rate measured in this run; MFU sheet: against the datasheet dense peak.")
+    if result["schedule"] is not None:
+        print()
+        print(format_schedule(result["schedule"]))
+    if device.type != "cuda":
+        print(f"\nNOTE: {CPU_NOTE}.")
+    if args.plot is not None:
+        write_plot(args.plot, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
