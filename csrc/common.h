@@ -206,4 +206,67 @@ void patchify_cuda(const void* image, void* tokens, const PatchShape& shape, DTy
 void unpatchify_cuda(const void* tokens, void* image, const PatchShape& shape, DType dtype, int device, void* stream);
 #endif
 
+// norm_modulate / add_norm_modulate (engine/ops/norm_modulate.py):
+//   forward   r = x + gate * y (y optional, gate optional = 1), h = LN(r) * (1 + scale) + shift
+//   backward  dx = dr + dLN(dh), dy = dx * gate, and d_shift, d_scale, d_gate summed over N
+// LN has no affine, eps kNormModulateEps, statistics in fp32 (fp64 for fp64 on the reference
+// path). x, y, r, h, dh, dr, dx, dy: (B, N, D) in `dtype`; gate, shift, scale and their grads:
+// (B, D) fp32; mean, rstd: (B, N) fp32. Absent optional buffers are nullptr.
+struct NormModulateShape {
+  std::int64_t batch, tokens, dim;
+};
+
+struct NormModulateForward {
+  const void* x;
+  const void* y;  // nullptr: plain norm_modulate of x (then r is nullptr too)
+  const float* gate;
+  const float* shift;
+  const float* scale;
+  void* r;
+  void* h;
+  float* mean;
+  float* rstd;
+};
+
+struct NormModulateBackward {
+  const void* dh;
+  const void* dr;    // nullptr: r has no gradient of its own
+  const void* r;     // the LN input (x for plain norm_modulate)
+  const void* y;     // given exactly when gate is (only d_gate reads it)
+  const float* gate;
+  const float* scale;
+  const float* mean;
+  const float* rstd;
+  void* dx;
+  void* dy;          // given exactly when gate is
+  float* dgate;      // given exactly when gate is
+  float* dshift;
+  float* dscale;
+  float* workspace;  // norm_modulate_bwd_workspace_elements(...) fp32
+};
+
+constexpr double kNormModulateEps = 1e-6;
+
+// The CUDA kernels hold a row in the registers of one block (at most 512 threads of 8 to 12
+// elements) and the sample's modulation in its shared memory (3 * D fp32 <= 48 KiB).
+constexpr std::int64_t kNormModulateMaxCudaDim = 4096;
+
+// The CUDA backward gives each block a chunk of at least kNormModulateMinChunkRows rows of one
+// sample, and each block writes one (3, D) fp32 row of partial d_shift / d_scale / d_gate sums:
+// the workspace is (B, chunks, 3, D) with at most ceil(N / kNormModulateMinChunkRows) chunks.
+constexpr std::int64_t kNormModulateMinChunkRows = 16;
+
+inline std::int64_t norm_modulate_max_chunks(std::int64_t tokens) {
+  return (tokens + kNormModulateMinChunkRows - 1) / kNormModulateMinChunkRows;
+}
+
+void norm_modulate_fwd_cpu(const NormModulateForward& io, const NormModulateShape& shape, DType dtype);
+void norm_modulate_bwd_cpu(const NormModulateBackward& io, const NormModulateShape& shape, DType dtype);
+#ifdef ENGINE_WITH_CUDA
+void norm_modulate_fwd_cuda(const NormModulateForward& io, const NormModulateShape& shape, DType dtype, int device,
+                            void* stream);
+void norm_modulate_bwd_cuda(const NormModulateBackward& io, const NormModulateShape& shape, DType dtype, int device,
+                            void* stream);
+#endif
+
 }  // namespace engine
