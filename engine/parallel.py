@@ -1,14 +1,16 @@
-"""Transformations applied to a model from the outside: activation checkpointing and compilation.
+"""Transformations applied to a model from the outside: activation checkpointing, compilation,
+and data parallelism (DDP, FSDP2).
 
 The model code stays single-device and flag-free; the training driver and benchmarks call these.
-Both work on any module with a ``blocks`` ModuleList (PixArt, DiT) and leave parameter names
-unchanged, so checkpoints load the same with or without them.
+They work on any module with a ``blocks`` ModuleList (PixArt, DiT); checkpointing and compile
+leave parameter names unchanged, so checkpoints load the same with or without them.
 """
 
 from __future__ import annotations
 
 import functools
 
+import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
@@ -43,4 +45,33 @@ def apply_compile(model: nn.Module, per_block: bool = True, **compile_kwargs) ->
             block.compile(**compile_kwargs)
     else:
         model.compile(**compile_kwargs)
+    return model
+
+
+def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """Wrap in DistributedDataParallel (the process group must exist): gradients are averaged
+    over ranks during backward, bucket by bucket, overlapping with the remaining backward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # gradient_as_bucket_view: gradients live inside the communication buckets (no extra copy)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
+
+
+def apply_fsdp2(model: nn.Module, mixed_precision: bool = True) -> nn.Module:
+    """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (``fully_shard``),
+    in place: each block is one communication unit, the root holds the remaining parameters
+    (embedders, final layer). With ``mixed_precision`` the gathered parameters compute in bf16 and
+    gradients are reduced in fp32 (MixedPrecisionPolicy); the fp32 shards stay the optimizer's
+    master weights. Without it everything stays in the parameters' own dtype.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
+              else MixedPrecisionPolicy())
+    blocks = _blocks(model)
+    for index, block in enumerate(blocks):
+        # the last block is the first one backward needs: keeping it gathered saves one all-gather
+        fully_shard(block, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+    fully_shard(model, mp_policy=policy)
     return model

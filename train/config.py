@@ -1,0 +1,335 @@
+"""Typed run configs for `python -m train run`, loaded from TOML or JSON files.
+
+A config file holds the settings shared by all stages at its top level and, under
+``[stages.<name>]``, what each stage changes (same tables, deep-merged over the top level)::
+
+    [model]
+    preset = "pixart-xl2"          # engine.config preset
+    [train]
+    global_batch = 256
+    [stages.2.train]
+    steps = 150_000
+
+``load_run_config(path, stage)`` merges the stage over the base and builds a RunConfig; an
+unknown key anywhere is an error that names it and suggests the closest valid key. The stage
+name's leading digit says what is trained: 1 a class-conditional DiT, 2 a text-conditioned
+PixArt, 3 PixArt at higher resolution / multi-aspect with micro-conditions (PixArt-α's schedule).
+Presets are the files in train/configs/ (``--preset NAME`` reads train/configs/NAME.toml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import DiTConfig, PixArtConfig, preset
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+OBJECTIVES = ("iddpm", "edm")
+PRECISIONS = ("auto", "bf16", "fp32")
+PARALLEL = ("auto", "none", "ddp", "fsdp2")
+OPTIMIZERS = ("adamw", "apex")
+LR_SCALING = ("sqrt", "linear", "none")
+LOADER_BACKENDS = ("auto", "torch", "dali")
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"                   # an engine.config preset name
+    resolution: int = 256                  # training image size in pixels (the cache's resolution)
+    pe_interpolation: float | None = None  # None: the preset's rule (resolution / 512)
+    fields: dict = field(default_factory=dict)  # further PixArtConfig / DiTConfig overrides
+
+
+@dataclass
+class DataSection:
+    pixels: bool = False        # the cache holds pixels (`prepare --vae pixels`), not VAE latents
+    multi_aspect: bool = False  # the cache has aspect-ratio buckets (stage 3)
+    backend: str = "auto"       # loader: dali on CUDA, torch on CPU
+    workers: int = 2            # loader worker processes
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"          # torch AdamW (fused on CUDA), or apex FusedAdam
+    lr: float = 2e-5             # before batch scaling
+    lr_scaling: str = "sqrt"     # lr * sqrt(global_batch / lr_base_batch), PixArt-α's auto_lr rule
+    lr_base_batch: int = 256
+    warmup_steps: int = 1000     # linear warm-up, then constant
+    weight_decay: float = 0.03
+    eps: float = 1e-10
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 0.01      # max global grad norm; 0 = off
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    global_batch: int = 256      # images per optimizer step, all ranks and accumulation together
+    micro_batch: int = 0         # images per rank per forward; 0 = global_batch / world (no accumulation)
+    seed: int = 0
+    objective: str = "iddpm"
+    ema_decay: float = 0.9999
+    caption_dropout: float = 0.1  # stages 2-3: caption -> the model's learned null caption
+    label_dropout: float = 0.1    # stage 1: label -> the null class
+    precision: str = "auto"       # bf16 on CUDA, fp32 on CPU
+    parallel: str = "auto"        # under torchrun: ddp; alone: none
+    activation_checkpointing: int = 0  # checkpoint every k-th block; 0 = off
+    compile: bool = False
+    max_nonfinite_steps: int = 20  # this many skipped steps in a row save and stop the run
+    init_ema: bool = True          # --init from an engine checkpoint takes its EMA weights
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 1000  # steps; 0 = only at the end
+    keep: int = 3      # complete checkpoints kept (the newest)
+
+
+@dataclass
+class LogSection:
+    every: int = 10          # steps per JSONL line
+    tensorboard: bool = True  # when the tensorboard package is installed
+    sample_every: int = 0    # steps per sample grid; 0 = off
+    sample_count: int = 8    # images in a grid (fixed prompts / labels)
+    sample_steps: int = 20
+    sample_cfg: float = 4.5
+
+
+@dataclass
+class RunConfig:
+    stage: str = "2"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    @property
+    def stage_kind(self) -> int:
+        """1: class-conditional DiT, 2: text-to-image at base resolution, 3: high resolution / multi-aspect."""
+        return int(self.stage[0])
+
+    def model_config(self) -> PixArtConfig | DiTConfig:
+        """The engine model config this run trains."""
+        m = self.model
+        overrides = dict(m.fields)
+        if self.data.pixels:  # the "latent" is the image: 3 channels, no 8x downsampling
+            overrides.setdefault("in_channels", 3)
+            overrides.setdefault("input_size", m.resolution)
+        if m.pe_interpolation is not None:
+            overrides["pe_interpolation"] = m.pe_interpolation
+        try:
+            return preset(m.preset, m.resolution, **overrides)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"model: {error}") from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def lr(self) -> float:
+        """Peak learning rate after batch scaling (PixArt-α's auto_lr: official code,
+        diffusion/utils/optimizer.py `auto_scale_lr`, base batch 256, called from
+        train_scripts/train.py with train_batch_size x world size x accumulation steps)."""
+        o, ratio = self.optim, self.train.global_batch / self.optim.lr_base_batch
+        return o.lr * {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[o.lr_scaling]
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} = {value!r}: choose one of {list(choices)}")
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ConfigError(f"{name} = {value!r}: expected an integer >= {0 if allow_zero else 1}")
+
+
+def _fraction(name: str, value) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} = {value!r}: expected a value in [0, 1]")
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Check value ranges and cross-field rules; returns the config."""
+    if not config.stage or not config.stage[0] in "123":
+        raise ConfigError(f"stage {config.stage!r}: stage names start with 1, 2 or 3")
+    t, o, d = config.train, config.optim, config.data
+    for name, value in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
+                        ("train.max_nonfinite_steps", t.max_nonfinite_steps),
+                        ("model.resolution", config.model.resolution),
+                        ("optim.lr_base_batch", o.lr_base_batch), ("checkpoint.keep", config.checkpoint.keep),
+                        ("log.every", config.log.every), ("log.sample_count", config.log.sample_count),
+                        ("log.sample_steps", config.log.sample_steps)):
+        _positive(name, value)
+    for name, value in (("train.micro_batch", t.micro_batch),
+                        ("train.activation_checkpointing", t.activation_checkpointing),
+                        ("optim.warmup_steps", o.warmup_steps), ("checkpoint.every", config.checkpoint.every),
+                        ("log.sample_every", config.log.sample_every), ("data.workers", d.workers),
+                        ("train.seed", t.seed)):
+        _positive(name, value, allow_zero=True)
+    _choice("train.objective", t.objective, OBJECTIVES)
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.parallel", t.parallel, PARALLEL)
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _choice("optim.lr_scaling", o.lr_scaling, LR_SCALING)
+    _choice("data.backend", d.backend, LOADER_BACKENDS)
+    for name, value in (("train.ema_decay", t.ema_decay), ("train.caption_dropout", t.caption_dropout),
+                        ("train.label_dropout", t.label_dropout)):
+        _fraction(name, value)
+    if not o.lr > 0 or o.weight_decay < 0 or not o.eps > 0 or o.grad_clip < 0:
+        raise ConfigError(f"optim: need lr > 0, weight_decay >= 0, eps > 0, grad_clip >= 0; got lr={o.lr}, "
+                          f"weight_decay={o.weight_decay}, eps={o.eps}, grad_clip={o.grad_clip}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas = {list(o.betas)}: expected two values in [0, 1)")
+    model = config.model_config()
+    wants_dit = config.stage_kind == 1
+    if wants_dit != isinstance(model, DiTConfig):
+        kind = "a class-conditional DiT preset (e.g. dit-xl2, tiny-dit)" if wants_dit else "a PixArt preset"
+        raise ConfigError(f"stage {config.stage} trains {kind}; model.preset = {config.model.preset!r} "
+                          f"builds a {type(model).__name__}")
+    return config
+
+
+# ------------------------------------------------------------------------------------ loading
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: invalid JSON: {error}") from None
+    if path.suffix == ".toml":
+        if sys.version_info < (3, 11):
+            raise ConfigError(f"{path}: TOML configs need Python >= 3.11 (tomllib); use a JSON config")
+        import tomllib
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    raise ConfigError(f"{path}: config files are .toml or .json")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _unknown_key(where: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {where + close[0]!r}?" if close else f"; valid keys here: {sorted(valid)}"
+    return ConfigError(f"unknown config key {where + key!r}{hint}")
+
+
+def _coerce(name: str, value, annotation):
+    """Check a TOML/JSON value against a dataclass field annotation (ints widen to floats)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(a for a in options if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is tuple and isinstance(value, list):
+        return tuple(value)
+    expected = origin or annotation
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{name} = {value!r}: expected {getattr(expected, '__name__', expected)}")
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in valid:
+            raise _unknown_key(where, key, valid)
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} must be a table")
+            kwargs[key] = _build(hints[key], value, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{where}{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def run_config_from_dict(values: dict) -> RunConfig:
+    """A RunConfig from a plain dict (a merged config, or one saved in a checkpoint)."""
+    return validate(_build(RunConfig, values, ""))
+
+
+def stage_names(raw: dict) -> list[str]:
+    return sorted(str(name) for name in raw.get("stages", {}))
+
+
+def parse_setting(setting: str) -> tuple[list[str], object]:
+    """``"train.steps=100"`` -> (["train", "steps"], 100); the value is read as a TOML value
+    (numbers, true/false, "strings", [arrays], {tables}), or taken as a bare string."""
+    import tomllib
+
+    key, sep, text = setting.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {setting!r}: expected KEY=VALUE, e.g. train.micro_batch=32")
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.strip().split("."), value
+
+
+def _nested(keys: list[str], value) -> dict:
+    out = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+def load_run_config(path: str | Path, stage: str, settings: list[str] = ()) -> RunConfig:
+    """The run config of ``stage`` in the TOML/JSON file ``path``, with ``settings``
+    ("section.key=value", e.g. from --set) applied last."""
+    path = Path(path)
+    raw = _read(path)
+    stages = {str(name): value for name, value in raw.pop("stages", {}).items()}
+    if "stage" in raw:
+        raise ConfigError(f"{path}: the stage comes from --stage, not from the file's 'stage' key")
+    if stages and stage not in stages:
+        subs = [name for name in stages if name.startswith(stage)]
+        hint = f" (stage {stage} has sub-stages {subs}: pass one)" if subs else ""
+        raise ConfigError(f"{path} has no stage {stage!r}{hint}; its stages: {sorted(stages)}")
+    merged = _merge(raw, stages.get(stage, {}))
+    for setting in settings:
+        merged = _merge(merged, _nested(*parse_setting(setting)))
+    merged["stage"] = stage
+    try:
+        return run_config_from_dict(merged)
+    except ConfigError as error:
+        raise ConfigError(f"{path} (stage {stage}): {error}") from None
+
+
+def preset_path(name: str) -> Path:
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown run preset {name!r}{hint}; presets: {names} (files in {CONFIG_DIR})")
+    return CONFIG_DIR / f"{name}.toml"

@@ -1,0 +1,353 @@
+"""The training loop: one optimizer step per global batch, with accumulation, EMA, skipping of
+non-finite steps, logs, sample grids and checkpoints.
+
+Randomness. Every micro-batch draws its caption / label dropout, timesteps (or EDM σ) and noise,
+in that order, from a generator seeded with (seed, step, global micro-batch index), where the
+index is ``micro * world + rank``. The draws therefore depend only on the position in the run,
+not on the number of ranks or on where the run was resumed: one process with accumulation 2 and
+two processes without accumulation see the same noise for the same samples, and a resumed run
+repeats the uninterrupted one exactly. Data order and latent sampling belong to the loader.
+
+Checkpoints hold full (unsharded) state dicts keyed by parameter name, so a run can resume under
+another parallel layout (DDP <-> FSDP2) as long as the number of ranks, which fixes the loader's
+sharding, is the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from train.checkpoint import debug_kill, load_training_state, load_weights, save_checkpoint
+from train.config import OptimSection, RunConfig
+from train.metrics import Interval, MetricsLog, interval_record
+
+EXIT_NONFINITE = 3
+
+
+@dataclass
+class Progress:
+    """Counters a checkpoint restores."""
+
+    step: int = 0            # steps done (applied or skipped)
+    skipped_total: int = 0
+    nonfinite_run: int = 0   # skipped steps in a row, up to the last one
+    gpu_seconds: float = 0.0  # wall time of the loop x ranks, over all segments of the run
+
+
+def micro_seed(seed: int, step: int, index: int) -> int:
+    """Seed of the generator for micro-batch ``index`` (global over ranks) of ``step``."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def lr_at(step: int, peak: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps (step 0 already gets peak / warmup), then constant."""
+    return peak * min(1.0, (step + 1) / warmup) if warmup else peak
+
+
+def build_optimizer(module: nn.Module, optim: OptimSection, lr: float, device: torch.device):
+    params = [p for p in module.parameters() if p.requires_grad]
+    kwargs = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    if optim.name == "apex":
+        from apex.optimizers import FusedAdam  # importability is checked before the run starts
+        return FusedAdam(params, adam_w_mode=True, **kwargs)
+    # fused: one kernel for the whole update on CUDA; on the CPU the default (foreach) path
+    return torch.optim.AdamW(params, fused=True if device.type == "cuda" else None, **kwargs)
+
+
+class EMA:
+    """fp32 exponential moving average of the parameters, shaped like them (sharded under FSDP2)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        named = list(module.named_parameters())
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded copies on the CPU (a collective under FSDP2: call on every rank)."""
+        from torch.distributed.tensor import DTensor
+
+        return {name: (s.full_tensor() if isinstance(s, DTensor) else s).detach().cpu().clone()
+                for name, s in zip(self.names, self.shadow)}
+
+    @torch.no_grad()
+    def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        missing = [name for name in self.names if name not in state]
+        if missing:
+            raise ValueError(f"EMA state lacks {missing}")
+        for name, s in zip(self.names, self.shadow):
+            full = state[name].to(device=s.device, dtype=torch.float32)
+            s.copy_(distribute_tensor(full, s.device_mesh, s.placements) if isinstance(s, DTensor) else full)
+
+
+def _drop_captions_hook(module, args, kwargs):
+    drop = kwargs.pop("drop_caption", None)
+    if drop is not None:
+        caption, lens = module.drop_captions(kwargs["caption"], kwargs["caption_lens"], drop)
+        kwargs.update(caption=caption, caption_lens=lens)
+    return args, kwargs
+
+
+def install_caption_dropout(module: nn.Module) -> None:
+    """Let the PixArt forward take ``drop_caption=`` (B,) bool and swap those captions for the
+    learned null caption inside the call. Inside, because under FSDP2 the null caption is only
+    unsharded during the root module's forward (its pre-forward hook runs before this one)."""
+    module.register_forward_pre_hook(_drop_captions_hook, with_kwargs=True)
+
+
+@contextlib.contextmanager
+def _gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def rng_state() -> dict:
+    """Global RNG states as plain Python values (bytes, ints, lists): they travel through
+    all_gather_object and load with torch.load(weights_only=True)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    cuda = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state().numpy().tobytes(), "cuda": cuda, "python": random.getstate(),
+            "numpy": (kind, keys.tolist(), position, has_gauss, cached)}
+
+
+def set_rng_state(state: dict) -> None:
+    def as_tensor(data: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    torch.set_rng_state(as_tensor(state["torch"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([as_tensor(s) for s in state["cuda"]])
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+
+
+def _forever(loader):
+    while True:
+        yield from loader  # the loader moves to the next epoch by itself
+
+
+@dataclass
+class Trainer:
+    """Everything the loop needs; built by train/run.py."""
+
+    config: RunConfig
+    model: nn.Module              # what the forward is called on: DDP / FSDP2 / plain
+    module: nn.Module             # the PixArt or DiT itself (same parameters)
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    objective: object             # GaussianDiffusion or EDM
+    loader: object                # engine.data.Loader
+    device: torch.device
+    rank: int
+    world: int
+    out: Path
+    run_info: dict
+    autocast_dtype: torch.dtype | None = None
+    sample_grid: Callable[[int, dict], None] | None = None  # (step, EMA state) -> writes a grid, rank 0
+    progress: Progress = dataclasses.field(default_factory=Progress)
+
+    @property
+    def accumulation(self) -> int:
+        micro = self.loader.batch_size
+        return self.config.train.global_batch // (micro * self.world)
+
+
+def _micro_batch_loss(tr: Trainer, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    cfg, device = tr.config, tr.device
+    x0 = batch["latent"]  # (B, C, h, w)
+    B = x0.shape[0]
+    if cfg.stage_kind == 1:
+        drop = torch.rand(B, generator=generator, device=device) < cfg.train.label_dropout  # (B,)
+        kwargs = {"labels": torch.where(drop, tr.module.null_class, batch["label"])}
+    else:
+        drop = torch.rand(B, generator=generator, device=device) < cfg.train.caption_dropout  # (B,)
+        kwargs = {"caption": batch["caption"].float(), "caption_lens": batch["caption_lens"], "drop_caption": drop}
+        if tr.module.config.micro_conditions:
+            kwargs.update(resolution=batch["resolution"], aspect_ratio=batch["aspect_ratio"])
+    autocast = torch.autocast(device.type, dtype=tr.autocast_dtype, enabled=tr.autocast_dtype is not None)
+    if cfg.train.objective == "edm":
+        sigma = tr.objective.sample_sigma(B, generator, device)  # (B,)
+        noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, h, w)
+        with autocast:
+            losses = tr.objective.training_losses(tr.model, x0, kwargs, noise=noise, sigma=sigma)
+    else:
+        t = tr.objective.sample_timesteps(B, generator, device)  # (B,)
+        noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, h, w)
+        with autocast:
+            losses = tr.objective.training_losses(tr.model, x0, t, kwargs, noise=noise)
+    return losses["loss"].mean()
+
+
+def _flops(tr: Trainer, batch: dict) -> float:
+    """Training FLOPs of this micro-batch; latent sides are given in VAE pixels (x8), as
+    flops_per_sample expects, so pixel caches count their true token grid."""
+    B, _, h, w = batch["latent"].shape
+    text_len = batch["caption"].shape[1] if tr.config.stage_kind > 1 else None
+    return B * tr.module.flops_per_sample(h * 8, w * 8, text_len)
+
+
+def save(tr: Trainer) -> Path | None:
+    """Write a checkpoint of the current step (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(tr.model, options=options)
+    optimizer_state = get_optimizer_state_dict(tr.model, tr.optimizer, options=options)
+    ema_state = tr.ema.full_state()
+    mine = {"loader": tr.loader.state_dict(), "rng": rng_state()}
+    ranks = [mine]
+    if tr.world > 1:
+        ranks = [None] * tr.world
+        dist.all_gather_object(ranks, mine)
+    folder = None
+    if tr.rank == 0:
+        train_state = {"progress": dataclasses.asdict(tr.progress), "world": tr.world, "ranks": ranks}
+        folder = save_checkpoint(tr.out, tr.progress.step, model_state, ema_state, optimizer_state, train_state,
+                                 tr.run_info, tr.config.checkpoint.keep)
+    if tr.world > 1:
+        dist.barrier()
+    return folder
+
+
+def restore(tr: Trainer, folder: Path) -> None:
+    """Load a checkpoint's weights, EMA, optimizer, counters, loader position and RNG states."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    optimizer_state, train_state = load_training_state(folder)
+    if train_state["world"] != tr.world:
+        raise ValueError(f"checkpoint {folder} was written by {train_state['world']} ranks, this run has {tr.world}: "
+                         f"the loader's sharding (and so the data order) depends on it; resume with "
+                         f"{train_state['world']} ranks")
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(tr.model, load_weights(folder, ema=False), options=options)
+    set_optimizer_state_dict(tr.model, tr.optimizer, optimizer_state, options=options)
+    tr.ema.load_full_state(load_weights(folder, ema=True))
+    mine = train_state["ranks"][tr.rank]
+    tr.loader.load_state_dict(mine["loader"])
+    set_rng_state(mine["rng"])
+    tr.progress = Progress(**train_state["progress"])
+
+
+def _step_outcome(tr: Trainer, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, float, float]:
+    """(apply the step?, global mean loss, grad norm): one host sync, one all-reduce when distributed."""
+    bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
+    packed = torch.stack([loss_sum.float(), bad])
+    if tr.world > 1:
+        dist.all_reduce(packed)
+    loss, bad_ranks = packed.tolist()
+    return bad_ranks == 0, loss / tr.world, float(grad_norm)
+
+
+def _sample(tr: Trainer, step: int) -> None:
+    ema_state = tr.ema.full_state()
+    if tr.rank == 0:
+        tr.sample_grid(step, ema_state)
+    if tr.world > 1:
+        dist.barrier()
+
+
+def train(tr: Trainer) -> int:
+    """Run until the configured number of steps; returns the process exit code."""
+    from torch.distributed.tensor import DTensor
+
+    cfg, device = tr.config, tr.device
+    peak_lr, accumulation = cfg.lr(), tr.accumulation
+    params = [p for p in tr.module.parameters() if p.requires_grad]
+    max_norm = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, clip nothing
+    log = MetricsLog(tr.out, tr.rank, cfg.train.steps, tr.progress.step, cfg.log.tensorboard)
+    batches = _forever(tr.loader)
+    interval = Interval()
+    last_time = time.perf_counter()
+    try:
+        while tr.progress.step < cfg.train.steps:
+            step = tr.progress.step
+            step_start, wait = time.perf_counter(), 0.0
+            lr = lr_at(step, peak_lr, cfg.optim.warmup_steps)
+            for group in tr.optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            images, flops = 0, 0.0
+            for micro in range(accumulation):
+                fetch = time.perf_counter()
+                batch = next(batches)
+                wait += time.perf_counter() - fetch
+                generator = torch.Generator(device)
+                generator.manual_seed(micro_seed(cfg.train.seed, step, micro * tr.world + tr.rank))
+                with _gradient_sync(tr.model, micro == accumulation - 1):
+                    loss = _micro_batch_loss(tr, batch, generator) / accumulation
+                    loss.backward()
+                loss_sum += loss.detach()
+                images += batch["latent"].shape[0] * tr.world
+                flops += _flops(tr, batch) * tr.world
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+            applied, loss_value, norm_value = _step_outcome(tr, loss_sum, grad_norm)
+            if applied:
+                tr.optimizer.step()
+                tr.ema.update()
+                tr.progress.nonfinite_run = 0
+            else:
+                tr.progress.skipped_total += 1
+                tr.progress.nonfinite_run += 1
+            tr.optimizer.zero_grad(set_to_none=True)
+            tr.progress.step = step = step + 1
+
+            now = time.perf_counter()
+            tr.progress.gpu_seconds += (now - last_time) * tr.world
+            last_time = now
+            interval.add(images, flops, now - step_start, wait, loss_value, norm_value, applied)
+            log.step(loss_value if applied else None)
+            stop = tr.progress.nonfinite_run >= cfg.train.max_nonfinite_steps
+            if step % cfg.log.every == 0 or step == cfg.train.steps or stop:
+                log.write(interval_record(step, interval, lr, tr.world, device, cfg.train.steps,
+                                          cfg.train.global_batch, tr.progress.gpu_seconds, tr.progress.skipped_total))
+                interval = Interval()
+
+            every = cfg.checkpoint.every
+            if stop or (every and step % every == 0) or step == cfg.train.steps:
+                folder = save(tr)
+                if folder is not None:
+                    log.message(f"step {step}: checkpoint {folder}")
+            if tr.sample_grid is not None and cfg.log.sample_every and step % cfg.log.sample_every == 0:
+                _sample(tr, step)
+            debug_kill("after-step", step)
+            if stop:
+                log.message(f"stopping at step {step}: {tr.progress.nonfinite_run} steps in a row had a non-finite "
+                            f"loss or gradient norm (train.max_nonfinite_steps = {cfg.train.max_nonfinite_steps}); "
+                            f"their updates were skipped and the last good weights are saved in the step-{step:07d} "
+                            f"checkpoint. Lower the learning rate, check the data, or resume with --resume.")
+                return EXIT_NONFINITE
+            last_time = time.perf_counter()  # checkpoint and sample time count as used, not as step time
+            tr.progress.gpu_seconds += (last_time - now) * tr.world
+    finally:
+        log.close()
+    return 0

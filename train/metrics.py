@@ -1,0 +1,148 @@
+"""Training logs: one JSONL line per interval, a progress bar, and TensorBoard when it is installed.
+
+Each line of OUT/metrics.jsonl (rank 0 writes it)::
+
+    step, loss, grad_norm, lr        loss and grad norm: means over the interval's applied steps
+    img_per_s, img_per_s_per_gpu     images of the global batch per second of step time
+    tflops_per_gpu, mfu              model.flops_per_sample (3 x forward, DESIGN §6) x images/s;
+                                     mfu against the GPU's datasheet dense bf16 peak, null on CPU
+    mem_gib                          torch.cuda.max_memory_allocated, null on CPU
+    data_wait                        share of step time spent waiting for the loader
+    gpu_days                         device time used so far (all segments of the run, all ranks)
+    gpu_days_stage                   projection for the configured steps of this stage at the
+                                     interval's rate: steps x global batch / (img/s per GPU) / 86400
+    skipped, skipped_total           steps not applied because the loss or grad norm was not finite
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, never the sparsity figure (DESIGN §6).
+# Matched against torch.cuda.get_device_name in this order (the PCIe H100 first: it is slower).
+DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def datasheet_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_BF16_TFLOPS if key in name), None)
+
+
+class Interval:
+    """Sums over the steps since the last log line."""
+
+    def __init__(self):
+        self.steps = self.applied = self.images = self.skipped = 0
+        self.flops = self.step_seconds = self.wait_seconds = 0.0
+        self.loss_sum = self.grad_norm_sum = 0.0
+
+    def add(self, images: int, flops: float, step_seconds: float, wait_seconds: float, loss: float,
+            grad_norm: float, applied: bool) -> None:
+        self.steps += 1
+        self.images += images
+        self.flops += flops
+        self.step_seconds += step_seconds
+        self.wait_seconds += wait_seconds
+        if applied:
+            self.applied += 1
+            self.loss_sum += loss
+            self.grad_norm_sum += grad_norm
+        else:
+            self.skipped += 1
+
+
+def _round(value: float | None, digits: int = 6):
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{value:.{digits}g}")
+
+
+def interval_record(step: int, interval: Interval, lr: float, world: int, device: torch.device,
+                    stage_steps: int, global_batch: int, gpu_seconds: float, skipped_total: int) -> dict:
+    seconds = max(interval.step_seconds, 1e-9)
+    img_per_s = interval.images / seconds
+    per_gpu = img_per_s / world
+    tflops_per_gpu = interval.flops / seconds / world / 1e12
+    peak = datasheet_peak_tflops(device)
+    return {
+        "step": step,
+        "loss": _round(interval.loss_sum / interval.applied) if interval.applied else None,
+        "grad_norm": _round(interval.grad_norm_sum / interval.applied) if interval.applied else None,
+        "lr": _round(lr),
+        "img_per_s": _round(img_per_s, 5),
+        "img_per_s_per_gpu": _round(per_gpu, 5),
+        "tflops_per_gpu": _round(tflops_per_gpu, 5),
+        "mfu": _round(tflops_per_gpu / peak, 4) if peak else None,
+        "mem_gib": _round(torch.cuda.max_memory_allocated(device) / 2**30, 4) if device.type == "cuda" else None,
+        "data_wait": _round(interval.wait_seconds / seconds, 4),
+        "gpu_days": _round(gpu_seconds / 86400, 5),
+        "gpu_days_stage": _round(stage_steps * global_batch / per_gpu / 86400, 5) if per_gpu > 0 else None,
+        "skipped": interval.skipped,
+        "skipped_total": skipped_total,
+    }
+
+
+def _step_of(line: str) -> float:
+    """The step of a JSONL line; infinity for a line cut short by a killed process (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+class MetricsLog:
+    """JSONL file + tqdm bar + optional TensorBoard, all on rank 0; other ranks keep nothing."""
+
+    def __init__(self, out: Path, rank: int, total_steps: int, start_step: int, tensorboard: bool):
+        self.active = rank == 0
+        self.file = self.bar = self.board = None
+        if not self.active:
+            return
+        from tqdm import tqdm
+
+        out = Path(out)
+        path = out / "metrics.jsonl"
+        if path.exists():  # a resumed run: drop the lines of steps it is about to repeat
+            path.write_text("".join(line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                                    if _step_of(line) <= start_step), encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8")
+        # disable=None: the bar shows on a terminal and stays out of redirected logs
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.board = SummaryWriter(str(out / "tensorboard"))
+
+    def step(self, loss: float | None) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"train/{key}", value, record["step"])
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        for handle in (self.bar, self.board, self.file):
+            if handle is not None:
+                handle.close()
