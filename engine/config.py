@@ -3,7 +3,8 @@
 Sources of the numbers:
 - PixArt-XL/2: PixArt-α paper (arXiv 2310.00426) and its official code: DiT-XL/2 backbone
   (28 blocks, width 1152, 16 heads, patch 2, MLP ratio 4), T5-XXL features (4096 wide,
-  120 tokens), position-embedding interpolation scale = resolution / 512.
+  120 tokens), position-embedding interpolation scale ("lewei_scale") 1.0 in the base config
+  (256 and 512 px) and 2.0 in the 1024 px configs.
 - DiT-XL/2: Peebles & Xie, "Scalable Diffusion Models with Transformers" (arXiv 2212.09748).
 """
 
@@ -114,8 +115,8 @@ def preset_names() -> list[str]:
 def preset(name: str, resolution: int | None = None, **overrides):
     """A named config at ``resolution`` pixels (the preset's own default when None).
 
-    PixArt presets set the position-embedding interpolation scale to resolution / 512, as the
-    official PixArt-α configs do (0.5 at 256px, 1 at 512px, 2 at 1024px).
+    PixArt presets set the position-embedding interpolation scale as the official PixArt-α
+    configs do: 1 at 256 and 512 px, 2 at 1024 px, i.e. max(1, resolution / 512).
     """
     if name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {preset_names()}")
@@ -123,7 +124,7 @@ def preset(name: str, resolution: int | None = None, **overrides):
     resolution = default_res if resolution is None else resolution
     fields = dict(fields, input_size=latent_size(resolution))
     if cls is PixArtConfig:
-        fields["pe_interpolation"] = resolution / 512
+        fields["pe_interpolation"] = max(1.0, resolution / 512)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}")

@@ -97,7 +97,7 @@ def infer_config(state_dict: dict, source: str = "checkpoint", **overrides) -> P
     elif "input_size" not in overrides:
         raise ValueError(f"{source} has no pos_embed to read the latent size from: pass input_size=")
     input_size = overrides.get("input_size", inferred.get("input_size"))
-    inferred.setdefault("pe_interpolation", input_size * VAE_DOWNSAMPLE / 512)
+    inferred.setdefault("pe_interpolation", max(1.0, input_size * VAE_DOWNSAMPLE / 512))  # the official configs' rule
     return make_config(PixArtConfig, inferred, overrides, source)
 
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device-machine call: set up, build engine._C, then run the named steps, writing logs and
+# results under $OUT (the device tool's output folder) or ./out when run by hand.
+#   bash bench/gpu_session.sh setup tests kernels throughput256 throughput512 data
+# Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small.
+set -uo pipefail
+out=${OUT:-out}; mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+log() { echo "== $* ($(date -u +%H:%M:%S))"; }
+# .git does not travel to the device machine: the caller passes the commit being measured.
+commit=${ENGINE_GIT_COMMIT:-unknown}
+
+setup() {
+  if [ -d .gpu-wheels/small ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu-wheels/small/*.whl
+  fi
+  export PYTHONPATH=/tmp/site:$PWD
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+  python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; return 1; }
+  python3 -c "import engine._C as c, torch, triton; print('engine._C cuda:', c.has_cuda(), c.cuda_archs(), '| torch', torch.__version__, '| triton', triton.__version__)"
+}
+# One pytest process per test file: a kernel fault (illegal address) poisons its CUDA context,
+# which would otherwise fail every later test of the run.
+tests() {
+  : >"$out/pytest_gpu.log"
+  for f in $(find tests -name 'test_*.py' | sort); do
+    python3 -m pytest -q -m gpu -p no:cacheprovider "$f" >>"$out/pytest_gpu.log" 2>&1
+    [ $? -ne 5 ] && echo "$f: $(tail -1 "$out/pytest_gpu.log")"  # 5: no gpu test in the file
+  done
+}
+kernels() {
+  python3 bench/kernels.py --timer cudagraph --json "$out/kernels_cudagraph.json" 2>&1 | tee "$out/kernels_cudagraph.log" | tail -30
+  python3 bench/kernels.py --timer do_bench --json "$out/kernels_do_bench.json" 2>&1 | tee "$out/kernels_do_bench.log" | tail -30
+}
+throughput256() { python3 bench/throughput.py --git-commit "$commit" --res 256 --batch 64 --json "$out/throughput_256.json" --csv "$out/throughput_256.csv" 2>&1 | tee "$out/throughput_256.log" | tail -20; }
+throughput512() { python3 bench/throughput.py --git-commit "$commit" --res 512 --batch 32 --json "$out/throughput_512.json" --csv "$out/throughput_512.csv" 2>&1 | tee "$out/throughput_512.log" | tail -20; }
+data() { python3 bench/data.py --samples 4096 --json "$out/data.json" 2>&1 | tee "$out/data.log" | tail -20; }
+
+for step in "$@"; do log "$step"; "$step" || echo "!! step $step failed"; done
+log done
