@@ -14,6 +14,9 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "prepare": ("train.prepare", "encode images and captions into a latent cache"),
+    "run": ("train.run", "train one stage on a latent cache (checkpoints, resume, DDP / FSDP2)"),
+    "sample": ("train.sample", "generate images from a checkpoint"),
+    "export": ("train.export", "write a checkpoint as a diffusers PixArtTransformer2DModel"),
 }
 
 
