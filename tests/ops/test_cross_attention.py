@@ -1,0 +1,271 @@
+"""cross_attention: the Triton kernels (and the flash-attn path's sequence layout) against fp64.
+
+Correctness rule (DESIGN §3), for the output and dq, dk, dv:
+    max|kernel - fp64 ref| <= 2 * max|eager same-dtype - fp64 ref| + atol,
+eager being the SDPA path. On CPU the kernels run under the Triton interpreter. Inputs are fresh
+random draws each run (the seed is in every failure message); k, v are strided views into one
+(B, L, 2, H, d) tensor, as the model passes them; every kernel output starts as NaN.
+"""
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+import triton.language as tl
+
+from engine.ops.backend import triton_interpreted
+from engine.ops.cross_attention import cross_attention, cross_attention_ref
+
+# The module (engine.ops re-exports the function under the module's name).
+ca = importlib.import_module("engine.ops.cross_attention")
+
+# atol as a fraction of the reference's largest magnitude: room for reordered fp32 sums where
+# eager happens to be almost exact; for bf16 / fp16 a quarter of one rounding step at 1.0.
+ATOL_FRACTION = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2.5e-4}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture
+def seed(_fresh_seed):
+    return _fresh_seed
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every kernel output starts as NaN, so an element a kernel fails to write shows."""
+    monkeypatch.setattr(ca, "_new_output",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+@pytest.fixture(autouse=True)
+def interpreter_bf16_like_the_gpu(monkeypatch):
+    """Two bf16 defects of Triton 3.9's interpreter, fixed here so that it computes what the GPU
+    does (the kernels are unchanged): tl.dot multiplies bf16 tiles as their raw uint16 bit
+    patterns (garbage), and fp32 -> bf16 conversion truncates where the GPU rounds to nearest
+    even (a bias that alone can break the rule)."""
+    if not triton_interpreted():
+        return
+    import triton.runtime.interpreter as interpreter
+    truncating = interpreter._convert_float
+
+    def convert(data, src_dtype, dst_dtype, rounding_mode):
+        if src_dtype == tl.bfloat16 and dst_dtype == tl.float32:
+            return as_fp32_bits(data)  # exact either way; the interpreter's own path is slow
+        if src_dtype != tl.float32 or dst_dtype != tl.bfloat16:
+            return truncating(data, src_dtype, dst_dtype, rounding_mode)
+        bits = np.ascontiguousarray(data).view(np.uint32).astype(np.uint64)
+        nearest_even = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return np.where(np.isnan(data), 0x7FC0, nearest_even).astype(np.uint16).reshape(data.shape)
+
+    def as_fp32_bits(data):
+        # bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32 bits.
+        return (np.asarray(data).astype(np.uint32) << 16).view(np.float32)
+
+    def as_float(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle(as_fp32_bits(handle.data), tl.float32)
+
+    bit_pattern_dot = interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter, "_convert_float", convert)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, d, *args: bit_pattern_dot(self, as_float(a), as_float(b), d, *args))
+
+
+def make_inputs(B, N, H, d, L, dtype, device, lens=None):
+    q = torch.randn(B, N, H, d, device=device).to(dtype)
+    kv = torch.randn(B, L, 2, H, d, device=device).to(dtype)  # the fused kv projection's layout
+    if lens is None:
+        # empty caption, one token, full length, and random lengths for the rest
+        lens = [0, 1, L] + torch.randint(2, L, (B - 3,)).tolist()
+    return q, kv, torch.tensor(lens, device=device)
+
+
+def run(q, kv, kv_lens, do, backend, cast=None):
+    """[o, dq, dk, dv]; k, v are views into kv as in the model. backend: a name for
+    cross_attention, or a function of (q, k, v, kv_lens)."""
+    q = (q.to(cast) if cast else q.detach().clone()).requires_grad_()
+    kv = (kv.to(cast) if cast else kv.detach().clone()).requires_grad_()
+    k, v = kv.unbind(2)  # (B, L, H, d) strided views
+    if callable(backend):
+        o = backend(q, k, v, kv_lens)
+    else:
+        o = cross_attention(q, k, v, kv_lens, backend=backend)
+    dq, dkv = torch.autograd.grad(o, (q, kv), do.to(o.dtype))
+    return [o, dq, dkv[:, :, 0], dkv[:, :, 1]]
+
+
+def assert_rule(names, kernel, eager, ref, seed):
+    for name, k, e, r in zip(names, kernel, eager, ref, strict=True):
+        assert k.dtype == e.dtype and k.shape == e.shape, \
+            f"{name}: {k.dtype}{tuple(k.shape)} vs eager {e.dtype}{tuple(e.shape)}"
+        assert torch.isfinite(k).all(), f"{name}: non-finite values in the kernel's result (seed {seed})"
+        err_kernel = (k.double() - r).abs().max().item()
+        err_eager = (e.double() - r).abs().max().item()
+        atol = ATOL_FRACTION[k.dtype] * r.abs().max().item()
+        assert err_kernel <= 2 * err_eager + atol, (
+            f"{name}: kernel error {err_kernel:.3g} > 2 x eager error {err_eager:.3g} + atol {atol:.3g} (seed {seed})")
+
+
+def assert_padding_untouched(o, dq, dk, dv, kv_lens, seed):
+    """Keys past kv_len get exactly zero gradients; an empty caption gives exactly zero output and dq."""
+    for b, n in enumerate(kv_lens.tolist()):
+        assert (dk[b, n:] == 0).all() and (dv[b, n:] == 0).all(), \
+            f"padded keys of sample {b} got gradients (seed {seed})"
+        if n == 0:
+            assert (o[b] == 0).all() and (dq[b] == 0).all(), \
+                f"empty caption of sample {b}: output or dq not 0 (seed {seed})"
+
+
+# (B, N, H, d, L, dtype). N = 37 and 250 match no block size; d = 72 runs the split 64 + 16
+# head tile, d = 64 the single one; lengths 0, 1 and 120 in every case (see make_inputs).
+CASES = [
+    (4, 37, 3, 72, 120, torch.bfloat16),
+    (4, 37, 3, 72, 120, torch.float32),
+    (4, 250, 3, 72, 120, torch.bfloat16),
+    (4, 250, 3, 64, 120, torch.float32),
+    (3, 37, 16, 64, 120, torch.bfloat16),
+    (4, 37, 3, 72, 120, torch.float16),
+]
+
+
+def case_id(case):
+    B, N, H, d, L, dtype = case
+    return f"B{B}-N{N}-H{H}-d{d}-L{L}-{str(dtype)[6:]}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_triton_matches_reference(case, device, seed):
+    B, N, H, d, L, dtype = case
+    q, kv, kv_lens = make_inputs(B, N, H, d, L, dtype, device)
+    do = torch.randn(B, N, H, d, device=device).to(dtype)
+    kernel = run(q, kv, kv_lens, do, "triton")
+    eager = run(q, kv, kv_lens, do, "eager")
+    ref = run(q, kv, kv_lens, do, cross_attention_ref, cast=torch.float64)
+    assert_rule(["o", "dq", "dk", "dv"], kernel, eager, ref, seed)
+    assert_padding_untouched(*kernel, kv_lens, seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_m, splits, half_tile", [(128, 1, False), (16, 3, True), (32, 2, False)])
+def test_launch_configs(block_m, splits, half_tile, device, seed):
+    """The GPU's tilings (several query blocks per head, a partial last one, split backward with
+    fp32 partials, half-width key tile on and off) at sizes the interpreter runs quickly."""
+    B, N, H, d, L = 4, 50, 2, 72, 100
+    q, kv, kv_lens = make_inputs(B, N, H, d, L, torch.float32, device, lens=[0, 1, L, 40])
+    k, v = kv.unbind(2)
+    o, lse = ca._cross_attention_fwd_triton(q, k, v, kv_lens, block_m=block_m, half_tile=half_tile)
+    do = torch.randn_like(o)
+    dq, dk, dv = ca._cross_attention_bwd_triton(do, q, k, v, o, lse, kv_lens, block_m=block_m, splits=splits,
+                                                half_tile=half_tile)
+    want = run(q, kv, kv_lens, do, cross_attention_ref, cast=torch.float64)
+    for name, got, ref in zip(["o", "dq", "dk", "dv"], [o, dq, dk, dv], want):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} (seed {seed}): {m}")
+    assert_padding_untouched(o, dq, dk, dv, kv_lens, seed)
+    # lse: base-2 log-sum-exp of the scaled scores; -inf for the empty caption
+    scores = torch.einsum("bnhd,blhd->bhnl", q.double(), k.double()) * d**-0.5  # (B, H, N, L)
+    valid = torch.arange(L)[None, :].to(device) < kv_lens[:, None]
+    want_lse = scores.masked_fill(~valid[:, None, None, :], float("-inf")).logsumexp(-1) / np.log(2)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_ops_pass_opcheck():
+    q, kv, kv_lens = make_inputs(3, 9, 2, 24, 20, torch.float32, "cpu")
+    k, v = kv.unbind(2)
+    torch.library.opcheck(ca._fwd_op, (q, k, v, kv_lens))
+    o, lse = ca._fwd_op(q, k, v, kv_lens)
+    torch.library.opcheck(ca._bwd_op, (torch.randn_like(o), q, k, v, o, lse, kv_lens))
+
+
+COMPILERS = [("cpu", "aot_eager"), pytest.param("cuda", "inductor", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device, compiler", COMPILERS)
+def test_torch_compile_fullgraph_matches_eager_call(device, compiler):
+    """fullgraph=True fails on any graph break; kv_lens stays a device tensor throughout."""
+    B, N, H, d, L = 3, 9, 2, 24, 20
+
+    def layer(x, context, kv_lens):
+        q = x.view(B, N, H, d)
+        k, v = context.view(B, L, 2, H, d).unbind(2)
+        return cross_attention(q, k, v, kv_lens, backend="triton").square().sum()
+
+    x, context = torch.randn(B, N, H * d, device=device), torch.randn(B, L, 2 * H * d, device=device)
+    kv_lens = torch.tensor([0, 5, L], device=device)
+    leaves = [x.clone().requires_grad_(), context.clone().requires_grad_()]
+    want = torch.autograd.grad(layer(*leaves, kv_lens), leaves)
+    compiled = torch.compile(layer, fullgraph=True, backend=compiler)
+    leaves = [x.clone().requires_grad_(), context.clone().requires_grad_()]
+    got = torch.autograd.grad(compiled(*leaves, kv_lens), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def varlen_attention_for_test(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """flash_attn_varlen_func's contract in plain PyTorch: packed (total, H, d) rows, sequence i
+    = query rows [cu_q[i], cu_q[i+1]) against key rows [cu_k[i], cu_k[i+1]); no keys -> zeros."""
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and len(cu_q) == len(cu_k)
+    assert max(np.diff(cu_q)) <= max_seqlen_q and max(np.diff(cu_k)) <= max_seqlen_k
+    assert cu_q[-1] == q.shape[0] and cu_k[-1] <= k.shape[0]
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qi, ki, vi = q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]]
+        scores = torch.einsum("nhd,lhd->hnl", qi, ki) * q.shape[-1] ** -0.5
+        probs = torch.softmax(scores, dim=-1) if ki.shape[0] else scores
+        outs.append(torch.einsum("hnl,lhd->nhd", probs, vi))
+    return torch.cat(outs)
+
+
+def test_flash_attn_path_sequence_layout(monkeypatch, seed):
+    """flash-attn does not install here, so its call is replaced by a plain-PyTorch varlen
+    attention: what is tested is the cu_seqlens description of the padded keys (empty query
+    sequences for the padding, kv_len 0 and L) and the reshapes around the call."""
+    monkeypatch.setattr(ca, "_flash_attn_varlen_func", varlen_attention_for_test)
+    B, N, H, d, L = 4, 7, 2, 24, 12
+    q, kv, kv_lens = make_inputs(B, N, H, d, L, torch.float64, "cpu")
+    do = torch.randn(B, N, H, d, dtype=torch.float64)
+    got = run(q, kv, kv_lens, do, ca._cross_attention_flash)
+    want = run(q, kv, kv_lens, do, cross_attention_ref)
+    for name, g, w in zip(["o", "dq", "dk", "dv"], got, want):
+        torch.testing.assert_close(g, w, msg=lambda m: f"{name} (seed {seed}): {m}")
+
+
+def test_eager_path_gives_zero_not_nan_for_an_empty_caption():
+    q, kv, kv_lens = make_inputs(3, 5, 2, 8, 6, torch.float32, "cpu")
+    out = cross_attention(q, *kv.unbind(2), kv_lens, backend="eager")
+    assert torch.isfinite(out).all() and (out[0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_bad_inputs_raise_clear_errors(backend):
+    q, kv, kv_lens = make_inputs(3, 5, 2, 8, 6, torch.float32, "cpu")
+    k, v = kv.unbind(2)
+    with pytest.raises(ValueError, match="q \\(B, N, H, d\\)"):
+        cross_attention(q[0], k, v, kv_lens, backend=backend)
+    with pytest.raises(ValueError, match="k, v"):
+        cross_attention(q, k[:, :, :1], v, kv_lens, backend=backend)
+    with pytest.raises(ValueError, match="kv_lens must have shape"):
+        cross_attention(q, k, v, kv_lens[:2], backend=backend)
+    with pytest.raises(TypeError, match="kv_lens must be an integer"):
+        cross_attention(q, k, v, kv_lens.float(), backend=backend)
+    with pytest.raises(TypeError, match="one floating-point dtype"):
+        cross_attention(q, k.double(), v, kv_lens, backend=backend)
+
+
+def test_triton_limits_point_to_eager():
+    q, kv, kv_lens = make_inputs(3, 5, 2, 8, 6, torch.float64, "cpu")
+    with pytest.raises(TypeError, match="backend='eager'"):
+        cross_attention(q, *kv.unbind(2), kv_lens, backend="triton")
+    q, kv, kv_lens = make_inputs(3, 5, 2, 8, 300, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="L = 300"):
+        cross_attention(q, *kv.unbind(2), kv_lens, backend="triton")
+
+
+def test_cuda_backend_without_flash_attn_is_an_error(monkeypatch):
+    monkeypatch.setattr(ca, "_flash_attn_varlen_func", None)
+    q, kv, kv_lens = make_inputs(3, 5, 2, 8, 6, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        cross_attention(q, *kv.unbind(2), kv_lens, backend="cuda")
