@@ -23,7 +23,7 @@ setup() {
 # which would otherwise fail every later test of the run.
 tests() {
   : >"$out/pytest_gpu.log"
-  for f in $(find tests -name 'test_*.py' | sort); do
+  for f in $(grep -lE 'mark\.gpu' $(find tests -name 'test_*.py') | sort); do
     python3 -m pytest -q -m gpu -p no:cacheprovider "$f" >>"$out/pytest_gpu.log" 2>&1
     [ $? -ne 5 ] && echo "$f: $(tail -1 "$out/pytest_gpu.log")"  # 5: no gpu test in the file
   done
