@@ -432,6 +432,17 @@ bool aligned(const void* address, std::size_t bytes) {
   return reinterpret_cast<std::uintptr_t>(address) % bytes == 0;
 }
 
+// Over 48 KB of dynamic shared memory (D = 4096: 3 x 4096 fp32 modulation values plus the
+// kernel's static reduction buffers) needs an explicit opt-in, or the launch fails with
+// "invalid argument" (seen on an H200, 2026-11-21).
+template <class Kernel>
+void allow_shared_memory(Kernel kernel, std::size_t shared_bytes, const char* op) {
+  if (shared_bytes > 32 * 1024) {
+    ENGINE_CUDA_CHECK(op, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(shared_bytes)));
+  }
+}
+
 // Chunks per sample: enough blocks to fill every SM's resident-block slots once (one wave),
 // capped by `max_chunks`. Returns {rows per chunk, chunks per sample}.
 template <class Kernel>
@@ -472,6 +483,7 @@ void norm_modulate_fwd_cuda(const NormModulateForward& io, const NormModulateSha
     auto launch = [&](auto vec, auto packs, int threads) {
       auto* kernel = norm_modulate_fwd_kernel<T, decltype(vec)::value, decltype(packs)::value>;
       const std::size_t shared_bytes = 3 * shape.dim * sizeof(float);  // shift, scale, gate
+      allow_shared_memory(kernel, shared_bytes, op);
       std::tie(p.rows_per_chunk, p.chunks) = chunking(kernel, threads, shared_bytes, device, shape, shape.tokens, op);
       const auto blocks = static_cast<unsigned int>(shape.batch * p.chunks);
       kernel<<<blocks, threads, shared_bytes, static_cast<cudaStream_t>(stream)>>>(p);
@@ -504,6 +516,7 @@ void norm_modulate_bwd_cuda(const NormModulateBackward& io, const NormModulateSh
     auto launch = [&](auto vec, auto packs, int threads) {
       auto* kernel = norm_modulate_bwd_kernel<T, decltype(vec)::value, decltype(packs)::value>;
       const std::size_t shared_bytes = 2 * shape.dim * sizeof(float);  // scale, gate
+      allow_shared_memory(kernel, shared_bytes, op);
       std::tie(p.rows_per_chunk, p.chunks) =
           chunking(kernel, threads, shared_bytes, device, shape, norm_modulate_max_chunks(shape.tokens), op);
       const auto blocks = static_cast<unsigned int>(shape.batch * p.chunks);
