@@ -45,7 +45,8 @@ def _check_inputs(q, k, v) -> None:
         raise ValueError(f"self_attention expects q, k, v of one shape (B, N, H, d); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"self_attention: q, k, v must share one floating-point dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError("self_attention: q, k, v must share one floating-point dtype, "
+                        f"got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
             raise ValueError(f"self_attention: {name} is on {t.device} but q is on {q.device}")

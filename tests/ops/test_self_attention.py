@@ -9,6 +9,7 @@ makes the fallback order testable here.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.ops.self_attention import SDPA_PRIORITY, active_backend, self_attention, self_attention_ref
@@ -49,7 +50,8 @@ def test_pinned_matches_reference(case, device, seed):
         assert g.dtype == dtype and g.shape == (B, N, H, d)
         err, err_eager = (g.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
         atol = ATOL_FRACTION[dtype] * r.abs().max().item()
-        assert err <= 2 * err_eager + atol, f"{name}: error {err:.3g} > 2 x eager {err_eager:.3g} + {atol:.3g} (seed {seed})"
+        assert err <= 2 * err_eager + atol, \
+            f"{name}: error {err:.3g} > 2 x eager {err_eager:.3g} + {atol:.3g} (seed {seed})"
 
 
 def test_reference_is_softmax_attention(seed):
@@ -70,7 +72,7 @@ def test_active_backend_names_the_kernel_that_runs(device, dtype):
     by_name = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     with sdpa_kernel(by_name[pinned]):
-        alone = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        alone = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     torch.testing.assert_close(self_attention(q, k, v, backend="cuda"), alone.transpose(1, 2), rtol=0, atol=0)
     if device == "cpu":
         assert pinned == "flash"  # cuDNN has no CPU kernel: the next in SDPA_PRIORITY
@@ -84,7 +86,10 @@ def test_priority_order_is_cudnn_first():
     assert SDPA_PRIORITY[:2] == (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)
 
 
-@pytest.mark.parametrize("device, compiler", [("cpu", "aot_eager"), pytest.param("cuda", "inductor", marks=pytest.mark.gpu)])
+COMPILERS = [("cpu", "aot_eager"), pytest.param("cuda", "inductor", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device, compiler", COMPILERS)
 def test_torch_compile_fullgraph_with_pinned_kernel(device, compiler):
     """sdpa_kernel as a context manager inside the op: fullgraph=True fails on any graph break."""
     B, N, H, d = 2, 16, 2, 64
