@@ -2,6 +2,9 @@
 # One device-machine call: set up, build engine._C, then run the named steps, writing logs and
 # results under $OUT (the device tool's output folder) or ./out when run by hand.
 #   bash bench/gpu_session.sh setup tests kernels throughput256 throughput512 data
+# Steps: setup, tests (every GPU test file) or tests_ops (tests/ops only), kernels (every op, both
+# timers), attention (attention + patchify ops, CUDA-graph timer), throughput256, throughput512,
+# profile (torch.profiler breakdown of the engine step at 256/64), data.
 # Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small.
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
@@ -27,6 +30,21 @@ tests() {
     python3 -m pytest -q -m gpu -p no:cacheprovider "$f" >>"$out/pytest_gpu.log" 2>&1
     [ $? -ne 5 ] && echo "$f: $(tail -1 "$out/pytest_gpu.log")"  # 5: no gpu test in the file
   done
+}
+tests_ops() {
+  : >"$out/pytest_gpu_ops.log"
+  for f in $(grep -lE 'mark\.gpu' tests/ops/test_*.py | sort); do
+    python3 -m pytest -q -m gpu -p no:cacheprovider "$f" >>"$out/pytest_gpu_ops.log" 2>&1
+    [ $? -ne 5 ] && echo "$f: $(tail -1 "$out/pytest_gpu_ops.log")"
+  done
+}
+attention() {
+  python3 bench/kernels.py --ops cross_attention,self_attention,patchify,unpatchify --timer cudagraph \
+    --json "$out/kernels_attention.json" --csv "$out/kernels_attention.csv" 2>&1 | tee "$out/kernels_attention.log" | tail -60
+}
+profile() {
+  python3 bench/step_profile.py --variant engine --git-commit "$commit" --json "$out/profile_256_b64_engine.json" \
+    --md "$out/profile_256_b64_engine.md" 2>&1 | tee "$out/profile.log" | tail -60
 }
 kernels() {
   python3 bench/kernels.py --timer cudagraph --json "$out/kernels_cudagraph.json" 2>&1 | tee "$out/kernels_cudagraph.log" | tail -30

@@ -156,7 +156,7 @@ def test_launch_configs(block_m, splits, half_tile, device, seed):
     B, N, H, d, L = 4, 50, 2, 72, 100
     q, kv, kv_lens = make_inputs(B, N, H, d, L, torch.float32, device, lens=[0, 1, L, 40])
     k, v = kv.unbind(2)
-    o, lse = ca._cross_attention_fwd_triton(q, k, v, kv_lens, block_m=block_m, half_tile=half_tile)
+    o, lse = ca._cross_attention_fwd_triton(q, k, v, kv_lens, block_m=block_m, splits=splits, half_tile=half_tile)
     do = torch.randn_like(o)
     dq, dk, dv = ca._cross_attention_bwd_triton(do, q, k, v, o, lse, kv_lens, block_m=block_m, splits=splits,
                                                 half_tile=half_tile)
