@@ -31,6 +31,10 @@ tests() {
     [ $? -ne 5 ] && echo "$f: $(tail -1 "$out/pytest_gpu.log")"  # 5: no gpu test in the file
   done
 }
+tests_cross_attention() {
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_cross_attention.py >"$out/pytest_gpu_cross_attention.log" 2>&1
+  tail -1 "$out/pytest_gpu_cross_attention.log"
+}
 tests_ops() {
   : >"$out/pytest_gpu_ops.log"
   for f in $(grep -lE 'mark\.gpu' tests/ops/test_*.py | sort); do
