@@ -150,9 +150,10 @@ def test_triton_matches_reference(case, device, seed):
 
 @pytest.mark.parametrize("device", DEVICES)
 # (forward BLOCK_M, backward BLOCK_M, splits, half tile). fp32 tiles on the GPU are staged in
-# shared memory: a 128-row fp32 backward needs 233 KB, over the H100's 227 KB, so fp32 stops at 64.
+# shared memory, so the fp32 backward stays at its default 32 rows: on the H100 (227 KB a block)
+# 128 rows asked for 233 KB and 64 rows (full key tile) for 275 KB.
 @pytest.mark.parametrize("block_m, bwd_block_m, splits, half_tile",
-                         [(64, 64, 1, False), (16, 16, 3, True), (32, 32, 2, False)])
+                         [(64, 32, 1, False), (16, 16, 3, True), (32, 32, 2, False)])
 def test_launch_configs(block_m, bwd_block_m, splits, half_tile, device, seed):
     """The GPU's tilings (several query blocks per program, a partial last one, split programs,
     fp32 dk/dv partials, half-width key tile on and off) at sizes the interpreter runs quickly."""
