@@ -42,7 +42,6 @@ from torch.profiler import ProfilerActivity, profile
 
 import hardware  # bench/ is on sys.path when run as a script
 import throughput
-from engine.diffusion.iddpm import GaussianDiffusion
 
 CATEGORIES = ("gemm", "attention", "fused", "optimizer", "elementwise", "copy", "other")
 CATEGORY_LABELS = dict(gemm="GEMM", attention="attention", fused="fused ops (engine)", optimizer="optimizer",
@@ -158,36 +157,12 @@ def summarise(kernels: list[KernelTime], steps: int, wall_ms: float, batch: int)
     )
 
 
-def build_step(variant: throughput.Variant, config, resolution: int, batch: int, device: torch.device):
-    """One training step of ``variant`` as bench/throughput.py times it, and the list its losses go to.
-
-    Call inside ``throughput.engine_backend(variant.backend)``: the ops read ENGINE_BACKEND at call time.
-    """
-    diffusion = GaussianDiffusion(learn_sigma=config.learn_sigma)
-    x0, t, model_kwargs = throughput.synthetic_batch(config, resolution, batch, device, diffusion.num_timesteps)
-    model = throughput._build(variant, config, device)
-    forward = torch.compile(model) if variant.compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.03, eps=1e-10,
-                                  fused=device.type == "cuda")
-    losses = []
-
-    def train_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = diffusion.training_losses(forward, x0, t, model_kwargs)["loss"].mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-
-    return train_step, losses
-
-
 def profile_variant(variant: throughput.Variant, config, resolution: int, batch: int, device: torch.device,
                     steps: int, warmup: int, trace: Path | None) -> dict:
     """Wall time of unprofiled steps, then the kernels of ``steps`` profiled ones, summarised."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with throughput.engine_backend(variant.backend), throughput.single_cpu_thread(device):
-        train_step, losses = build_step(variant, config, resolution, batch, device)
+        train_step, losses = throughput.make_train_step(variant, config, resolution, batch, device)
         train_step()  # compiles, for the compile variants
         wall_s = hardware.median_seconds(train_step, device, repeats=steps, warmup=warmup)
         if device.type == "cuda":

@@ -180,29 +180,39 @@ def _build(variant: Variant, config: PixArtConfig, device: torch.device) -> nn.M
     return model.to(device).train()
 
 
+def make_train_step(variant: Variant, config: PixArtConfig, resolution: int, batch: int, device: torch.device):
+    """(train_step, losses): one training step of a freshly built ``variant`` on a fixed synthetic
+    batch (bf16 autocast, fused AdamW), and the list each step's loss is appended to.
+
+    Call inside ``engine_backend(variant.backend)``: the ops read ENGINE_BACKEND at call time.
+    """
+    diffusion = GaussianDiffusion(learn_sigma=config.learn_sigma)
+    x0, t, model_kwargs = synthetic_batch(config, resolution, batch, device, diffusion.num_timesteps)
+    model = _build(variant, config, device)
+    forward = torch.compile(model) if variant.compiled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.03, eps=1e-10,
+                                  fused=device.type == "cuda")
+    losses = []
+
+    def train_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = diffusion.training_losses(forward, x0, t, model_kwargs)["loss"].mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    return train_step, losses
+
+
 def measure_variant(variant: Variant, config: PixArtConfig, resolution: int, batch: int, device: torch.device,
                     steps: int, warmup: int) -> dict:
     """Time training steps of one freshly built variant; raises on any failure."""
-    diffusion = GaussianDiffusion(learn_sigma=config.learn_sigma)
-    x0, t, model_kwargs = synthetic_batch(config, resolution, batch, device, diffusion.num_timesteps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch._dynamo.utils.counters.clear()
     with engine_backend(variant.backend), single_cpu_thread(device):
-        model = _build(variant, config, device)
-        forward = torch.compile(model) if variant.compiled else model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.03, eps=1e-10,
-                                      fused=device.type == "cuda")
-        losses = []
-
-        def train_step():
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = diffusion.training_losses(forward, x0, t, model_kwargs)["loss"].mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-
+        train_step, losses = make_train_step(variant, config, resolution, batch, device)
         start = time.perf_counter()
         train_step()  # compiles, for the compile variants
         if device.type == "cuda":
