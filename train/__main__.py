@@ -17,6 +17,7 @@ COMMANDS = {
     "run": ("train.run", "train one stage on a latent cache (checkpoints, resume, DDP / FSDP2)"),
     "sample": ("train.sample", "generate images from a checkpoint"),
     "export": ("train.export", "write a checkpoint as a diffusers PixArtTransformer2DModel"),
+    "demo": ("train.demo", "the three PixArt-α stages end to end on synthetic data, scored for alignment"),
 }
 
 

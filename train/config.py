@@ -80,6 +80,8 @@ class TrainSection:
     micro_batch: int = 0         # images per rank per forward; 0 = global_batch / world (no accumulation)
     seed: int = 0
     objective: str = "iddpm"
+    edm_p_mean: float = -1.2     # objective "edm": ln(sigma) ~ N(edm_p_mean, edm_p_std^2) in training (Karras et al.)
+    edm_p_std: float = 1.2
     ema_decay: float = 0.9999
     caption_dropout: float = 0.1  # stages 2-3: caption -> the model's learned null caption
     label_dropout: float = 0.1    # stage 1: label -> the null class
@@ -186,6 +188,8 @@ def validate(config: RunConfig) -> RunConfig:
     _choice("optim.name", o.name, OPTIMIZERS)
     _choice("optim.lr_scaling", o.lr_scaling, LR_SCALING)
     _choice("data.backend", d.backend, LOADER_BACKENDS)
+    if not t.edm_p_std > 0:
+        raise ConfigError(f"train.edm_p_std must be > 0, got {t.edm_p_std}")
     for name, value in (("train.ema_decay", t.ema_decay), ("train.caption_dropout", t.caption_dropout),
                         ("train.label_dropout", t.label_dropout)):
         _fraction(name, value)

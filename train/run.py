@@ -219,7 +219,8 @@ def build_trainer(plan: Plan, rank: int, device):
     else:
         model = module
 
-    objective = EDM() if cfg.train.objective == "edm" else GaussianDiffusion(learn_sigma=model_config.learn_sigma)
+    objective = (EDM(p_mean=cfg.train.edm_p_mean, p_std=cfg.train.edm_p_std) if cfg.train.objective == "edm"
+                 else GaussianDiffusion(learn_sigma=model_config.learn_sigma))
     run_info = {"config": cfg.to_dict(),
                 "model": {"class": type(model_config).__name__, "config": dataclasses.asdict(model_config)},
                 "cache": _cache_identity(plan.cache), "world": plan.world, "parallel": parallel}

@@ -1,17 +1,17 @@
 """A deterministic synthetic captioned dataset: coloured shapes on plain backgrounds.
 
-Every image holds one to three objects (a shape, a colour, a size, a place on a 3 x 3 grid);
-its caption names each of them, largest first, and the background, e.g. "a large red
-circle in the top left and a small blue square in the bottom right on a light grey
-background". The largest object is unique and is the image's class ("red_circle"), so the
-same images serve stage 1 (class-conditional), stage 2 (captions) and, with
-``subset="aesthetic"`` (anti-aliased, no noise, at most two objects, usually rendered at a
-higher resolution), stage 3.
+Every image holds one to three objects (a shape, a colour, a size, a place on a 3 x 3 grid;
+``max_objects`` lowers the limit); its caption names each of them, largest first, and the
+background, e.g. "a large red circle in the top left and a small blue square in the bottom
+right on a light grey background". The largest object is unique and is the image's class
+("red_circle"), so the same images serve stage 1 (class-conditional), stage 2 (captions) and,
+with ``subset="aesthetic"`` (anti-aliased, no noise, at most two objects, usually rendered at
+a higher resolution), stage 3.
 
 ``generate`` writes PNG + .txt caption pairs and ``objects.jsonl``, a record per image of its
 objects (dominant first: colour, shape, size, grid position, centre and radius as fractions
 of the image side) for scoring generated images later. Output depends only on (seed, subset,
-image number, resolution): numpy RNG and PIL drawing, no global state.
+image number, resolution, max_objects): numpy RNG and PIL drawing, no global state.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ POSITIONS = ("top left", "top centre", "top right", "middle left", "centre", "mi
              "bottom left", "bottom centre", "bottom right")
 CLASSES = tuple(f"{colour}_{shape}" for colour in COLOURS for shape in SHAPES)
 SUBSETS = {"main": 0, "aesthetic": 1}
+MAX_OBJECTS = {"main": 3, "aesthetic": 2}  # per image, by default
 LAYOUTS = ("folder", "imagenet")
 MIN_CONTRAST = 110  # RGB distance below which an object would blend into the background
 SUPERSAMPLE = 4     # aesthetic images are drawn this much larger, then downsampled (anti-aliasing)
@@ -48,11 +49,11 @@ def _contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
     return math.dist(a, b)
 
 
-def _scene(rng: np.random.Generator, subset: str) -> dict:
+def _scene(rng: np.random.Generator, max_objects: int) -> dict:
     """Pick background and objects; the first object is the largest and the only one of its size."""
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     colours = [c for c in COLOURS if _contrast(COLOURS[c], BACKGROUNDS[background]) >= MIN_CONTRAST]
-    count = int(rng.integers(1, 3 if subset == "aesthetic" else 4))
+    count = int(rng.integers(1, max_objects + 1))
     sizes = list(SIZES)
     dominant_size = int(rng.integers(1, 3))  # medium or large, so smaller ones exist
     cells = rng.permutation(len(POSITIONS))[:count]
@@ -120,17 +121,22 @@ def caption(scene: dict) -> str:
 
 
 def generate(out_dir: str | Path, n: int, resolution: int = 64, seed: int = 0, subset: str = "main",
-             layout: str = "folder") -> list[dict]:
+             layout: str = "folder", max_objects: int | None = None) -> list[dict]:
     """Write ``n`` images with captions under ``out_dir``; return (and write as objects.jsonl)
     one record per image: file, caption, class_name, class_id (in CLASSES), background, objects.
 
     ``layout="folder"``: ``out_dir/000000.png`` + ``000000.txt``; ``layout="imagenet"``: the same
     inside a folder named after the image's class (``out_dir/red_circle/000000.png``).
+    ``max_objects``: at most this many objects per image (1 to 3; default 3 for "main", 2 for
+    "aesthetic").
     """
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {tuple(SUBSETS)}, got {subset!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    max_objects = MAX_OBJECTS[subset] if max_objects is None else max_objects
+    if not 1 <= max_objects <= 3:  # a dominant size and up to two smaller ones
+        raise ValueError(f"max_objects must be 1, 2 or 3, got {max_objects}")
     if n < 0 or resolution < 16:
         raise ValueError(f"need n >= 0 and resolution >= 16, got n={n}, resolution={resolution}")
     out = Path(out_dir)
@@ -139,7 +145,7 @@ def generate(out_dir: str | Path, n: int, resolution: int = 64, seed: int = 0, s
     records = []
     for number in range(n):
         rng = np.random.default_rng([seed, SUBSETS[subset], number])
-        scene = _scene(rng, subset)
+        scene = _scene(rng, max_objects)
         for obj in scene["objects"]:
             _place(rng, obj, jitter=not clean)
         dominant = scene["objects"][0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from engine.data import demo
@@ -54,3 +55,18 @@ def test_hundreds_of_small_images_in_seconds(tmp_path):
     start = time.perf_counter()
     demo.generate(tmp_path, 300, 64, seed=0)
     assert time.perf_counter() - start < 20  # about 1 s on one CPU core; loose for shared CI machines
+
+
+def test_max_objects_limits_the_objects_per_image(tmp_path):
+    records = demo.generate(tmp_path / "one", 30, 32, seed=2, max_objects=1)
+    assert all(len(r["objects"]) == 1 for r in records)
+    assert all(r["objects"][0]["size"] in ("medium", "large") for r in records)  # the dominant sizes
+    assert all(" and " not in r["caption"] and "," not in r["caption"] for r in records)
+    counts = {len(r["objects"]) for r in demo.generate(tmp_path / "two", 40, 32, seed=2, max_objects=2)}
+    assert counts == {1, 2}
+
+
+def test_bad_max_objects_is_named(tmp_path):
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=f"max_objects must be 1, 2 or 3, got {bad}"):
+            demo.generate(tmp_path, 2, 32, max_objects=bad)

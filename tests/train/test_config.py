@@ -68,3 +68,7 @@ def test_settings_override_and_are_typed(tmp_path):
         load_run_config(preset_path("tiny"), "2", ["train.caption_dropout=1.5"])
     with pytest.raises(ConfigError, match="stage 1 trains a class-conditional DiT"):
         load_run_config(preset_path("tiny"), "1", ['model.preset="tiny"'])
+    edm = load_run_config(preset_path("tiny"), "2", ['train.objective="edm"', "train.edm_p_mean=0.5"]).train
+    assert (edm.edm_p_mean, edm.edm_p_std) == (0.5, 1.2)
+    with pytest.raises(ConfigError, match="train.edm_p_std must be > 0, got 0"):
+        load_run_config(preset_path("tiny"), "2", ["train.edm_p_std=0"])

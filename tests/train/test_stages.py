@@ -109,11 +109,18 @@ def test_sample_command(stage1, stage2, tmp_path):
     assert run_in_process("sample", "--ckpt", stage1, "--prompt", "x", "--out", png) == 2
 
 
-def test_edm_objective(captioned_cache, tmp_path):
+def test_edm_objective(captioned_cache, tmp_path, monkeypatch):
+    import engine.diffusion
+
+    made = []
+    real_edm = engine.diffusion.EDM
+    monkeypatch.setattr(engine.diffusion, "EDM", lambda **kw: made.append(kw) or real_edm(**kw))
     out = tmp_path / "run"
     assert run_in_process("run", "--preset", "tiny", "--stage", 2, "--data", captioned_cache, "--out", out,
-                          "--max-steps", 2, "--set", 'train.objective="edm"', *CAPTIONED) == 0
+                          "--max-steps", 2, "--set", 'train.objective="edm"', "--set", "train.edm_p_mean=0.3",
+                          *CAPTIONED) == 0
     assert all(np.isfinite(r["loss"]) for r in _records(out))
+    assert made == [{"p_mean": 0.3, "p_std": 1.2}]  # the config's noise levels reach the objective
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, capsys):
