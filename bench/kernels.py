@@ -20,16 +20,19 @@ reference), ``triton`` and ``cuda`` (engine backends), then the op's outside bas
 same way: for attention, SDPA pinned to one kernel each (``sdpa-cudnn``, ``sdpa-flash``,
 ``sdpa-efficient``, ``sdpa-math``) and, for cross-attention, ``flash-attn`` (its varlen function
 on packed keys, as its users call it) when the package is importable. A variant that cannot run
-here gets a row with the reason instead of a time. ``vs best`` divides the time of the op's
-fastest reference baseline (same shape and direction; for cross-attention the fastest SDPA with
-a padding mask) by the row's time: >= 1.5 for cross_attention's triton row is issue 5's bar.
-The ``kernel`` column names the SDPA kernel that self_attention's eager and cuda backends ran.
+here, or a backend the op does not have, gets a row with the reason instead of a time. ``vs best``
+divides the time of the op's fastest reference baseline (same shape and direction; for
+cross-attention the fastest SDPA with a padding mask) by the row's time: >= 1.5 for
+cross_attention's triton row is issue 5's bar. The ``kernel`` column names the SDPA kernel that
+self_attention's eager and cuda backends ran.
 
 Shapes (``--shapes`` takes a comma-separated list; each op runs the shapes its format accepts):
 norm_modulate, add_norm_modulate ``BxNxD``; cross_attention ``BxNxHxdxL`` (L caption keys, all
 valid) or ``BxNxHxdxLr`` (random caption lengths in [1, L]); self_attention ``BxNxHxd``;
 patchify, unpatchify ``BxCxHxWpP``: the latent image (B, C, H, W) and patch size P (patchify's
-input, unpatchify's output; PixArt's head unpatchifies C = 8: noise and learned variance).
+input, unpatchify's output; PixArt's head unpatchifies C = 8: noise and learned variance);
+linear ``MxKxN`` or ``MxKxNg``: M tokens through a K -> N Linear, with a trailing g followed by
+tanh-GELU (a plain ``MxKxN`` also reads as BxNxD: give ``--ops`` to keep the ops apart).
 
 Without a GPU it runs one tiny shape per op on the CPU (Triton through its interpreter): a smoke
 test of the script whose numbers mean nothing.
@@ -62,6 +65,7 @@ if not torch.cuda.is_available():
 import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
 from engine.ops.backend import unavailable_reason  # noqa: E402
 from engine.ops.cross_attention import cross_attention  # noqa: E402
+from engine.ops.linear import linear  # noqa: E402
 from engine.ops.norm_modulate import add_norm_modulate, norm_modulate  # noqa: E402
 from engine.ops.patchify import patchify, unpatchify  # noqa: E402
 from engine.ops.self_attention import active_backend, self_attention  # noqa: E402
@@ -112,6 +116,8 @@ class OpSpec:
     # kernel_label(variant, *inputs, *extra): what the variant runs underneath, when that is a choice
     # made at run time (self_attention: SDPA's kernel); None where there is nothing to name.
     kernel_label: Callable[..., str | None] | None = None
+    # engine backends the op does not have (linear: no cuda): their rows say so instead of timing an error
+    missing_backends: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +167,16 @@ def parse_image_shape(text: str) -> tuple[int, int, int, int, int]:
     if H % p or W % p:
         raise ValueError(f"image shape {text!r}: H = {H} and W = {W} must be multiples of the patch size {p}")
     return B, C, H, W, p
+
+
+def parse_linear_shape(text: str) -> tuple[int, int, int, bool]:
+    """MxKxN, with a trailing 'g' for tanh-GELU after the Linear -> (M, K, N, gelu)."""
+    gelu = text.lower().endswith("g")
+    dims = _positive_ints(text[:-1] if gelu else text, 3)
+    if dims is None:
+        raise ValueError(f"linear shape {text!r} must be MxKxN (M tokens, K -> N features) with positive integers "
+                         "and an optional g (tanh-GELU after it), e.g. 16384x1152x4608g")
+    return (*dims, gelu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +255,29 @@ def _self_kernel(variant, qkv):
 def _self_bytes(shape, dtype):
     t = math.prod(shape) * dtype.itemsize
     return {"fwd": 4 * t, "bwd": 8 * t}  # fwd q, k, v, o; bwd q, k, v, o, dO, dq, dk, dv
+
+
+def _linear_inputs(shape, dtype, device):
+    """inputs: x (M, K), weight (N, K), bias (N,), all in the benchmark dtype (what autocast hands
+    the GEMMs; the casts of fp32 master weights are the same for every variant and left out);
+    extra: the activation name."""
+    M, K, N, gelu = shape
+    weight = (K**-0.5 * torch.randn(N, K, device=device)).to(dtype)  # pre-activations ~N(0, 1)
+    return InputSet(inputs=[_activation((M, K), dtype, device).requires_grad_(), weight.requires_grad_(),
+                            _activation((N,), dtype, device).requires_grad_()],
+                    extra=["gelu_tanh" if gelu else None], grad_outputs=[_activation((M, N), dtype, device)])
+
+
+def _linear_bytes(shape, dtype):
+    """Each tensor once: fwd reads x, W, b, writes y (and pre for GELU's backward); bwd reads dy
+    (with GELU: pre, and writes d_pre), x and W, writes dx, dW, db. The GEMMs' FLOPs set the
+    time, so GB/s here is no roofline: these bytes are what the fused bias sum and GELU backward
+    change (the GEMMs' own re-reads of their operands are not counted)."""
+    M, K, N, gelu = shape
+    e = dtype.itemsize
+    x, w, b, y = M * K * e, N * K * e, N * e, M * N * e
+    pre = y if gelu else 0  # written in the forward; read, and d_pre written, in the backward
+    return {"fwd": x + w + b + y + pre, "bwd": y + 2 * pre + 2 * (x + w) + b}
 
 
 def _patchify_inputs(shape, dtype, device):
@@ -370,6 +409,19 @@ OPS = {
         baselines=SELF_BASELINES,
         kernel_label=_self_kernel,
     ),
+    "linear": OpSpec(
+        name="linear",
+        # PixArt-XL/2 at 256px / batch 64 (64 x 256 tokens): the MLP's fc1 (1152 -> 4608, tanh-GELU)
+        # and fc2 (4608 -> 1152), and the fused qkv projection (1152 -> 3 x 1152).
+        gpu_shapes=("16384x1152x4608g", "16384x4608x1152", "16384x1152x3456"),
+        cpu_shape="64x48x160g",
+        parse_shape=parse_linear_shape,
+        make_inputs=_linear_inputs,
+        call=lambda backend, x, weight, bias, activation: (linear(x, weight, bias, activation, backend=backend),),
+        bytes_moved=_linear_bytes,
+        bytes_note="fwd x,W,b,y(,pre); bwd dy(,pre,dpre),x,W,dx,dW,db",
+        missing_backends=("cuda",),
+    ),
     "patchify": OpSpec(
         name="patchify",
         # PixArt-XL/2 latents (4 channels, patch 2) at 256px / batch 64 and 512px / batch 32.
@@ -434,6 +486,8 @@ def variant_function(spec: OpSpec, variant: str, device: torch.device):
         if device.type != "cuda":
             return None, "torch.compile is timed on the GPU only (a CPU build compiles slowly and says nothing)"
         return torch.compile(lambda *args: spec.call("eager", *args), dynamic=False), None
+    if variant in spec.missing_backends:
+        return None, f"{spec.name} has no {variant} backend"
     reason = unavailable_reason(variant, device)
     if reason is not None:
         return None, reason

@@ -88,16 +88,33 @@ class TimestepEmbedder(nn.Module):
         return self.fc2(F.silu(self.fc1(freqs)))  # (B, out_dim)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names), optionally followed by tanh-GELU, through
+    ``engine.ops.linear``: its backward sums the bias gradient, and for GELU runs GELU's backward,
+    in one fused pass instead of autograd's separate ones (used for the token-wide layers, where
+    that sum reads B x N x D)."""
+
+    def __init__(self, in_features: int, out_features: int, activation: str | None = None):
+        super().__init__(in_features, out_features)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
+
+
 class Mlp(nn.Module):
     """Linear -> tanh-GELU -> Linear (the transformer MLP and PixArt's caption projection)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, out_dim)
+        self.fc1 = Linear(in_dim, hidden_dim, activation="gelu_tanh")  # GELU fused into fc1's op
+        self.fc2 = Linear(hidden_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(self.fc1(x))
 
 
 class SelfAttention(nn.Module):
@@ -106,8 +123,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -122,9 +139,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, 2 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape

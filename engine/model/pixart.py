@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from engine import ops
 from engine.config import VAE_DOWNSAMPLE, PixArtConfig
-from engine.model.layers import FREQ_DIM, CrossAttention, Mlp, PositionEmbedding, SelfAttention, TimestepEmbedder
+from engine.model.layers import FREQ_DIM, CrossAttention, Linear, Mlp, PositionEmbedding, SelfAttention, TimestepEmbedder
 
 
 class PixArtBlock(nn.Module):
@@ -78,7 +78,7 @@ class PixArt(nn.Module):
         super().__init__()
         self.config = config
         c, D, p = config, config.hidden_size, config.patch_size
-        self.patch_embed = nn.Linear(c.in_channels * p * p, D)  # = Conv2d(k=p, s=p) on patchified input
+        self.patch_embed = Linear(c.in_channels * p * p, D)  # = Conv2d(k=p, s=p) on patchified input
         self.pos_embed = PositionEmbedding(D, c.input_size // p, c.pe_interpolation)
         self.time_embed = TimestepEmbedder(D, FREQ_DIM)
         if c.micro_conditions:  # PixArt-α MS: original (h, w) and aspect ratio, D/3 channels each

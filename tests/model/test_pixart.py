@@ -98,7 +98,8 @@ def _count_macs(model, run):
 
     hooks = []
     for module in model.modules():
-        hook = {nn.Linear: linear_hook, SelfAttention: self_attn_hook, CrossAttention: cross_attn_hook}.get(type(module))
+        hook = linear_hook if isinstance(module, nn.Linear) else \
+            {SelfAttention: self_attn_hook, CrossAttention: cross_attn_hook}.get(type(module))
         if hook:
             hooks.append(module.register_forward_hook(hook))
     run()

@@ -1,0 +1,278 @@
+"""Linear layer, optionally followed by tanh-GELU, with the bias gradient fused into one pass.
+
+y = act(x W^T + b): x (..., K), weight (N, K), bias (N,) or None; act is the identity or
+PixArt's tanh-approximated GELU (``activation="gelu_tanh"``).
+
+Why an op for a Linear. The GEMMs stay cuBLAS's (torch.mm / F.linear); what changes is the
+work around them in the backward. Eager autograd computes a Linear's bias gradient as a
+separate column sum of the output gradient over all tokens: on the H100 profile of the
+PixArt-XL/2 step (256px, batch 64; docs/performance.md) those sums were 231 launches of a
+reduction kernel, 9.0 ms of a 151 ms step, reading ~12.6 GB at ~42% of copy bandwidth. For the
+MLP's first Linear eager also runs GELU's backward as its own pass (4.2 ms), whose output the
+bias sum then reads again. Here:
+
+- ``activation=None``: the backward sums the output gradient with a Triton reduction
+  (``_bias_grad_kernel``, GELU off) that splits the tokens over enough programs to fill the GPU
+  and accumulates in fp32, then one small deterministic sum of the per-program partials;
+- ``activation="gelu_tanh"``: the forward keeps the pre-activation (eager keeps the same tensor
+  for GELU's backward, so memory is unchanged); the backward's one Triton pass reads the
+  gradient and the pre-activation, writes d_pre = dy * GELU'(pre) and accumulates its column
+  sums as it goes, replacing eager's GELU-backward pass plus the bias-sum pass.
+
+Backends:
+- ``eager``: F.linear (+ F.gelu), with PyTorch's own autograd: the reference;
+- ``triton``: the above;
+- ``cuda``: no csrc/ kernel (a column sum is what Triton already does near copy bandwidth);
+  asking for it is an error.
+
+Under ``torch.compile`` ``auto`` resolves to ``eager``: Inductor then fuses the bias sum and the
+GELU with their neighbours itself, which an opaque custom op would prevent.
+
+Autocast: custom ops are not autocast-aware, so the public function casts x, weight and bias to
+the autocast dtype itself (what autocast does for F.linear); the weight gradients flow back
+through those casts to the fp32 parameters as with nn.Linear.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from engine.ops.backend import resolve
+
+ACTIVATIONS = (None, "gelu_tanh")
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               activation: str | None = None) -> torch.Tensor:
+    """The definition: act(x W^T + b) in x's dtype."""
+    y = F.linear(x, weight, bias)
+    return F.gelu(y, approximate="tanh") if activation == "gelu_tanh" else y
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: bias gradient (column sum over tokens), optionally through GELU's backward.
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _gelu_tanh_grad(p):
+    """d/dp of 0.5 p (1 + tanh(u)), u = sqrt(2/pi) (p + 0.044715 p^3), in fp32."""
+    u = 0.7978845608028654 * (p + 0.044715 * p * p * p)
+    u = tl.minimum(tl.maximum(u, -15.0), 15.0)  # tanh is +-1 in fp32 beyond; keeps exp finite
+    t = 2.0 * tl.sigmoid(2.0 * u) - 1.0  # tanh(u), from sigmoid (no tanh in every Triton build)
+    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * p * p)
+    return 0.5 * (1.0 + t) + 0.5 * p * (1.0 - t * t) * du
+
+
+@triton.jit
+def _bias_grad_kernel(dy_ptr, pre_ptr, dpre_ptr, partial_ptr, M, N, rows_per_program,
+                      stride_dy, stride_pre, stride_dpre,
+                      GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (n, s): columns [n BLOCK_N, (n+1) BLOCK_N) of rows [s rows_per_program, ...).
+    Writes the fp32 column sums of its rows to partial[s]; with GELU, the gradient summed is
+    dy * GELU'(pre), which it also stores to dpre."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    row_begin = pid_s * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for row0 in range(row_begin, row_end, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        ok = (rows < row_end)[:, None] & col_ok[None, :]
+        g = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dy + cols[None, :], mask=ok, other=0.0)
+        g = g.to(tl.float32)
+        if GELU:
+            p = tl.load(pre_ptr + rows[:, None].to(tl.int64) * stride_pre + cols[None, :], mask=ok, other=0.0)
+            g = g * _gelu_tanh_grad(p.to(tl.float32))
+            tl.store(dpre_ptr + rows[:, None].to(tl.int64) * stride_dpre + cols[None, :],
+                     g.to(dpre_ptr.dtype.element_ty), mask=ok)
+        acc += g
+    tl.store(partial_ptr + pid_s * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _bias_grad_sum_kernel(partial_ptr, db_ptr, splits, N, BLOCK_N: tl.constexpr):
+    """db[n] = sum over s of partial[s, n], in fixed order (deterministic), stored in db's dtype."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = cols < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(partial_ptr + s * N + cols, mask=ok, other=0.0)
+    tl.store(db_ptr + cols, acc.to(db_ptr.dtype.element_ty), mask=ok)
+
+
+# (BLOCK_M, BLOCK_N, num_warps); programs per SM the token split aims for.
+BIAS_GRAD_CONFIG = (32, 128, 4)
+PROGRAMS_PER_SM = 4
+
+
+def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation point of every kernel output (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _token_splits(M: int, column_blocks: int, block_m: int, device: torch.device) -> int:
+    """How many programs share the tokens of one column block: enough for PROGRAMS_PER_SM
+    programs per multiprocessor over the whole grid, each with at least one row block."""
+    sms = _multiprocessors(device.index or 0) if device.type == "cuda" else 2
+    return max(1, min(triton.cdiv(M, block_m), triton.cdiv(PROGRAMS_PER_SM * sms, column_blocks)))
+
+
+def _bias_grad_triton(dy: torch.Tensor, pre: torch.Tensor | None, bias_dtype: torch.dtype):
+    """(d_pre, d_bias) from the 2-D output gradient dy (M, N) and, for GELU, the 2-D
+    pre-activation; d_pre is dy itself when there is no activation."""
+    M, N = dy.shape
+    if M == 0:  # no tokens: nothing to launch, the bias gradient is zero
+        return (torch.zeros_like(dy) if pre is not None else dy), torch.zeros(N, dtype=bias_dtype, device=dy.device)
+    block_m, block_n, num_warps = BIAS_GRAD_CONFIG
+    column_blocks = triton.cdiv(N, block_n)
+    splits = _token_splits(M, column_blocks, block_m, dy.device)
+    rows_per_program = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    splits = triton.cdiv(M, rows_per_program)
+    partial = _new_output((splits, N), torch.float32, dy.device)
+    gelu = pre is not None
+    dpre = _new_output((M, N), dy.dtype, dy.device) if gelu else dy
+    _bias_grad_kernel[(column_blocks, splits)](
+        dy, pre if gelu else dy, dpre, partial, M, N, rows_per_program,
+        dy.stride(0), (pre if gelu else dy).stride(0), dpre.stride(0),
+        GELU=gelu, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    db = _new_output((N,), bias_dtype, dy.device)
+    _bias_grad_sum_kernel[(triton.cdiv(N, 256),)](partial, db, splits, N, BLOCK_N=256)
+    return dpre, db
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration: forward and backward are custom ops with fake implementations
+# and an autograd formula, so torch.compile traces them without a graph break.
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("engine::linear_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, pre): pre = x W^T + b by cuBLAS and y = GELU(pre) when gelu; without it y = x W^T + b
+    and pre is an empty placeholder (a custom op's outputs may not alias each other)."""
+    pre = F.linear(x, weight, bias)
+    if gelu:
+        return F.gelu(pre, approximate="tanh"), pre
+    return pre, pre.new_empty(0)
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, gelu):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return y, (x.new_empty(y.shape) if gelu else x.new_empty(0))
+
+
+@torch.library.custom_op("engine::linear_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, gelu: bool,
+            has_bias: bool, need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db); an output that is not needed comes back empty."""
+    N, K = weight.shape
+    dy2 = dy.reshape(-1, N)
+    if gelu or has_bias:
+        dpre, db = _bias_grad_triton(dy2, pre.reshape(-1, N) if gelu else None, weight.dtype)
+    else:
+        dpre, db = dy2, weight.new_empty(0)
+    if not has_bias:
+        db = weight.new_empty(0)
+    dx = (dpre @ weight).view(*dy.shape[:-1], K) if need_dx else x.new_empty(0)
+    dw = dpre.t() @ x.reshape(-1, K) if need_dw else weight.new_empty(0)
+    return dx, dw, db
+
+
+@_bwd_op.register_fake
+def _(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw):
+    N = weight.shape[0]
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_dw else weight.new_empty(0),
+            weight.new_empty((N,)) if has_bias else weight.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, gelu = inputs
+    _, pre = output
+    ctx.mark_non_differentiable(pre)
+    ctx.gelu, ctx.has_bias = gelu, bias is not None
+    ctx.save_for_backward(x, weight, pre)
+
+
+def _backward(ctx, dy, _dpre):
+    x, weight, pre = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dx, dw, db = _bwd_op(dy.contiguous(), x, weight, pre, ctx.gelu, ctx.has_bias and need_db, need_dx, need_dw)
+    return (dx if need_dx else None, dw if need_dw else None,
+            db if ctx.has_bias and need_db else None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function.
+# ---------------------------------------------------------------------------------------------
+
+def _check_inputs(x, weight, bias, activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear expects x (..., K) and weight (N, K); got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _autocast(x, weight, bias):
+    """x, weight, bias in the autocast dtype when autocast is on for x's device (as F.linear
+    would run them), else unchanged."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
+# auto's order on CUDA (outside torch.compile, which gets eager: see the module docstring).
+AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
+
+
+@torch.compiler.assume_constant_result
+def _requested(backend: str | None) -> str:
+    """The backend name as asked for (argument, else ENGINE_BACKEND), before resolution."""
+    return backend if backend is not None else os.environ.get("ENGINE_BACKEND", "auto")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           activation: str | None = None, backend: str | None = None) -> torch.Tensor:
+    """act(x W^T + b) -> (..., N): x (..., K), weight (N, K), bias (N,) or None; activation None
+    or "gelu_tanh". backend: "eager", "triton", "auto" or None (see engine.ops.backend): triton
+    on CUDA tensors, eager on the CPU and inside torch.compile."""
+    _check_inputs(x, weight, bias, activation)
+    if torch.compiler.is_compiling() and _requested(backend) == "auto":
+        name = "eager"
+    else:
+        name = resolve(backend, x.device, prefer=AUTO_PREFERENCE)
+    if name == "eager":
+        return linear_ref(x, weight, bias, activation)
+    if name == "cuda":
+        raise RuntimeError("linear: there is no 'cuda' backend (no csrc/ kernel: the Triton column sum "
+                           "is the whole custom part); use 'triton' or 'eager'")
+    x, weight, bias = _autocast(x, weight, bias)
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise TypeError(f"linear: x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}, "
+                        f"{None if bias is None else bias.dtype}")
+    y, _ = _fwd_op(x, weight, bias, activation == "gelu_tanh")
+    return y

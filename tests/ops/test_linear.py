@@ -1,0 +1,364 @@
+"""linear (+ tanh-GELU): the Triton backend against the fp64 reference.
+
+Correctness rule (DESIGN §3), for the output and dx, dw, db:
+    max|kernel - fp64 ref| <= 2 * max|eager same-dtype - fp64 ref| + atol,
+eager being F.linear (+ F.gelu) with PyTorch's autograd and the reference ``linear_ref`` on fp64
+copies of the same values. The GEMMs are cuBLAS's (torch's) in both backends; what the Triton
+backend changes is the bias gradient (a split column sum) and, with GELU, GELU's backward, whose
+d_pre it stores in the activation dtype. On CPU the kernel runs under the Triton interpreter.
+Inputs are fresh random draws each run (the seed is in every failure message); every kernel
+output starts as NaN.
+"""
+
+import contextlib
+import functools
+import importlib
+
+import numpy as np
+import pytest
+import torch
+import triton.language as tl
+
+from engine.ops.backend import triton_interpreted
+from engine.ops.linear import linear, linear_ref
+
+# The module (engine.ops re-exports the function under the module's name).
+lm = importlib.import_module("engine.ops.linear")
+
+# atol as a fraction of the reference's largest magnitude: room for reordered fp32 sums where
+# eager happens to be almost exact; for bf16 / fp16 a quarter of one rounding step at 1.0.
+ATOL_FRACTION = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2.5e-4}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+NAMES = ["y", "dx", "dw", "db"]
+
+
+@pytest.fixture
+def seed(_fresh_seed):
+    return _fresh_seed
+
+
+@pytest.fixture(autouse=True)
+def allocations(monkeypatch):
+    """Every kernel output starts as NaN, so an element the kernel fails to write shows; the
+    (shape, dtype) of each allocation is recorded for the tests that check the launch split."""
+    made = []
+
+    def poisoned(shape, dtype, device):
+        made.append((tuple(shape), dtype))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(lm, "_new_output", poisoned)
+    return made
+
+
+@pytest.fixture(autouse=True)
+def interpreter_rounds_bf16_like_the_gpu(monkeypatch):
+    """Triton 3.9's interpreter converts fp32 -> bf16 by truncation where the GPU rounds to
+    nearest even; the kernel stores d_pre in bf16, and that bias alone shifts the bf16 dx and dw.
+    So under the interpreter the conversion rounds as the GPU does (bf16 -> fp32, exact either
+    way, takes a faster path); the kernel itself is unchanged."""
+    if not triton_interpreted():
+        return
+    import triton.runtime.interpreter as interpreter
+    truncating = interpreter._convert_float
+
+    def convert(data, src_dtype, dst_dtype, rounding_mode):
+        if src_dtype == tl.bfloat16 and dst_dtype == tl.float32:
+            # the bf16 bits are the high half of the fp32 bits
+            return (np.asarray(data).astype(np.uint32) << 16).view(np.float32)
+        if src_dtype != tl.float32 or dst_dtype != tl.bfloat16:
+            return truncating(data, src_dtype, dst_dtype, rounding_mode)
+        bits = np.ascontiguousarray(data).view(np.uint32).astype(np.uint64)
+        nearest_even = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return np.where(np.isnan(data), 0x7FC0, nearest_even).astype(np.uint16).reshape(data.shape)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert)
+
+
+def make_inputs(tokens, K, N, dtype, device, with_bias=True):
+    """x (*tokens, K), weight (N, K) scaled so the pre-activation is ~N(0, 1) (GELU's curved
+    region), bias (N,) or None."""
+    x = torch.randn(*tokens, K, device=device).to(dtype)
+    weight = (torch.randn(N, K, device=device) * K**-0.5).to(dtype)
+    bias = (0.5 * torch.randn(N, device=device)).to(dtype) if with_bias else None
+    return x, weight, bias
+
+
+def run(x, weight, bias, dy, activation, backend, cast=None, forward_context=contextlib.nullcontext):
+    """[y, dx, dw, (db)]; backend: a name for linear, or "reference" for linear_ref. `cast`
+    converts the inputs first (fp64 for the reference); the forward runs in forward_context()
+    (e.g. autocast), the backward outside it, as in a training step."""
+    leaves = [None if t is None else (t.to(cast) if cast else t.detach().clone()).requires_grad_()
+              for t in (x, weight, bias)]
+    with forward_context():
+        if backend == "reference":
+            y = linear_ref(*leaves, activation=activation)
+        else:
+            y = linear(*leaves, activation=activation, backend=backend)
+    present = [t for t in leaves if t is not None]
+    return [y, *torch.autograd.grad(y, present, dy.to(y.dtype))]
+
+
+def assert_rule(names, kernel, eager, ref, seed):
+    for name, k, e, r in zip(names, kernel, eager, ref, strict=True):
+        assert k.dtype == e.dtype and k.shape == e.shape, \
+            f"{name}: {k.dtype}{tuple(k.shape)} vs eager {e.dtype}{tuple(e.shape)}"
+        assert torch.isfinite(k).all(), f"{name}: non-finite values in the kernel's result (seed {seed})"
+        err_kernel = (k.double() - r.double()).abs().max().item()
+        err_eager = (e.double() - r.double()).abs().max().item()
+        atol = ATOL_FRACTION[k.dtype] * r.abs().max().item()
+        assert err_kernel <= 2 * err_eager + atol, (
+            f"{name}: kernel error {err_kernel:.3g} > 2 x eager error {err_eager:.3g} + atol {atol:.3g} (seed {seed})")
+
+
+def check_against_reference(tokens, K, N, activation, with_bias, dtype, device, seed):
+    x, weight, bias = make_inputs(tokens, K, N, dtype, device, with_bias)
+    dy = torch.randn(*tokens, N, device=device).to(dtype)
+    kernel = run(x, weight, bias, dy, activation, "triton")
+    eager = run(x, weight, bias, dy, activation, "eager")
+    ref = run(x, weight, bias, dy, activation, "reference", cast=torch.float64)
+    assert_rule(NAMES[:len(ref)], kernel, eager, ref, seed)
+
+
+# (tokens, K, N, activation, bias, dtype). 3 x 37 = 111 tokens and N = 150 / 130 match neither
+# BLOCK_M (32) nor BLOCK_N (128); 20 tokens of a 2-D x are one partial row block (one program per
+# column block); 3 x 257 = 771 tokens give several programs per column block, each over several
+# row blocks, the last one partial.
+CASES = [
+    ((3, 37), 40, 150, "gelu_tanh", True, torch.bfloat16),
+    ((3, 37), 40, 150, "gelu_tanh", True, torch.float32),
+    ((3, 37), 40, 150, None, True, torch.bfloat16),
+    ((3, 37), 40, 150, None, True, torch.float32),
+    ((3, 37), 40, 150, "gelu_tanh", False, torch.bfloat16),
+    ((3, 37), 40, 150, None, False, torch.float32),
+    ((2, 37), 40, 150, "gelu_tanh", True, torch.float16),
+    ((20,), 24, 130, "gelu_tanh", True, torch.float32),
+    ((20,), 24, 130, None, True, torch.bfloat16),
+    ((3, 257), 16, 130, "gelu_tanh", True, torch.bfloat16),
+    ((3, 257), 16, 130, None, True, torch.float32),
+]
+
+
+def case_id(case):
+    tokens, K, N, activation, with_bias, dtype = case
+    return (f"{'x'.join(map(str, tokens))}x{K}-to-{N}-{activation or 'identity'}-"
+            f"{'bias' if with_bias else 'nobias'}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_triton_matches_reference(case, device, seed):
+    tokens, K, N, activation, with_bias, dtype = case
+    check_against_reference(tokens, K, N, activation, with_bias, dtype, device, seed)
+
+
+# PixArt-XL/2's MLP (1152 -> 4608 with GELU, 4608 -> 1152) and an attention projection
+# (1152 -> 1152), bf16, 8 samples of 256 tokens.
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N, activation", [(1152, 4608, "gelu_tanh"), (4608, 1152, None), (1152, 1152, None)])
+def test_pixart_shapes_match_reference(K, N, activation, seed):
+    check_against_reference((8, 256), K, N, activation, True, torch.bfloat16, "cuda", seed)
+
+
+def test_bias_sum_splits_the_tokens_over_programs(allocations, seed):
+    """On CPU the split assumes 2 multiprocessors: 4 programs per SM over 2 column blocks -> 4
+    programs per column block, each summing 224 of the 771 rows (7 row blocks, the last program
+    only 99 rows); their fp32 partials are then summed."""
+    tokens, K, N = (3, 257), 16, 130
+    x, weight, bias = make_inputs(tokens, K, N, torch.float32, "cpu")
+    dy = torch.randn(*tokens, N)
+    got = run(x, weight, bias, dy, "gelu_tanh", "triton")
+    assert allocations[0] == ((4, N), torch.float32), allocations  # the per-program partial sums
+    want = run(x, weight, bias, dy, "gelu_tanh", "reference", cast=torch.float64)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} (seed {seed}): {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_gradient_at_large_pre_activations(dtype, device, seed):
+    """Pre-activations up to ~+-60, where tanh saturates and GELU' is 0 or 1: the kernel's tanh
+    (built from exp) must stay finite and agree with the reference there."""
+    tokens, K, N = (2, 37), 40, 150
+    x, weight, bias = make_inputs(tokens, K, N, dtype, device)
+    x = (20 * x.float()).to(dtype)
+    dy = torch.randn(*tokens, N, device=device).to(dtype)
+    kernel = run(x, weight, bias, dy, "gelu_tanh", "triton")
+    eager = run(x, weight, bias, dy, "gelu_tanh", "eager")
+    ref = run(x, weight, bias, dy, "gelu_tanh", "reference", cast=torch.float64)
+    assert ref[0].abs().max() > 30, "want pre-activations deep in the saturated range"
+    assert_rule(NAMES, kernel, eager, ref, seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["gelu_tanh", None])
+def test_autocast_bf16_with_fp32_parameters(activation, device, seed):
+    """As the model trains: fp32 activations and parameters, the forward under bf16 autocast, the
+    backward after it. The output is bf16, every gradient comes back fp32 to its leaf, and the
+    values obey the rule against eager under the same autocast (reference: fp64 of the fp32 values)."""
+    tokens, K, N = (3, 37), 40, 150
+    x, weight, bias = make_inputs(tokens, K, N, torch.float32, device)
+    dy = torch.randn(*tokens, N, device=device)
+    results = {}
+    autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
+    for backend in ("triton", "eager"):
+        results[backend] = run(x, weight, bias, dy, activation, backend, forward_context=autocast)
+    ref = run(x, weight, bias, dy, activation, "reference", cast=torch.float64)
+    y, *grads = results["triton"]
+    assert y.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads), \
+        [t.dtype for t in results["triton"]]
+    assert_rule(NAMES, results["triton"], results["eager"], ref, seed)
+
+
+class BackwardSpy:
+    """Wraps the backward custom op and records which gradients it was asked for."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, []
+
+    def __call__(self, dy, x, weight, pre, gelu, has_bias, need_dx, need_dw):
+        self.calls.append(dict(has_bias=has_bias, need_dx=need_dx, need_dw=need_dw))
+        return self.op(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw)
+
+
+# (x, weight, bias) requires_grad: a frozen input (first layer on data), a frozen layer whose
+# input still needs its gradient (LoRA-style), and a frozen weight with a trainable bias.
+@pytest.mark.parametrize("trainable", [(False, True, True), (True, False, False), (True, False, True)],
+                         ids=["x-frozen", "weight-and-bias-frozen", "weight-frozen"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", None])
+def test_only_the_needed_gradients_are_computed(trainable, activation, monkeypatch, seed):
+    spy = BackwardSpy(lm._bwd_op)
+    monkeypatch.setattr(lm, "_bwd_op", spy)
+    tokens, K, N = (3, 37), 40, 150
+    x, weight, bias = make_inputs(tokens, K, N, torch.float32, "cpu")
+    dy = torch.randn(*tokens, N)
+
+    def grads(backend, cast=None):
+        leaves = [(t.to(cast) if cast else t.clone()).requires_grad_(needed)
+                  for t, needed in zip((x, weight, bias), trainable)]
+        op = linear_ref if backend == "reference" else lambda *a, **k: linear(*a, **k, backend=backend)
+        y = op(*leaves, activation=activation)
+        y.backward(dy.to(y.dtype))
+        assert all((t.grad is None) != needed for t, needed in zip(leaves, trainable)), \
+            [t.grad is None for t in leaves]
+        return [y] + [t.grad for t, needed in zip(leaves, trainable) if needed]
+
+    kernel = grads("triton")
+    x_grad, w_grad, b_grad = trainable
+    assert spy.calls == [dict(has_bias=b_grad, need_dx=x_grad, need_dw=w_grad)]
+    names = ["y"] + [name for name, needed in zip(NAMES[1:], trainable) if needed]
+    assert_rule(names, kernel, grads("eager"), grads("reference", cast=torch.float64), seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_gradients_are_deterministic(device):
+    """The bias sum adds fixed per-program partials in a fixed order (no atomics): two backward
+    passes over the same values give bitwise the same gradients."""
+    tokens, K, N = ((3, 257), 16, 130) if device == "cpu" else ((8, 256), 1152, 4608)
+    x, weight, bias = make_inputs(tokens, K, N, torch.bfloat16, device)
+    dy = torch.randn(*tokens, N, device=device).to(torch.bfloat16)
+    first = run(x, weight, bias, dy, "gelu_tanh", "triton")
+    second = run(x, weight, bias, dy, "gelu_tanh", "triton")
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+def test_custom_ops_pass_opcheck():
+    x, weight, bias = make_inputs((2, 5), 8, 12, torch.float32, "cpu")
+    for args in [(x, weight, bias, True), (x, weight, None, False), (x, weight, bias, False)]:
+        torch.library.opcheck(lm._fwd_op, args)
+    y, pre = lm._fwd_op(x, weight, bias, True)
+    dy = torch.randn_like(y)
+    for args in [(dy, x, weight, pre, True, True, True, True), (dy, x, weight, pre, True, False, False, True),
+                 (dy, x, weight, torch.empty(0), False, True, True, False)]:
+        torch.library.opcheck(lm._bwd_op, args)
+
+
+COMPILERS = [("cpu", "aot_eager"), pytest.param("cuda", "inductor", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device, compiler", COMPILERS)
+def test_torch_compile_fullgraph_matches_eager_call(device, compiler):
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward through
+    the custom ops' fake implementations."""
+    def mlp(x, w1, b1, w2, b2):
+        h = linear(x, w1, b1, activation="gelu_tanh", backend="triton")
+        return linear(h, w2, b2, backend="triton").square().sum()
+
+    x, w1, b1 = make_inputs((2, 9), 16, 40, torch.float32, device)
+    _, w2, b2 = make_inputs((1,), 40, 16, torch.float32, device)
+    inputs = [x, w1, b1, w2, b2]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    want = torch.autograd.grad(mlp(*leaves), leaves)
+    compiled = torch.compile(mlp, fullgraph=True, backend=compiler)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_with_auto_backend_traces_eager(monkeypatch):
+    """Under torch.compile, auto means eager (Inductor fuses the bias sum and GELU itself). On CPU
+    auto is eager anyway, so resolution is made to pick triton for auto, as it would on a GPU:
+    a plain call then runs the custom op and the compiled graph still must not contain it."""
+    monkeypatch.setattr(lm, "resolve",
+                        lambda backend, device, prefer: "triton" if backend in (None, "auto") else backend)
+    monkeypatch.delenv("ENGINE_BACKEND", raising=False)
+    x, weight, bias = make_inputs((2, 5), 8, 12, torch.float32, "cpu")
+    plain = linear(x, weight.requires_grad_(), bias, activation="gelu_tanh")
+    assert "linear_fwd" in type(plain.grad_fn).__name__, type(plain.grad_fn).__name__
+
+    def graph_targets(backend):
+        targets = []
+
+        def record(gm, example_inputs):
+            targets.extend(str(node.target) for node in gm.graph.nodes)
+            return gm.forward
+
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x, w, b: linear(x, w, b, activation="gelu_tanh", backend=backend), fullgraph=True,
+                           backend=record)
+        fn(x, weight, bias)
+        return targets
+
+    assert "engine.linear_fwd.default" in graph_targets("triton")  # the recorder sees the custom op
+    auto_targets = graph_targets(None)
+    assert not any("engine.linear" in t for t in auto_targets), auto_targets
+    assert any("linear" in t for t in auto_targets), auto_targets  # F.linear's eager path
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_bad_inputs_raise_clear_errors(backend):
+    x, weight, bias = make_inputs((2, 5), 8, 12, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="activation must be one of .* got 'gelu'"):
+        linear(x, weight, bias, activation="gelu", backend=backend)
+    with pytest.raises(ValueError, match=r"x \(..., K\) and weight \(N, K\); got x \(2, 5, 8\), weight \(12, 7\)"):
+        linear(x, weight[:, :7], bias, backend=backend)
+    with pytest.raises(ValueError, match=r"weight \(N, K\)"):
+        linear(x, weight[0], None, backend=backend)
+    with pytest.raises(ValueError, match=r"bias must have shape \(12,\), got \(11,\)"):
+        linear(x, weight, bias[:11], backend=backend)
+
+
+def test_triton_needs_one_dtype_outside_autocast():
+    x, weight, bias = make_inputs((2, 5), 8, 12, torch.float32, "cpu")
+    with pytest.raises(TypeError, match="must share a dtype"):
+        linear(x.bfloat16(), weight, bias, backend="triton")
+
+
+def test_cuda_and_unknown_backends_are_errors():
+    x, weight, bias = make_inputs((2, 5), 8, 12, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="'cuda'"):
+        linear(x, weight, bias, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        linear(x, weight, bias, backend="fast")
+
+
+def test_no_tokens_gives_zero_gradients():
+    x = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(6, 8, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    for activation in (None, "gelu_tanh"):
+        linear(x, weight, bias, activation, backend="triton").sum().backward()
+        assert torch.equal(bias.grad, torch.zeros(6)) and torch.equal(weight.grad, torch.zeros(6, 8))
+        bias.grad = weight.grad = None
