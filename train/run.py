@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -96,8 +97,17 @@ def check_cache(config, model_config, cache) -> None:
         cache.require(text_width=model_config.caption_channels)
 
 
+def _dali_importable() -> bool:
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no nvidia namespace package at all
+        return False
+
+
 def plan_run(args: argparse.Namespace) -> Plan:
     """Read and check everything (config, output folder, --init, cache) without touching a GPU."""
+    import torch
+
     from engine.data import open_cache
     from train.checkpoint import complete_checkpoints, read_run_info
     from train.config import ConfigError, load_run_config, preset_path
@@ -117,6 +127,10 @@ def plan_run(args: argparse.Namespace) -> Plan:
     if micro < 1 or t.global_batch % (micro * world):
         raise ConfigError(f"train.global_batch = {t.global_batch} is not a multiple of train.micro_batch x ranks "
                           f"= {micro} x {world}")
+    loader = config.data.backend
+    if (loader == "dali" or (loader == "auto" and torch.cuda.is_available())) and not _dali_importable():
+        raise ConfigError(f"data.backend = {loader!r} means the DALI loader here, and nvidia.dali is not importable: "
+                          '`pip install nvidia-dali-cuda130`, or set data.backend = "torch"')
     if config.optim.name == "apex":
         try:
             import apex.optimizers  # noqa: F401

@@ -101,3 +101,9 @@ def test_existing_run_and_changed_config(capsys, captioned_cache, tmp_path, monk
     assert "already holds checkpoints" in err and "--resume" in err
     err = _fails(capsys, *_tiny(2, captioned_cache, out, *CAPTIONED, "--resume", "--set", "optim.lr=0.5"))
     assert "optim.lr" in err
+
+
+def test_dali_loader_without_dali(capsys, captioned_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(train.run, "_dali_importable", lambda: False)
+    err = _fails(capsys, *_tiny(2, captioned_cache, tmp_path / "out", *CAPTIONED, "--set", 'data.backend="dali"'))
+    assert "nvidia.dali is not importable" in err and 'data.backend = "torch"' in err
