@@ -121,14 +121,17 @@ def _package_version(name: str) -> str | None:
 def read_git_commit(repo: Path | None = None) -> str | None:
     """HEAD of the repository holding this file, with "-dirty" when the work tree has changes.
 
-    A copied tree without .git (the GPU machine's) takes the commit from ENGINE_GIT_COMMIT.
+    ENGINE_GIT_COMMIT, when set, wins: a copied tree (the GPU machine's) may have no .git, or a
+    stale one (seen: a snapshot of an older commit, so every result there read "<old>-dirty").
     """
+    if os.environ.get("ENGINE_GIT_COMMIT"):
+        return os.environ["ENGINE_GIT_COMMIT"]
     repo = Path(__file__).resolve().parent if repo is None else repo
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ENGINE_GIT_COMMIT")
+        return None
     return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 

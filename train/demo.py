@@ -363,8 +363,11 @@ def _device_name() -> str:
 
 
 def _commit() -> str | None:
+    """HEAD of this checkout; ENGINE_GIT_COMMIT wins when set (copied trees, as bench/hardware.py)."""
     import subprocess
 
+    if os.environ.get("ENGINE_GIT_COMMIT"):
+        return os.environ["ENGINE_GIT_COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                               text=True, timeout=10)
