@@ -16,6 +16,7 @@ import triton.language as tl
 
 from engine.ops.backend import triton_interpreted
 from engine.ops.cross_attention import cross_attention, cross_attention_ref
+from tests.ops.conftest import bf16_bits_as_fp32
 
 # The module (engine.ops re-exports the function under the module's name).
 ca = importlib.import_module("engine.ops.cross_attention")
@@ -39,36 +40,20 @@ def poisoned_outputs(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def interpreter_bf16_like_the_gpu(monkeypatch):
-    """Two bf16 defects of Triton 3.9's interpreter, fixed here so that it computes what the GPU
-    does (the kernels are unchanged): tl.dot multiplies bf16 tiles as their raw uint16 bit
-    patterns (garbage), and fp32 -> bf16 conversion truncates where the GPU rounds to nearest
-    even (a bias that alone can break the rule)."""
+def interpreter_bf16_like_the_gpu(interpreter_rounds_bf16_like_the_gpu, monkeypatch):
+    """Besides rounding fp32 -> bf16 as the GPU does (tests/ops/conftest.py): Triton 3.9's
+    interpreter multiplies bf16 tl.dot tiles as their raw uint16 bit patterns (garbage); their
+    values go in as fp32 instead, so that it computes what the GPU does."""
     if not triton_interpreted():
         return
     import triton.runtime.interpreter as interpreter
-    truncating = interpreter._convert_float
-
-    def convert(data, src_dtype, dst_dtype, rounding_mode):
-        if src_dtype == tl.bfloat16 and dst_dtype == tl.float32:
-            return as_fp32_bits(data)  # exact either way; the interpreter's own path is slow
-        if src_dtype != tl.float32 or dst_dtype != tl.bfloat16:
-            return truncating(data, src_dtype, dst_dtype, rounding_mode)
-        bits = np.ascontiguousarray(data).view(np.uint32).astype(np.uint64)
-        nearest_even = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return np.where(np.isnan(data), 0x7FC0, nearest_even).astype(np.uint16).reshape(data.shape)
-
-    def as_fp32_bits(data):
-        # bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32 bits.
-        return (np.asarray(data).astype(np.uint32) << 16).view(np.float32)
 
     def as_float(handle):
         if handle.dtype.scalar != tl.bfloat16:
             return handle
-        return interpreter.TensorHandle(as_fp32_bits(handle.data), tl.float32)
+        return interpreter.TensorHandle(bf16_bits_as_fp32(handle.data), tl.float32)
 
     bit_pattern_dot = interpreter.InterpreterBuilder.create_dot
-    monkeypatch.setattr(interpreter, "_convert_float", convert)
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
                         lambda self, a, b, d, *args: bit_pattern_dot(self, as_float(a), as_float(b), d, *args))
 

@@ -14,12 +14,9 @@ import contextlib
 import functools
 import importlib
 
-import numpy as np
 import pytest
 import torch
-import triton.language as tl
 
-from engine.ops.backend import triton_interpreted
 from engine.ops.linear import linear, linear_ref
 
 # The module (engine.ops re-exports the function under the module's name).
@@ -29,6 +26,7 @@ lm = importlib.import_module("engine.ops.linear")
 # eager happens to be almost exact; for bf16 / fp16 a quarter of one rounding step at 1.0.
 ATOL_FRACTION = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2.5e-4}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu")  # tests/ops/conftest.py
 NAMES = ["y", "dx", "dw", "db"]
 
 
@@ -49,30 +47,6 @@ def allocations(monkeypatch):
 
     monkeypatch.setattr(lm, "_new_output", poisoned)
     return made
-
-
-@pytest.fixture(autouse=True)
-def interpreter_rounds_bf16_like_the_gpu(monkeypatch):
-    """Triton 3.9's interpreter converts fp32 -> bf16 by truncation where the GPU rounds to
-    nearest even; the kernel stores d_pre in bf16, and that bias alone shifts the bf16 dx and dw.
-    So under the interpreter the conversion rounds as the GPU does (bf16 -> fp32, exact either
-    way, takes a faster path); the kernel itself is unchanged."""
-    if not triton_interpreted():
-        return
-    import triton.runtime.interpreter as interpreter
-    truncating = interpreter._convert_float
-
-    def convert(data, src_dtype, dst_dtype, rounding_mode):
-        if src_dtype == tl.bfloat16 and dst_dtype == tl.float32:
-            # the bf16 bits are the high half of the fp32 bits
-            return (np.asarray(data).astype(np.uint32) << 16).view(np.float32)
-        if src_dtype != tl.float32 or dst_dtype != tl.bfloat16:
-            return truncating(data, src_dtype, dst_dtype, rounding_mode)
-        bits = np.ascontiguousarray(data).view(np.uint32).astype(np.uint64)
-        nearest_even = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return np.where(np.isnan(data), 0x7FC0, nearest_even).astype(np.uint16).reshape(data.shape)
-
-    monkeypatch.setattr(interpreter, "_convert_float", convert)
 
 
 def make_inputs(tokens, K, N, dtype, device, with_bias=True):

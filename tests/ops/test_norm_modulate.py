@@ -9,12 +9,9 @@ os.urandom); the seed is in every failure message.
 
 import importlib
 
-import numpy as np
 import pytest
 import torch
-import triton.language as tl
 
-from engine.ops.backend import triton_interpreted
 from engine.ops.norm_modulate import add_norm_modulate, add_norm_modulate_ref, norm_modulate, norm_modulate_ref
 
 # The module itself (engine.ops re-exports the function under the module's name, so
@@ -28,6 +25,7 @@ nm = importlib.import_module("engine.ops.norm_modulate")
 ATOL_FRACTION = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2.5e-4}
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu")  # tests/ops/conftest.py
 BACKENDS = ["triton", "cuda"]
 
 
@@ -41,27 +39,6 @@ def poisoned_outputs(monkeypatch):
     """Every kernel output (and workspace) starts as NaN, so an element a kernel fails to write shows."""
     monkeypatch.setattr(nm, "_new_output",
                         lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
-
-
-@pytest.fixture(autouse=True)
-def interpreter_rounds_bf16_like_the_gpu(monkeypatch):
-    """Triton 3.9's interpreter converts fp32 -> bf16 by truncation (round toward zero), where
-    the GPU rounds to nearest even (cvt.rn.bf16.f32). Truncation is biased: over N = 1000 rows
-    the bias of the stored r alone pushes d_gate past the rule. So under the interpreter these
-    tests round as the GPU does; the kernels themselves are unchanged."""
-    if not triton_interpreted():
-        return
-    import triton.runtime.interpreter as interpreter
-    truncating = interpreter._convert_float
-
-    def convert(data, src_dtype, dst_dtype, rounding_mode):
-        if src_dtype != tl.float32 or dst_dtype != tl.bfloat16:
-            return truncating(data, src_dtype, dst_dtype, rounding_mode)
-        bits = np.ascontiguousarray(data).view(np.uint32).astype(np.uint64)
-        nearest_even = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return np.where(np.isnan(data), 0x7FC0, nearest_even).astype(np.uint16).reshape(data.shape)
-
-    monkeypatch.setattr(interpreter, "_convert_float", convert)
 
 
 def make_inputs(B, N, D, dtype, mod_dtype, gated, device):
