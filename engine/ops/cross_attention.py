@@ -42,7 +42,6 @@ their measured times: FWD_CONFIG below.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.ops.backend import resolve
+from engine.ops.backend import multiprocessors, resolve
 
 try:
     from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
@@ -366,18 +365,13 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _default_splits(q: torch.Tensor, block_m: int, programs_per_head: int = 1) -> int:
     """Query splits per (sample, head): one unless B*H*programs_per_head programs would leave
     the GPU short of two per multiprocessor (small batches, long sequences)."""
     if q.device.type != "cuda":
         return 1
     B, N, H, _ = q.shape
-    wanted = 2 * _multiprocessors(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    wanted = 2 * multiprocessors(q.device)
     return max(1, min(triton.cdiv(N, block_m), triton.cdiv(wanted, B * H * programs_per_head)))
 
 

@@ -35,7 +35,6 @@ through those casts to the fp32 parameters as with nn.Linear.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.ops.backend import resolve
+from engine.ops.backend import multiprocessors, resolve
 
 ACTIVATIONS = (None, "gelu_tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -126,15 +125,10 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _token_splits(M: int, column_blocks: int, block_m: int, programs_per_sm: int, device: torch.device) -> int:
     """How many programs share the tokens of one column block: enough for ``programs_per_sm``
     programs per multiprocessor over the whole grid, each with at least one row block."""
-    sms = _multiprocessors(device.index or 0) if device.type == "cuda" else 2
+    sms = multiprocessors(device) if device.type == "cuda" else 2
     return max(1, min(triton.cdiv(M, block_m), triton.cdiv(programs_per_sm * sms, column_blocks)))
 
 
@@ -189,12 +183,10 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.
     """(dx, dw, db); an output that is not needed comes back empty."""
     N, K = weight.shape
     dy2 = dy.reshape(-1, N)
-    if gelu or has_bias:
-        dpre, db = _bias_grad_triton(dy2, pre.reshape(-1, N) if gelu else None, weight.dtype)
-    else:
-        dpre, db = dy2, weight.new_empty(0)
-    if not has_bias:
-        db = weight.new_empty(0)
+    dpre, db = dy2, weight.new_empty(0)
+    if gelu or has_bias:  # one pass: d_pre through GELU's backward and its column sums
+        dpre, column_sums = _bias_grad_triton(dy2, pre.reshape(-1, N) if gelu else None, weight.dtype)
+        db = column_sums if has_bias else db
     dx = (dpre @ weight).view(*dy.shape[:-1], K) if need_dx else x.new_empty(0)
     dw = dpre.t() @ x.reshape(-1, K) if need_dw else weight.new_empty(0)
     return dx, dw, db
