@@ -29,10 +29,12 @@ is downloaded:
    the demo's own cost in device-days; and whether the final colour accuracy is at least twice
    the shuffled one (the demo's bar).
 
-With a GPU it trains there (bf16); on a 2-core CPU the whole demo takes about 8.5 minutes. The
-seeds are fixed: on the CPU two runs give the same report apart from the timings.
+With a GPU it trains there (bf16: 64 s on an H200); on a 2-core CPU the whole demo takes about
+10 minutes (587 s at commit cfa4996; docs/demo.md has both runs). The seeds are fixed: on the CPU
+two runs give the same report apart from the timings.
 
-Why these settings (measured on a 2-core CPU; colour accuracy on 64 held-out captions, chance
+Why these settings (measured on a 2-core CPU during the tuning pass, 2026-11-20/21, on the code
+before the EDM noise levels became config fields; colour accuracy on 64 held-out captions, chance
 about 0.11; "full demo runs" are this command, the rest a stand-alone loop with the same model,
 optimiser, EDM loss and sampler over the same caches). The first version (up to three objects
 per main image, EDM's default noise levels, 1000 + 1000 + 150 steps, 2 heads) ended stage 2 at
