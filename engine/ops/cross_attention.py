@@ -204,9 +204,9 @@ def _cross_attention_fwd_kernel(
 
 
 @triton.jit
-def _bwd_tile(q_base, k_base, v_base, o_base, do_base, lse_base, dq_base, dk_base, dv_base,
+def _bwd_tile(q_base, k_base, v_base, do_base, lse_base, dq_base, dk_base, dv_base,
               m_begin, m_end, kv_len, N, L, D,
-              stride_qn, stride_kl, stride_vl, stride_on, stride_don, stride_dqn, stride_dkl, stride_dvl,
+              stride_qn, stride_kl, stride_vl, stride_don, stride_dqn, stride_dkl, stride_dvl,
               sm_scale, qk_scale,
               BLOCK_M: tl.constexpr, TILE_L: tl.constexpr, BLOCK_L: tl.constexpr,
               D0: tl.constexpr, D1: tl.constexpr, PRECISION: tl.constexpr):
@@ -227,23 +227,22 @@ def _bwd_tile(q_base, k_base, v_base, o_base, do_base, lse_base, dq_base, dk_bas
         rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)                                    # (BLOCK_M,)
         q0 = _load_tile(q_base, rows, stride_qn, N, D, 0, D0)                               # (BLOCK_M, D0)
         do0 = _load_tile(do_base, rows, stride_don, N, D, 0, D0)
-        o0 = _load_tile(o_base, rows, stride_on, N, D, 0, D0)
         # Key-major (transposed) scores: the (TILE_L, BLOCK_M) probabilities are then the left
         # operand of the dv and dk products as they stand, and only dq needs a transpose.
         scores_t = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)                     # (TILE_L, BLOCK_M)
         dp_t = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)                        # (dO V^T)^T
-        delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), axis=1)                     # rowsum(dO * O)
         if D1 > 0:
             q1 = _load_tile(q_base, rows, stride_qn, N, D, D0, D1)                          # (BLOCK_M, D1)
             do1 = _load_tile(do_base, rows, stride_don, N, D, D0, D1)
-            o1 = _load_tile(o_base, rows, stride_on, N, D, D0, D1)
             scores_t = tl.dot(k1, tl.trans(q1), scores_t, input_precision=PRECISION)
             dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=PRECISION)
-            delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), axis=1)
         lse = tl.load(lse_base + rows, mask=rows < N, other=0.0)                            # (BLOCK_M,)
         valid = key_ok[:, None] & (rows < N)[None, :]
         # P recomputed from the saved log-sum-exp: no max or sum pass.
         p_t = tl.where(valid, tl.exp2(scores_t * qk_scale - lse[None, :]), 0.0)            # (TILE_L, BLOCK_M)
+        # delta_m = sum_l P dP = rowsum(dO * O): the tile holds every key of the row, so it comes
+        # from the tiles at hand, in fp32, and O is never read.
+        delta = tl.sum(p_t * dp_t, axis=0)                                                  # (BLOCK_M,)
         ds_t = p_t * (dp_t - delta[None, :])  # gradient of the scaled scores
         p_low = p_t.to(do0.dtype)
         ds_low = ds_t.to(q0.dtype)
@@ -276,9 +275,9 @@ def _bwd_tile(q_base, k_base, v_base, o_base, do_base, lse_base, dq_base, dk_bas
 
 @triton.jit
 def _cross_attention_bwd_kernel(
-        Q, K, V, O, DO, LSE, KV_LENS, DQ, DK, DV,
+        Q, K, V, DO, LSE, KV_LENS, DQ, DK, DV,
         stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh,
-        stride_vb, stride_vl, stride_vh, stride_ob, stride_on, stride_oh,
+        stride_vb, stride_vl, stride_vh,
         stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
         stride_dks, stride_dkb, stride_dkl, stride_dkh, stride_dvs, stride_dvb, stride_dvl, stride_dvh,
         N, L, H, D, blocks_per_split, sm_scale, qk_scale,
@@ -295,21 +294,20 @@ def _cross_attention_bwd_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    o_base = O + b * stride_ob + h * stride_oh
     do_base = DO + b * stride_dob + h * stride_doh
     lse_base = LSE + (b * H + h) * N
     dq_base = DQ + b * stride_dqb + h * stride_dqh
     dk_base = DK + split * stride_dks + b * stride_dkb + h * stride_dkh
     dv_base = DV + split * stride_dvs + b * stride_dvb + h * stride_dvh
     if HALF_TILE and kv_len <= BLOCK_L // 2:
-        _bwd_tile(q_base, k_base, v_base, o_base, do_base, lse_base, dq_base, dk_base, dv_base,
+        _bwd_tile(q_base, k_base, v_base, do_base, lse_base, dq_base, dk_base, dv_base,
                   m_begin, m_end, kv_len, N, L, D,
-                  stride_qn, stride_kl, stride_vl, stride_on, stride_don, stride_dqn, stride_dkl, stride_dvl,
+                  stride_qn, stride_kl, stride_vl, stride_don, stride_dqn, stride_dkl, stride_dvl,
                   sm_scale, qk_scale, BLOCK_M, BLOCK_L // 2, BLOCK_L, D0, D1, PRECISION)
     else:
-        _bwd_tile(q_base, k_base, v_base, o_base, do_base, lse_base, dq_base, dk_base, dv_base,
+        _bwd_tile(q_base, k_base, v_base, do_base, lse_base, dq_base, dk_base, dv_base,
                   m_begin, m_end, kv_len, N, L, D,
-                  stride_qn, stride_kl, stride_vl, stride_on, stride_don, stride_dqn, stride_dkl, stride_dvl,
+                  stride_qn, stride_kl, stride_vl, stride_don, stride_dqn, stride_dkl, stride_dvl,
                   sm_scale, qk_scale, BLOCK_M, BLOCK_L, BLOCK_L, D0, D1, PRECISION)
 
 
@@ -397,8 +395,8 @@ def _cross_attention_fwd_triton(q, k, v, kv_lens, block_m=None, num_warps=None, 
     return o, lse
 
 
-def _cross_attention_bwd_triton(do, q, k, v, o, lse, kv_lens, block_m=None, num_warps=None, splits=None,
-                                half_tile=True):
+def _cross_attention_bwd_triton(do, q, k, v, lse, kv_lens, block_m=None, num_warps=None, splits=None,
+                                half_tile=True, num_stages=None):
     """Returns (dq (B, N, H, d), dk, dv (B, L, H, d)), contiguous, in the inputs' dtype."""
     B, N, H, d = q.shape
     L = k.shape[1]
@@ -416,14 +414,14 @@ def _cross_attention_bwd_triton(do, q, k, v, o, lse, kv_lens, block_m=None, num_
     dk_strides = (split_stride,) + dk.stride()[-4:-1]
     dv_strides = (split_stride,) + dv.stride()[-4:-1]
     _cross_attention_bwd_kernel[(splits, H, B)](
-        q, k, v, o, do, lse, kv_lens, dq, dk, dv,
+        q, k, v, do, lse, kv_lens, dq, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         *dk_strides, *dv_strides,
         N, L, H, d, triton.cdiv(triton.cdiv(N, block_m), splits), 1 / math.sqrt(d), math.log2(math.e) / math.sqrt(d),
         BLOCK_M=block_m, BLOCK_L=block_l, D0=d0, D1=d1, HALF_TILE=half_tile,
-        PRECISION=_dot_precision(q), num_warps=num_warps)
+        PRECISION=_dot_precision(q), num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     if splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # (B, L, H, d) each
     return dq, dk, dv
@@ -448,27 +446,27 @@ def _(q, k, v, kv_lens):
 
 
 @torch.library.custom_op("engine::cross_attention_bwd", mutates_args=())
-def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             lse: torch.Tensor, kv_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of the Triton backward."""
-    return _cross_attention_bwd_triton(*(_unit_last_stride(t) for t in (do, q, k, v, o)), lse, kv_lens)
+    return _cross_attention_bwd_triton(*(_unit_last_stride(t) for t in (do, q, k, v)), lse, kv_lens)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, kv_lens):
+def _(do, q, k, v, lse, kv_lens):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, kv_lens = inputs
-    o, lse = output
+    _, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, o, lse, kv_lens)
+    ctx.save_for_backward(q, k, v, lse, kv_lens)  # not o: the backward needs only P and dP
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, kv_lens = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, kv_lens)
+    q, k, v, lse, kv_lens = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, lse, kv_lens)
     return dq, dk, dv, None
 
 
