@@ -27,7 +27,7 @@ cross_attention's triton row is issue 5's bar. The ``kernel`` column names the S
 self_attention's eager and cuda backends ran.
 
 Shapes (``--shapes`` takes a comma-separated list; each op runs the shapes its format accepts):
-norm_modulate, add_norm_modulate ``BxNxD``; cross_attention ``BxNxHxdxL`` (L caption keys, all
+norm_modulate, add_norm_modulate, gated_add ``BxNxD``; cross_attention ``BxNxHxdxL`` (L caption keys, all
 valid) or ``BxNxHxdxLr`` (random caption lengths in [1, L]); self_attention ``BxNxHxd``;
 patchify, unpatchify ``BxCxHxWpP``: the latent image (B, C, H, W) and patch size P (patchify's
 input, unpatchify's output; PixArt's head unpatchifies C = 8: noise and learned variance);
@@ -65,6 +65,7 @@ if not torch.cuda.is_available():
 import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
 from engine.ops.backend import unavailable_reason  # noqa: E402
 from engine.ops.cross_attention import cross_attention  # noqa: E402
+from engine.ops.gated_add import gated_add  # noqa: E402
 from engine.ops.linear import linear  # noqa: E402
 from engine.ops.norm_modulate import add_norm_modulate, norm_modulate  # noqa: E402
 from engine.ops.patchify import patchify, unpatchify  # noqa: E402
@@ -204,6 +205,13 @@ def _add_norm_modulate_inputs(shape, dtype, device):
                             _activation(shape, dtype, device).requires_grad_(),
                             _modulation(B, D, device), _modulation(B, D, device), _modulation(B, D, device)],
                     extra=[], grad_outputs=[_activation(shape, dtype, device), _activation(shape, dtype, device)])
+
+
+def _gated_add_inputs(shape, dtype, device):
+    B, N, D = shape
+    return InputSet(inputs=[_activation(shape, dtype, device).requires_grad_(),
+                            _activation(shape, dtype, device).requires_grad_(), _modulation(B, D, device)],
+                    extra=[], grad_outputs=[_activation(shape, dtype, device)])
 
 
 def _activation_bytes(shape, dtype):
@@ -383,6 +391,19 @@ OPS = {
         bytes_moved=lambda shape, dtype: {"fwd": 4 * _activation_bytes(shape, dtype),
                                           "bwd": 6 * _activation_bytes(shape, dtype)},
         bytes_note="fwd x,y,r,h; bwd dh,dr,r,y,dx,dy",
+    ),
+    "gated_add": OpSpec(
+        name="gated_add",
+        gpu_shapes=("64x256x1152", "32x1024x1152"),
+        cpu_shape="2x32x256",
+        parse_shape=parse_bnd,
+        make_inputs=_gated_add_inputs,
+        call=lambda backend, r, a, gate: (gated_add(r, a, gate, backend=backend),),
+        # fwd reads r, a, writes out; bwd reads dout, a, writes da (dr is dout; gate is O(B*D)).
+        bytes_moved=lambda shape, dtype: {"fwd": 3 * _activation_bytes(shape, dtype),
+                                          "bwd": 3 * _activation_bytes(shape, dtype)},
+        bytes_note="fwd r,a,out; bwd dout,a,da",
+        missing_backends=("cuda",),
     ),
     "cross_attention": OpSpec(
         name="cross_attention",

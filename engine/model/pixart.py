@@ -50,7 +50,7 @@ def modulated_block(block, x, pending, pending_gate, shift_msa, scale_msa, gate_
     else:
         r, h = ops.add_norm_modulate(x, pending, pending_gate, shift_msa, scale_msa)  # (B, N, D) each
     a = block.attn(h)  # (B, N, D)
-    x = r + a * gate_msa[:, None].to(a.dtype)
+    x = ops.gated_add(r, a, gate_msa)  # r + a * gate_msa[:, None]
     cross = block.cross_attn(x, caption, caption_lens) if caption is not None else None  # (B, N, D)
     if cross is None:
         x, h = x, ops.norm_modulate(x, shift_mlp, scale_mlp)

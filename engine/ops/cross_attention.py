@@ -326,8 +326,13 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 # (32, 8) 345 / 609, (64, 4) 612 / 1126 (spills), (128, 8) 1835. A backward split in two passes
 # (dq over query blocks, then dk/dv over 64-key blocks, flash-attention 2's layout) was slower
 # at every tiling tried: 444 us at best for B64 N256.
+# The backward after it stopped reading O (delta from P and dP; H200, commit 919055b, B64 N256 /
+# B32 N1024, full 120-key captions): (64, 8) 220 / 367 us against 284 / 489 before; with 2
+# software-pipeline stages 215 / 360 (1 stage 251 / 435, 4 stages 222 / 370, Triton's default 3
+# is the 220); (128, 8) 278 / 439, (32, 8) 307 / 537, (64, 4) 350 / 601, (32, 4) 453 / 831.
 FWD_CONFIG = (64, 4)
 BWD_CONFIG = (64, 8)
+BWD_STAGES = 2
 # fp32 inputs (a testing dtype) take true fp32 products, which Triton runs on CUDA cores with
 # fp32 copies of the tiles in shared memory: smaller query blocks keep the backward under the
 # 227 KB a block may have (ptxas for sm_90: 135 KB at 32 rows, 225 KB at 64).
@@ -396,7 +401,7 @@ def _cross_attention_fwd_triton(q, k, v, kv_lens, block_m=None, num_warps=None, 
 
 
 def _cross_attention_bwd_triton(do, q, k, v, lse, kv_lens, block_m=None, num_warps=None, splits=None,
-                                half_tile=True, num_stages=None):
+                                half_tile=True, num_stages=BWD_STAGES):
     """Returns (dq (B, N, H, d), dk, dv (B, L, H, d)), contiguous, in the inputs' dtype."""
     B, N, H, d = q.shape
     L = k.shape[1]
@@ -421,7 +426,7 @@ def _cross_attention_bwd_triton(do, q, k, v, lse, kv_lens, block_m=None, num_war
         *dk_strides, *dv_strides,
         N, L, H, d, triton.cdiv(triton.cdiv(N, block_m), splits), 1 / math.sqrt(d), math.log2(math.e) / math.sqrt(d),
         BLOCK_M=block_m, BLOCK_L=block_l, D0=d0, D1=d1, HALF_TILE=half_tile,
-        PRECISION=_dot_precision(q), num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
+        PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # (B, L, H, d) each
     return dq, dk, dv

@@ -71,7 +71,7 @@ def test_triton_model_matches_fp64_on_cpu(_fresh_seed, monkeypatch):
     eager = _loss_and_grads(model32, inputs32, "eager", monkeypatch)
     with monkeypatch.context() as patch:
         # Every op with Triton kernels runs them (self_attention has none: SDPA either way).
-        for op in ("linear", "cross_attention", "norm_modulate", "patchify"):
+        for op in ("linear", "cross_attention", "norm_modulate", "patchify", "gated_add"):
             patch.setattr(importlib.import_module(f"engine.ops.{op}"), "resolve", lambda *args, **kwargs: "triton")
         triton = _loss_and_grads(model32, inputs32, "eager", patch)
     _check(triton, eager, ref, 1e-5, f"seed {_fresh_seed}")
