@@ -4,6 +4,8 @@ Environment switches, read at build time:
   ENGINE_NO_CUDA=1          build only the C++ reference kernels, even when nvcc is found
   ENGINE_CUDA_ARCHS="90a;80"  GPU architectures to compile for (';' or ',' separated)
   ENGINE_BUILD_JOBS=N       parallel compile jobs (default: CPU count)
+  ENGINE_CUBLAS_ROOT=DIR    where cuBLASLt's include/ and lib/ are, when neither the CUDA toolkit
+                            nor torch's nvidia-cublas wheel has them
 """
 
 import os

@@ -32,7 +32,8 @@ valid) or ``BxNxHxdxLr`` (random caption lengths in [1, L]); self_attention ``Bx
 patchify, unpatchify ``BxCxHxWpP``: the latent image (B, C, H, W) and patch size P (patchify's
 input, unpatchify's output; PixArt's head unpatchifies C = 8: noise and learned variance);
 linear ``MxKxN`` or ``MxKxNg``: M tokens through a K -> N Linear, with a trailing g followed by
-tanh-GELU (a plain ``MxKxN`` also reads as BxNxD: give ``--ops`` to keep the ops apart).
+tanh-GELU (a plain ``MxKxN`` also reads as BxNxD: give ``--ops`` to keep the ops apart); mlp
+``MxKxHxN``: M tokens through K -> H (tanh-GELU) -> N.
 
 Without a GPU it runs one tiny shape per op on the CPU (Triton through its interpreter): a smoke
 test of the script whose numbers mean nothing.
@@ -67,6 +68,7 @@ from engine.ops.backend import unavailable_reason  # noqa: E402
 from engine.ops.cross_attention import cross_attention  # noqa: E402
 from engine.ops.gated_add import gated_add  # noqa: E402
 from engine.ops.linear import linear  # noqa: E402
+from engine.ops.mlp import mlp  # noqa: E402
 from engine.ops.norm_modulate import add_norm_modulate, norm_modulate  # noqa: E402
 from engine.ops.patchify import patchify, unpatchify  # noqa: E402
 from engine.ops.self_attention import active_backend, self_attention  # noqa: E402
@@ -180,6 +182,15 @@ def parse_linear_shape(text: str) -> tuple[int, int, int, bool]:
     return (*dims, gelu)
 
 
+def parse_mlp_shape(text: str) -> tuple[int, int, int, int]:
+    """MxKxHxN -> (M, K, H, N): M tokens through K -> H (tanh-GELU) -> N."""
+    dims = _positive_ints(text, 4)
+    if dims is None:
+        raise ValueError(f"mlp shape {text!r} must be MxKxHxN (M tokens, K -> H -> N features) with positive "
+                         "integers, e.g. 16384x1152x4608x1152")
+    return tuple(dims)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs, calls and bytes
 
@@ -274,6 +285,24 @@ def _linear_inputs(shape, dtype, device):
     return InputSet(inputs=[_activation((M, K), dtype, device).requires_grad_(), weight.requires_grad_(),
                             _activation((N,), dtype, device).requires_grad_()],
                     extra=["gelu_tanh" if gelu else None], grad_outputs=[_activation((M, N), dtype, device)])
+
+
+def _mlp_inputs(shape, dtype, device):
+    """inputs: x (M, K), w1 (H, K), b1, w2 (N, H), b2 in the benchmark dtype (as _linear_inputs)."""
+    M, K, H, N = shape
+    tensors = [_activation((M, K), dtype, device), (K**-0.5 * torch.randn(H, K, device=device)).to(dtype),
+               _activation((H,), dtype, device), (H**-0.5 * torch.randn(N, H, device=device)).to(dtype),
+               _activation((N,), dtype, device)]
+    return InputSet(inputs=[t.requires_grad_() for t in tensors], extra=[],
+                    grad_outputs=[_activation((M, N), dtype, device)])
+
+
+def _mlp_bytes(shape, dtype):
+    """The two Linears' bytes (see _linear_bytes), the hidden activation counted once each way."""
+    M, K, H, N = shape
+    first, second = _linear_bytes((M, K, H, True), dtype), _linear_bytes((M, H, N, False), dtype)
+    hidden = M * H * dtype.itemsize
+    return {"fwd": first["fwd"] + second["fwd"] - hidden, "bwd": first["bwd"] + second["bwd"] - hidden}
 
 
 def _linear_bytes(shape, dtype):
@@ -441,7 +470,17 @@ OPS = {
         call=lambda backend, x, weight, bias, activation: (linear(x, weight, bias, activation, backend=backend),),
         bytes_moved=_linear_bytes,
         bytes_note="fwd x,W,b,y(,pre); bwd dy(,pre,dpre),x,W,dx,dW,db",
-        missing_backends=("cuda",),
+    ),
+    "mlp": OpSpec(
+        name="mlp",
+        # PixArt-XL/2 at 256px / batch 64: a block's MLP (1152 -> 4608 -> 1152).
+        gpu_shapes=("16384x1152x4608x1152",),
+        cpu_shape="64x48x160x48",
+        parse_shape=parse_mlp_shape,
+        make_inputs=_mlp_inputs,
+        call=lambda backend, x, w1, b1, w2, b2: (mlp(x, w1, b1, w2, b2, backend=backend),),
+        bytes_moved=_mlp_bytes,
+        bytes_note="the two linear rows' bytes, the hidden activation once each way",
     ),
     "patchify": OpSpec(
         name="patchify",

@@ -291,6 +291,73 @@ void norm_modulate_bwd(std::uintptr_t dh, std::uintptr_t dr, std::uintptr_t r, s
 #endif
 }
 
+// ---------------------------------------------------------------------------------------
+// gemm_epilogue
+
+void gemm_epilogue(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, std::uintptr_t a_ptr,
+                   std::int64_t lda, std::uintptr_t b_ptr, std::int64_t ldb, std::uintptr_t d_ptr, std::int64_t ldd,
+                   int epilogue, std::uintptr_t bias_ptr, std::uintptr_t aux_ptr, std::int64_t ld_aux, int ab_dtype,
+                   int d_dtype, int bias_dtype, std::uintptr_t workspace_ptr, std::int64_t workspace_bytes, int device,
+                   std::uintptr_t stream) {
+  if (!engine::is_gemm_epilogue_code(epilogue)) {
+    throw py::value_error("epilogue: unknown code " + std::to_string(epilogue) +
+                          "; expected 0 (none), 1 (bias), 2 (gelu_aux_bias), 3 (dgelu_bgrad) or 4 (bgradb)");
+  }
+  engine::GemmCall call{};
+  call.trans_a = trans_a;
+  call.trans_b = trans_b;
+  call.m = checked_positive(m, "m");
+  call.n = checked_positive(n, "n");
+  call.k = checked_positive(k, "k");
+  // Leading dimensions: at least the rows of each column-major operand as stored.
+  auto checked_ld = [](std::int64_t ld, std::int64_t rows, const char* field) {
+    if (ld < rows) {
+      throw py::value_error(std::string(field) + ": " + std::to_string(ld) + " is below the " +
+                            std::to_string(rows) + " rows of the column-major operand");
+    }
+    return ld;
+  };
+  call.lda = checked_ld(lda, trans_a ? k : m, "lda");
+  call.ldb = checked_ld(ldb, trans_b ? n : k, "ldb");
+  call.ldd = checked_ld(ldd, m, "ldd");
+  call.a = checked_pointer(a_ptr, "a");
+  call.b = checked_pointer(b_ptr, "b");
+  call.d = checked_pointer(d_ptr, "d");
+  call.ab_dtype = checked_dtype(ab_dtype);
+  call.d_dtype = checked_dtype(d_dtype);
+  call.bias_dtype = checked_dtype(bias_dtype);
+  call.epilogue = static_cast<engine::GemmEpilogue>(epilogue);
+  const bool with_aux = call.epilogue == engine::GemmEpilogue::GeluAuxBias ||
+                        call.epilogue == engine::GemmEpilogue::DGeluBGrad;
+  if (call.epilogue == engine::GemmEpilogue::None) {
+    check_absent(bias_ptr, "bias", "without an epilogue");
+  } else {
+    call.bias = checked_pointer_when(bias_ptr, "bias", "every epilogue reads or writes a bias vector");
+  }
+  if (with_aux) {
+    call.aux = checked_pointer_when(aux_ptr, "aux", "gelu_aux_bias writes and dgelu_bgrad reads the GELU input");
+    call.ld_aux = checked_ld(ld_aux, m, "ld_aux");
+  } else {
+    check_absent(aux_ptr, "aux", "for this epilogue");
+  }
+  checked_device(device);
+
+  py::gil_scoped_release release_gil;
+  if (device == -1) {
+    engine::gemm_epilogue_cpu(call);
+    return;
+  }
+#ifdef ENGINE_WITH_CUDA
+  engine::gemm_epilogue_cuda(call, reinterpret_cast<void*>(workspace_ptr), workspace_bytes, device,
+                             reinterpret_cast<void*>(stream));
+#else
+  (void)stream;
+  (void)workspace_ptr;
+  (void)workspace_bytes;
+  throw std::runtime_error("gemm_epilogue: engine._C was built without CUDA, so it has no kernels for device pointers (device >= 0)");
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -333,4 +400,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rstd"), py::arg("dx_out"), py::arg("dy_out"), py::arg("dgate_out"), py::arg("dshift_out"),
         py::arg("dscale_out"), py::arg("workspace"), py::arg("B"), py::arg("N"), py::arg("D"), py::arg("dtype"),
         py::arg("device"), py::arg("stream"));
+
+  m.def("gemm_epilogue", &gemm_epilogue,
+        "cuBLASLt's column-major D (m x n) = op(A) op(B) with one fused epilogue (csrc/common.h): 0 none, 1 bias, "
+        "2 gelu_aux_bias (aux = pre-activation), 3 dgelu_bgrad (D = acc * GELU'(aux), bias = row sums), 4 bgradb "
+        "(bias = column sums of op(B)). Pointers as ints, 0 = absent; workspace: device bytes for cuBLASLt.",
+        py::arg("trans_a"), py::arg("trans_b"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("lda"),
+        py::arg("b"), py::arg("ldb"), py::arg("d"), py::arg("ldd"), py::arg("epilogue"), py::arg("bias"),
+        py::arg("aux"), py::arg("ld_aux"), py::arg("ab_dtype"), py::arg("d_dtype"), py::arg("bias_dtype"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"));
 }

@@ -269,4 +269,36 @@ void norm_modulate_bwd_cuda(const NormModulateBackward& io, const NormModulateSh
                             void* stream);
 #endif
 
+// ---------------------------------------------------------------------------------------
+// gemm_epilogue (engine/ops/linear.py, engine/ops/mlp.py): cuBLASLt's column-major
+//   D (m x n) = op(A) (m x k) * op(B) (k x n),  products accumulated in fp32 (fp64 for fp64),
+// op(X) = X or X^T, X read with leading dimension ldX, then one fused epilogue:
+//   None        D = acc
+//   Bias        D = acc + bias[i]                                   (bias read, length m)
+//   GeluAuxBias aux[i, j] = acc + bias[i] (in D's dtype); D = GELU_tanh(acc + bias[i])
+//   DGeluBGrad  g = acc * GELU_tanh'(aux[i, j]); D = g; bias[i] = sum_j g   (bias written, m)
+//   BGradB      D = acc; bias[j] = sum_p op(B)[p, j]                 (bias written, length n)
+// aux has D's dtype and leading dimension ld_aux; bias has its own dtype.
+
+enum class GemmEpilogue : int { None = 0, Bias = 1, GeluAuxBias = 2, DGeluBGrad = 3, BGradB = 4 };
+
+inline bool is_gemm_epilogue_code(int code) { return code >= 0 && code <= 4; }
+
+struct GemmCall {
+  bool trans_a, trans_b;
+  std::int64_t m, n, k, lda, ldb, ldd, ld_aux;
+  const void* a;
+  const void* b;
+  void* d;
+  void* bias;  // nullptr for None
+  void* aux;   // GeluAuxBias (written) and DGeluBGrad (read) only
+  DType ab_dtype, d_dtype, bias_dtype;
+  GemmEpilogue epilogue;
+};
+
+void gemm_epilogue_cpu(const GemmCall& call);
+#ifdef ENGINE_WITH_CUDA
+void gemm_epilogue_cuda(const GemmCall& call, void* workspace, std::int64_t workspace_bytes, int device, void* stream);
+#endif
+
 }  // namespace engine

@@ -6,3 +6,4 @@ from engine.ops.cross_attention import cross_attention
 from engine.ops.self_attention import self_attention
 from engine.ops.linear import linear
 from engine.ops.gated_add import gated_add
+from engine.ops.mlp import mlp

@@ -36,6 +36,14 @@ def extension():
     return _C
 
 
+def extension_function(name: str):
+    """engine._C's function ``name``; a clear error when the built module predates it."""
+    fn = getattr(extension(), name, None)
+    if fn is None:
+        raise RuntimeError(f"engine._C has no {name}: rebuild the extension (pip install -e .) from this checkout")
+    return fn
+
+
 # Looked up once at import: Dynamo cannot trace importlib.util.find_spec (seen with torch 2.11).
 _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 

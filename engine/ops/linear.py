@@ -22,8 +22,12 @@ bias sum then reads again. Here:
 Backends:
 - ``eager``: F.linear (+ F.gelu), with PyTorch's own autograd: the reference;
 - ``triton``: the above;
-- ``cuda``: no csrc/ kernel (a column sum is what Triton already does near copy bandwidth);
-  asking for it is an error.
+- ``cuda``: cuBLASLt epilogues through engine._C.gemm_epilogue (csrc/gemm_epilogue.cu): the
+  forward is one GEMM with the bias, and for GELU the activation and its saved input, in its
+  epilogue; the backward's weight-gradient GEMM sums the bias gradient as it reads dy (BGRADB),
+  so no separate pass reads it. GELU's backward has no GEMM of this Linear to ride on (it rides
+  on the next Linear's, in ``engine.ops.mlp``), so a lone GELU Linear runs it as the Triton pass.
+  On CPU tensors the same calls run engine._C's C++ reference (tests).
 
 Under ``torch.compile`` ``auto`` resolves to ``eager``: Inductor then fuses the bias sum and the
 GELU with their neighbours itself, which an opaque custom op would prevent.
@@ -36,6 +40,7 @@ cast pass in between (eager rounds dW to bf16, then casts it up).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -44,7 +49,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.ops.backend import multiprocessors, resolve
+from engine.ops.backend import cuda_stream, dtype_code, extension_function, multiprocessors, resolve
 
 ACTIVATIONS = (None, "gelu_tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -156,6 +161,82 @@ def _bias_grad_triton(dy: torch.Tensor, pre: torch.Tensor | None, bias_dtype: to
     return dpre, db
 
 
+# ---------------------------------------------------------------------------------------------
+# cuBLASLt epilogues (engine._C.gemm_epilogue; on CPU tensors its C++ reference). cuBLASLt is
+# column-major: a row-major (rows, cols) matrix with row stride ld is its column-major
+# (cols, rows) transpose with the same ld, so each helper below states the GEMM it asks for in
+# those terms.
+# ---------------------------------------------------------------------------------------------
+
+_EPILOGUE_CODES = dict(none=0, bias=1, gelu_aux_bias=2, dgelu_bgrad=3, bgradb=4)
+CUBLASLT_WORKSPACE_BYTES = 32 * 2**20  # what torch gives cuBLASLt on Hopper
+
+
+@functools.cache
+def _cublaslt_workspace(device_index: int) -> torch.Tensor:
+    return torch.empty(CUBLASLT_WORKSPACE_BYTES, dtype=torch.uint8, device=torch.device("cuda", device_index))
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[-1] else t.contiguous()
+
+
+def _gemm_epilogue(trans_a, trans_b, m, n, k, a, b, d, epilogue, bias=None, aux=None):
+    """One engine._C.gemm_epilogue call; a, b, d, aux row-major 2-D tensors (their row stride is
+    the column-major leading dimension), bias a vector."""
+    gemm = extension_function("gemm_epilogue")
+    on_gpu = d.is_cuda
+    device = d.device.index if d.device.index is not None else torch.cuda.current_device() if on_gpu else -1
+    workspace = _cublaslt_workspace(device) if on_gpu else None
+    gemm(trans_a, trans_b, m, n, k, a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), d.data_ptr(), d.stride(0),
+         _EPILOGUE_CODES[epilogue], 0 if bias is None else bias.data_ptr(), 0 if aux is None else aux.data_ptr(),
+         0 if aux is None else aux.stride(0), dtype_code(a), dtype_code(d),
+         dtype_code(bias) if bias is not None else dtype_code(d),
+         0 if workspace is None else workspace.data_ptr(), 0 if workspace is None else CUBLASLT_WORKSPACE_BYTES,
+         device, cuda_stream(d))
+
+
+def _cublaslt_forward(x2, weight, bias, gelu):
+    """(y, pre) of y = act(x2 W^T + b), x2 (M, K), weight (N, K): column-major y^T (N x M) =
+    W (as stored: K x N, transposed) times x2^T (K x M); bias per row of y^T; GELU's input
+    written to pre by the same GEMM."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    y = _new_output((M, N), x2.dtype, x2.device)
+    if not gelu:
+        _gemm_epilogue(True, False, N, M, K, weight, x2, y, "bias" if bias is not None else "none", bias)
+        return y, y.new_empty(0)
+    pre = _new_output((M, N), x2.dtype, x2.device)
+    bias = bias if bias is not None else torch.zeros(N, dtype=x2.dtype, device=x2.device)
+    _gemm_epilogue(True, False, N, M, K, weight, x2, y, "gelu_aux_bias", bias, pre)
+    return y, pre
+
+
+def _cublaslt_weight_grads(dy2, x2, grad_dtype):
+    """(dW (N, K), db (N,)) in grad_dtype from dy2 (M, N), x2 (M, K): column-major dW^T (K x N) =
+    x2^T (K x M, as stored) times dy2 (M x N: dy2^T as stored, transposed); db = the column sums
+    of that second operand, from the same GEMM (BGRADB)."""
+    M, N = dy2.shape
+    K = x2.shape[1]
+    dw = _new_output((N, K), grad_dtype, dy2.device)
+    db = _new_output((N,), grad_dtype, dy2.device)
+    _gemm_epilogue(False, True, K, N, M, x2, dy2, dw, "bgradb", db)
+    return dw, db
+
+
+def _cublaslt_gelu_input_grads(dy2, weight2, pre, bias_dtype):
+    """(d_pre (M, H), d_b1 (H,)) of an MLP y = gelu(pre) W2^T + b2 from dy2 (M, N), weight2 (N, H)
+    and pre (M, H): column-major d_pre^T (H x M) = W2 (H x N as stored) times dy2^T (N x M as
+    stored), multiplied by GELU'(pre) and row-summed into d_b1 in the GEMM's epilogue
+    (DGELU_BGRAD): GELU's backward and fc1's bias gradient without a pass of their own."""
+    M, N = dy2.shape
+    H = weight2.shape[1]
+    dpre = _new_output((M, H), dy2.dtype, dy2.device)
+    db1 = _new_output((H,), bias_dtype, dy2.device)
+    _gemm_epilogue(False, False, H, M, N, weight2, dy2, dpre, "dgelu_bgrad", db1, pre)
+    return dpre, db1
+
+
 def _matmul_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """a @ b for 2-D a, b, with fp32 accumulation, stored in ``dtype``. For bf16 / fp16 operands
     and fp32 parameters (mixed precision) the weight gradient then comes out of the GEMM in fp32
@@ -168,22 +249,34 @@ def _matmul_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.
     return a.to(dtype) @ b.to(dtype)  # elsewhere: the same exact products, summed in `dtype`
 
 
-def _forward_impl(x, weight, bias, gelu):
+def _forward_impl(x, weight, bias, gelu, backend):
+    if backend == "cuda":  # one cuBLASLt GEMM: bias, GELU and GELU's saved input in its epilogue
+        N, K = weight.shape
+        y, pre = _cublaslt_forward(_row_major(x.reshape(-1, K)), _row_major(weight), bias, gelu)
+        return y.view(*x.shape[:-1], N), (pre.view(*x.shape[:-1], N) if gelu else pre)
     pre = F.linear(x, weight, bias)
     if gelu:
         return F.gelu(pre, approximate="tanh"), pre
     return pre, pre.new_empty(0)
 
 
-def _backward_impl(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dtype):
+def _backward_impl(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dtype, backend):
     N, K = weight.shape
     dy2 = dy.reshape(-1, N)
+    x2 = x.reshape(-1, K)
     dpre, db = dy2, weight.new_empty(0, dtype=grad_dtype)
-    if gelu or has_bias:  # one pass: d_pre through GELU's backward and its column sums
-        dpre, column_sums = _bias_grad_triton(dy2, pre.reshape(-1, N) if gelu else None, grad_dtype)
+    dw = weight.new_empty(0, dtype=grad_dtype)
+    if backend == "cuda" and not gelu and need_dw:
+        # dW and its bias gradient from one cuBLASLt GEMM (BGRADB epilogue)
+        dw, column_sums = _cublaslt_weight_grads(_row_major(dy2), _row_major(x2), grad_dtype)
         db = column_sums if has_bias else db
+    else:
+        if gelu or has_bias:  # one Triton pass: d_pre through GELU's backward and its column sums
+            dpre, column_sums = _bias_grad_triton(dy2, pre.reshape(-1, N) if gelu else None, grad_dtype)
+            db = column_sums if has_bias else db
+        if need_dw:
+            dw = _matmul_into(dpre.t(), x2, grad_dtype)
     dx = (dpre @ weight).view(*dy.shape[:-1], K) if need_dx else x.new_empty(0)
-    dw = _matmul_into(dpre.t(), x.reshape(-1, K), grad_dtype) if need_dw else weight.new_empty(0, dtype=grad_dtype)
     return dx, dw, db
 
 
@@ -197,29 +290,29 @@ def _backward_impl(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dt
 
 @torch.library.custom_op("engine::linear_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            gelu: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, pre): pre = x W^T + b by cuBLAS and y = GELU(pre) when gelu; without it y = x W^T + b
     and pre is an empty placeholder (a custom op's outputs may not alias each other)."""
-    return _forward_impl(x, weight, bias, gelu)
+    return _forward_impl(x, weight, bias, gelu, backend)
 
 
 @_fwd_op.register_fake
-def _(x, weight, bias, gelu):
+def _(x, weight, bias, gelu, backend):
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     return y, (x.new_empty(y.shape) if gelu else x.new_empty(0))
 
 
 @torch.library.custom_op("engine::linear_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: torch.Tensor, gelu: bool,
-            has_bias: bool, need_dx: bool, need_dw: bool,
-            grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            has_bias: bool, need_dx: bool, need_dw: bool, grad_dtype: torch.dtype,
+            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw, db), dw and db in grad_dtype (the parameters'); an output that is not needed
     comes back empty."""
-    return _backward_impl(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dtype)
+    return _backward_impl(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dtype, backend)
 
 
 @_bwd_op.register_fake
-def _(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dtype):
+def _(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dtype, backend):
     N = weight.shape[0]
     return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
             weight.new_empty(weight.shape, dtype=grad_dtype) if need_dw else weight.new_empty(0, dtype=grad_dtype),
@@ -234,14 +327,14 @@ class _LinearFunction(torch.autograd.Function):
     step, H200 profile at 919055b)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, gelu, dtype):
+    def forward(ctx, x, weight, bias, gelu, dtype, backend):
         x_low, w_low = x.to(dtype), weight.to(dtype)
         b_low = bias.to(dtype) if bias is not None else None
         run = _fwd_op if torch.compiler.is_compiling() else _forward_impl
-        y, pre = run(x_low, w_low, b_low, gelu)
+        y, pre = run(x_low, w_low, b_low, gelu, backend)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x_low, w_low, pre)
-        ctx.gelu, ctx.has_bias, ctx.grad_dtype = gelu, bias is not None, weight.dtype
+        ctx.gelu, ctx.has_bias, ctx.grad_dtype, ctx.backend = gelu, bias is not None, weight.dtype, backend
         return y
 
     @staticmethod
@@ -250,9 +343,9 @@ class _LinearFunction(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         run = _bwd_op if torch.compiler.is_compiling() else _backward_impl
         dx, dw, db = run(dy.contiguous(), x, weight, pre, ctx.gelu, ctx.has_bias and need_db, need_dx, need_dw,
-                         ctx.grad_dtype)
+                         ctx.grad_dtype, ctx.backend)
         return (dx if need_dx else None, dw if need_dw else None,
-                db if ctx.has_bias and need_db else None, None, None)
+                db if ctx.has_bias and need_db else None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +375,7 @@ def _compute_dtype(x, weight, bias) -> torch.dtype:
 
 
 # auto's order on CUDA (outside torch.compile, which gets eager: see the module docstring).
-AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
+AUTO_PREFERENCE: tuple[str, ...] = ("cuda", "triton")
 
 
 @torch.compiler.assume_constant_result
@@ -303,7 +396,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         name = resolve(backend, x.device, prefer=AUTO_PREFERENCE)
     if name == "eager":
         return linear_ref(x, weight, bias, activation)
-    if name == "cuda":
-        raise RuntimeError("linear: there is no 'cuda' backend (no csrc/ kernel: the Triton column sum "
-                           "is the whole custom part); use 'triton' or 'eager'")
-    return _LinearFunction.apply(x, weight, bias, activation == "gelu_tanh", _compute_dtype(x, weight, bias))
+    return _LinearFunction.apply(x, weight, bias, activation == "gelu_tanh", _compute_dtype(x, weight, bias), name)

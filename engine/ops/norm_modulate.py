@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.ops.backend import cuda_stream, dtype_code, extension, resolve
+from engine.ops.backend import cuda_stream, dtype_code, extension_function, resolve
 
 EPS = 1e-6
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -214,14 +214,6 @@ def _norm_modulate_bwd_triton(dh, dr, r, y, gate, scale, mean, rstd, config=None
     return dx, dy, partials.sum(dim=2)                                                   # dmod (2|3, B, D)
 
 
-def _extension_function(name: str):
-    fn = getattr(extension(), name, None)
-    if fn is None:
-        raise RuntimeError(f"engine._C has no {name}: rebuild the extension (pip install -e .) "
-                           "from a checkout whose csrc/ provides the norm_modulate kernels")
-    return fn
-
-
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -232,7 +224,7 @@ def _device_index(t: torch.Tensor) -> int:
 
 def _norm_modulate_fwd_cuda(x, y, gate, shift, scale):
     """Same contract as _norm_modulate_fwd_triton, through engine._C.norm_modulate_fwd."""
-    fwd = _extension_function("norm_modulate_fwd")
+    fwd = extension_function("norm_modulate_fwd")
     B, N, D = x.shape
     r = _new_output((B, N, D), x.dtype, x.device) if y is not None else None
     h = _new_output((B, N, D), x.dtype, x.device)
@@ -246,8 +238,8 @@ def _norm_modulate_fwd_cuda(x, y, gate, shift, scale):
 
 def _norm_modulate_bwd_cuda(dh, dr, r, y, gate, scale, mean, rstd):
     """Same contract as _norm_modulate_bwd_triton, through engine._C.norm_modulate_bwd."""
-    bwd = _extension_function("norm_modulate_bwd")
-    workspace_elements = _extension_function("norm_modulate_bwd_workspace")
+    bwd = extension_function("norm_modulate_bwd")
+    workspace_elements = extension_function("norm_modulate_bwd_workspace")
     B, N, D = r.shape
     dx = _new_output((B, N, D), r.dtype, r.device)
     dy = _new_output((B, N, D), r.dtype, r.device) if gate is not None else None

@@ -17,7 +17,7 @@ import torch
 
 from engine.config import PixArtConfig
 from engine.model import build_model
-from engine.ops.backend import triton_interpreted
+from engine.ops.backend import extension, triton_interpreted
 from tests.model.helpers import pixart_inputs, randomize
 
 
@@ -60,8 +60,21 @@ def _model_and_inputs(config, batch, device, seed):
                           for t in inputs64)
 
 
+# Which backend each op runs in the CPU check: every op with Triton kernels on them, or every op
+# with engine._C kernels on their C++ reference (linear and mlp: the cuBLASLt epilogue path),
+# the rest on Triton. self_attention has neither (SDPA either way).
+CPU_OP_BACKENDS = {
+    "triton": {op: "triton" for op in ("linear", "mlp", "cross_attention", "norm_modulate", "patchify", "gated_add")},
+    "cuda": {"linear": "cuda", "mlp": "cuda", "norm_modulate": "cuda", "patchify": "cuda",
+             "cross_attention": "triton", "gated_add": "triton"},
+}
+
+
 @pytest.mark.skipif(not triton_interpreted(), reason="the CPU check runs the Triton kernels under the interpreter")
-def test_triton_model_matches_fp64_on_cpu(_fresh_seed, monkeypatch):
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
+def test_kernel_model_matches_fp64_on_cpu(kernels, _fresh_seed, monkeypatch):
+    if kernels == "cuda" and extension() is None:
+        pytest.skip("engine._C is not built")
     # 2 blocks; 36 tokens (6x6 patches) and 7 caption tokens: no dimension a multiple of a block size.
     config = PixArtConfig(input_size=12, hidden_size=72, depth=2, num_heads=2, caption_channels=40, text_len=7)
     model64, inputs64 = _model_and_inputs(config, 2, "cpu", _fresh_seed)
@@ -70,11 +83,10 @@ def test_triton_model_matches_fp64_on_cpu(_fresh_seed, monkeypatch):
     inputs32 = tuple(t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in inputs64)
     eager = _loss_and_grads(model32, inputs32, "eager", monkeypatch)
     with monkeypatch.context() as patch:
-        # Every op with Triton kernels runs them (self_attention has none: SDPA either way).
-        for op in ("linear", "cross_attention", "norm_modulate", "patchify", "gated_add"):
-            patch.setattr(importlib.import_module(f"engine.ops.{op}"), "resolve", lambda *args, **kwargs: "triton")
-        triton = _loss_and_grads(model32, inputs32, "eager", patch)
-    _check(triton, eager, ref, 1e-5, f"seed {_fresh_seed}")
+        for op, name in CPU_OP_BACKENDS[kernels].items():
+            patch.setattr(importlib.import_module(f"engine.ops.{op}"), "resolve", lambda *args, _name=name, **kwargs: _name)
+        kernel = _loss_and_grads(model32, inputs32, "eager", patch)
+    _check(kernel, eager, ref, 1e-5, f"seed {_fresh_seed}")
 
 
 @pytest.mark.gpu

@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from engine.config import PixArtConfig, preset
 from engine.model import PixArt
-from engine.model.layers import CrossAttention, SelfAttention, sincos_pos_embed, timestep_frequencies
+from engine.model.layers import CrossAttention, Mlp, SelfAttention, sincos_pos_embed, timestep_frequencies
 from engine.parallel import apply_activation_checkpointing
 from tests.model.helpers import pixart_inputs, randomize
 
@@ -82,11 +82,17 @@ def test_drop_captions_uses_null_caption():
 
 
 def _count_macs(model, run):
-    """Multiply-adds of every Linear plus full attention, counted by hooks while the model runs."""
+    """Multiply-adds of every Linear plus full attention, counted by hooks while the model runs.
+    An Mlp runs its two Linears as one op (their own hooks do not fire), so it counts both."""
     macs = [0]
 
     def linear_hook(module, inputs, output):
         macs[0] += inputs[0].numel() * module.out_features
+
+    def mlp_hook(module, inputs, output):
+        tokens = inputs[0].numel() // module.fc1.in_features
+        macs[0] += tokens * (module.fc1.in_features * module.fc1.out_features
+                             + module.fc2.in_features * module.fc2.out_features)
 
     def self_attn_hook(module, inputs, output):
         B, N, D = inputs[0].shape
@@ -99,7 +105,7 @@ def _count_macs(model, run):
     hooks = []
     for module in model.modules():
         hook = linear_hook if isinstance(module, nn.Linear) else \
-            {SelfAttention: self_attn_hook, CrossAttention: cross_attn_hook}.get(type(module))
+            {SelfAttention: self_attn_hook, CrossAttention: cross_attn_hook, Mlp: mlp_hook}.get(type(module))
         if hook:
             hooks.append(module.register_forward_hook(hook))
     run()

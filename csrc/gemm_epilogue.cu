@@ -1,0 +1,125 @@
+// gemm_epilogue on the GPU: one cuBLASLt matmul with a fused epilogue (common.h states the
+// contract). cuBLASLt, not a kernel of our own: its Hopper GEMMs are what torch runs for
+// F.linear (the nvjet kernels of the step profile, ~87% of the measured matmul rate), and the
+// epilogues fold the work around them (bias, GELU and its saved input, GELU's backward, bias
+// gradients) into the GEMM's output pass.
+#include <cublasLt.h>
+
+#include <mutex>
+#include <vector>
+
+#include "common.h"
+
+namespace engine {
+namespace {
+
+void cublas_check(cublasStatus_t status, const char* call) {
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    throw std::runtime_error(std::string("gemm_epilogue: ") + call + " failed: " + cublasLtGetStatusString(status));
+  }
+}
+
+#define ENGINE_CUBLAS_CHECK(call) cublas_check((call), #call)
+
+cudaDataType_t cuda_type(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return CUDA_R_32F;
+    case DType::Float16: return CUDA_R_16F;
+    case DType::BFloat16: return CUDA_R_16BF;
+    case DType::Float64: return CUDA_R_64F;
+  }
+  throw std::invalid_argument("gemm_epilogue: unknown dtype");
+}
+
+cublasLtEpilogue_t cublas_epilogue(GemmEpilogue epilogue) {
+  switch (epilogue) {
+    case GemmEpilogue::None: return CUBLASLT_EPILOGUE_DEFAULT;
+    case GemmEpilogue::Bias: return CUBLASLT_EPILOGUE_BIAS;
+    case GemmEpilogue::GeluAuxBias: return CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+    case GemmEpilogue::DGeluBGrad: return CUBLASLT_EPILOGUE_DGELU_BGRAD;
+    case GemmEpilogue::BGradB: return CUBLASLT_EPILOGUE_BGRADB;
+  }
+  throw std::invalid_argument("gemm_epilogue: unknown epilogue");
+}
+
+// One handle per device, created on first use and kept for the process (cuBLASLt handles are
+// not tied to a stream).
+cublasLtHandle_t handle_for(int device) {
+  static std::mutex mutex;
+  static std::vector<cublasLtHandle_t> handles;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<std::size_t>(device) >= handles.size()) handles.resize(device + 1, nullptr);
+  if (handles[device] == nullptr) ENGINE_CUBLAS_CHECK(cublasLtCreate(&handles[device]));
+  return handles[device];
+}
+
+// RAII owners of the descriptors of one call.
+struct MatmulDesc {
+  cublasLtMatmulDesc_t desc = nullptr;
+  ~MatmulDesc() { if (desc) cublasLtMatmulDescDestroy(desc); }
+  template <class T>
+  void set(cublasLtMatmulDescAttributes_t attribute, const T& value) {
+    ENGINE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, attribute, &value, sizeof value));
+  }
+};
+struct Layout {
+  cublasLtMatrixLayout_t desc = nullptr;
+  Layout(cudaDataType_t type, std::int64_t rows, std::int64_t cols, std::int64_t ld) {
+    ENGINE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&desc, type, rows, cols, ld));
+  }
+  ~Layout() { if (desc) cublasLtMatrixLayoutDestroy(desc); }
+};
+struct Preference {
+  cublasLtMatmulPreference_t desc = nullptr;
+  Preference() { ENGINE_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&desc)); }
+  ~Preference() { if (desc) cublasLtMatmulPreferenceDestroy(desc); }
+};
+
+}  // namespace
+
+void gemm_epilogue_cuda(const GemmCall& c, void* workspace, std::int64_t workspace_bytes, int device, void* stream) {
+  CudaDeviceScope scope(device, "gemm_epilogue");
+  const bool fp64 = c.ab_dtype == DType::Float64;
+  MatmulDesc op;
+  ENGINE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&op.desc, fp64 ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F,
+                                               fp64 ? CUDA_R_64F : CUDA_R_32F));
+  op.set(CUBLASLT_MATMUL_DESC_TRANSA, c.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N);
+  op.set(CUBLASLT_MATMUL_DESC_TRANSB, c.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
+  op.set(CUBLASLT_MATMUL_DESC_EPILOGUE, cublas_epilogue(c.epilogue));
+  if (c.epilogue != GemmEpilogue::None) {
+    op.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, c.bias);
+    op.set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, cuda_type(c.bias_dtype));
+  }
+  if (c.epilogue == GemmEpilogue::GeluAuxBias || c.epilogue == GemmEpilogue::DGeluBGrad) {
+    op.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, c.aux);
+    op.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, c.ld_aux);
+  }
+  const cudaDataType_t ab = cuda_type(c.ab_dtype), d = cuda_type(c.d_dtype);
+  Layout a(ab, c.trans_a ? c.k : c.m, c.trans_a ? c.m : c.k, c.lda);
+  Layout b(ab, c.trans_b ? c.n : c.k, c.trans_b ? c.k : c.n, c.ldb);
+  Layout out(d, c.m, c.n, c.ldd);
+
+  cublasLtHandle_t handle = handle_for(device);
+  Preference preference;
+  const std::uint64_t max_workspace = static_cast<std::uint64_t>(workspace_bytes);
+  ENGINE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference.desc, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                           &max_workspace, sizeof max_workspace));
+  cublasLtMatmulHeuristicResult_t heuristic{};
+  int found = 0;
+  ENGINE_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, op.desc, a.desc, b.desc, out.desc, out.desc,
+                                                     preference.desc, 1, &heuristic, &found));
+  if (found == 0) {
+    throw std::runtime_error("gemm_epilogue: cuBLASLt has no algorithm for m=" + std::to_string(c.m) +
+                             " n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) + " epilogue " +
+                             std::to_string(static_cast<int>(c.epilogue)) + " with these dtypes and alignments");
+  }
+  const double one64 = 1.0, zero64 = 0.0;
+  const float one32 = 1.0f, zero32 = 0.0f;
+  const void* alpha = fp64 ? static_cast<const void*>(&one64) : static_cast<const void*>(&one32);
+  const void* beta = fp64 ? static_cast<const void*>(&zero64) : static_cast<const void*>(&zero32);
+  ENGINE_CUBLAS_CHECK(cublasLtMatmul(handle, op.desc, alpha, c.a, a.desc, c.b, b.desc, beta, c.d, out.desc, c.d,
+                                     out.desc, &heuristic.algo, workspace, static_cast<std::size_t>(workspace_bytes),
+                                     static_cast<cudaStream_t>(stream)));
+}
+
+}  // namespace engine
