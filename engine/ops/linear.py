@@ -232,9 +232,12 @@ def _cublaslt_gelu_input_grads(dy2, weight2, pre, bias_dtype):
     M, N = dy2.shape
     H = weight2.shape[1]
     dpre = _new_output((M, H), dy2.dtype, dy2.device)
-    db1 = _new_output((H,), bias_dtype, dy2.device)
+    # In d_pre's dtype: cuBLASLt (13, H200) refuses DGELU_BGRAD with an fp32 bias gradient for a
+    # bf16 output ("an unsupported value or parameter"), so under autocast d_b1 is rounded to
+    # bf16 as eager's is.
+    db1 = _new_output((H,), dy2.dtype, dy2.device)
     _gemm_epilogue(False, False, H, M, N, weight2, dy2, dpre, "dgelu_bgrad", db1, pre)
-    return dpre, db1
+    return dpre, db1.to(bias_dtype)
 
 
 def _matmul_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -375,7 +378,10 @@ def _compute_dtype(x, weight, bias) -> torch.dtype:
 
 
 # auto's order on CUDA (outside torch.compile, which gets eager: see the module docstring).
-AUTO_PREFERENCE: tuple[str, ...] = ("cuda", "triton")
+# Triton: fwd + bwd on the H200 (commit 5e7f6c8, bench/kernels.py --timer cudagraph, bf16, 16384
+# tokens), cuda vs triton: 1152 -> 4608 + GELU 963 vs 1007 us, 4608 -> 1152 806 vs 797, 1152 ->
+# 3456 634 vs 583: the epilogue GEMMs cuBLASLt's heuristic picks gain nothing overall.
+AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
 
 @torch.compiler.assume_constant_result

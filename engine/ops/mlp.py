@@ -17,10 +17,12 @@ fc1's GEMM (2.5 ms). With both GEMMs in one op, cuBLASLt's epilogues take both p
 
 Backends: ``eager`` (F.linear, F.gelu, F.linear with autograd: the reference); ``triton`` (two
 ``engine.ops.linear`` calls on their Triton backend); ``cuda`` (the above, engine._C's
-gemm_epilogue; on CPU tensors its C++ reference). ``auto``: cuda when engine._C has CUDA
-kernels, else triton, on CUDA tensors; eager on the CPU and under torch.compile. Weight and
-bias gradients come back in the parameters' dtype (fp32 from the GEMMs' accumulators under
-autocast), as with ``engine.ops.linear``.
+gemm_epilogue; on CPU tensors its C++ reference). ``auto``: triton on CUDA tensors, eager on the
+CPU and under torch.compile: measured on the H200, the epilogue GEMMs cuBLASLt picks are slower
+than the plain GEMMs plus the Triton passes (AUTO_PREFERENCE below), so the fusion above is
+correct and tested but not yet a speedup. Weight and bias gradients come back in the
+parameters' dtype (fp32 from the GEMMs' accumulators under autocast; cuda's d_b1 is rounded to
+bf16 first, see engine.ops.linear._cublaslt_gelu_input_grads), as with ``engine.ops.linear``.
 """
 
 from __future__ import annotations
@@ -119,8 +121,12 @@ def _check_inputs(x, w1, b1, w2, b2) -> None:
                          f"{None if b1 is None else tuple(b1.shape)} and {None if b2 is None else tuple(b2.shape)}")
 
 
-# auto's order on CUDA (outside torch.compile, which gets eager).
-AUTO_PREFERENCE: tuple[str, ...] = ("cuda", "triton")
+# auto's order on CUDA (outside torch.compile, which gets eager). Triton: PixArt-XL/2's block MLP
+# (16384 tokens, 1152 -> 4608 -> 1152, bf16, fwd + bwd) took 2115 us on cuda against 1818 on
+# triton and 1840 eager (H200, commit 5e7f6c8, bench/kernels.py --timer cudagraph): the GEMMs
+# with the GELU_AUX_BIAS / DGELU_BGRAD / BGRADB epilogues that cuBLASLt's heuristic returns are
+# slower than the plain GEMMs plus the Triton passes they replace.
+AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
 
 def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
