@@ -15,9 +15,11 @@ Triton design. A head's keys and values are few (L <= 256 padded to BLOCK_L), so
 holds all of them in one tile: the forward is a single softmax over that tile per query block
 (no online-softmax rescaling), and the backward is ONE kernel per (sample, head): it keeps
 dk, dv for all L keys in fp32 registers while looping over the query blocks, and writes dq for
-each query block as it goes (each query block's dq depends only on the keys it holds). One
-kernel rather than flash-attention's dq pass + dk/dv pass saves recomputing QK^T and dO V^T
-a second time (5 matmuls per query block instead of 7) and needs no atomics; its parallelism
+each query block as it goes (each query block's dq depends only on the keys it holds). Since a
+query row's keys all sit in the tile, the softmax backward's row statistic rowsum(dO * O) is
+computed as sum_l P dP from the tiles at hand, so O is never read (the backward went from 284 to
+220 us at B64 N256 on the H200 when it stopped reading O). One kernel rather than
+flash-attention's dq pass + dk/dv pass saves recomputing QK^T and dO V^T a second time (5 matmuls per query block instead of 7) and needs no atomics; its parallelism
 is B*H programs, enough at PixArt's training batches (B*H = 512 - 1024 against 132 SMs). For
 small batches the query blocks of a head are split over several programs that write fp32
 dk/dv partials, summed afterwards (``splits``). The backward works on key-major (transposed)
@@ -510,8 +512,9 @@ def _check_kernel_limits(q, k, backend) -> None:
         raise ValueError(f"cross_attention: the {backend} backend takes head dim d <= {MAX_KERNEL_HEAD_DIM}, got {d}")
 
 
-# auto's order on CUDA. Triton first: forward + backward 361 us against masked SDPA's fastest
-# kernel (cuDNN) 387 us at B64 N256, 619 against 671 at B32 N1024 (H100, see FWD_CONFIG).
+# auto's order on CUDA. Triton first: forward + backward 320 us against masked SDPA's fastest
+# kernel (cuDNN) 374 us at B64 N256, 508 against 633 at B32 N1024, full 120-key captions (H200,
+# commit 3c3cbcd, bench/kernels.py --timer cudagraph; 1.25-1.29x with random caption lengths).
 AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
 
