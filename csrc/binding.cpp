@@ -347,14 +347,15 @@ void gemm_epilogue(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, s
     engine::gemm_epilogue_cpu(call);
     return;
   }
-#ifdef ENGINE_WITH_CUDA
+#ifdef ENGINE_WITH_CUBLASLT
   engine::gemm_epilogue_cuda(call, reinterpret_cast<void*>(workspace_ptr), workspace_bytes, device,
                              reinterpret_cast<void*>(stream));
 #else
   (void)stream;
   (void)workspace_ptr;
   (void)workspace_bytes;
-  throw std::runtime_error("gemm_epilogue: engine._C was built without CUDA, so it has no kernels for device pointers (device >= 0)");
+  throw std::runtime_error("gemm_epilogue: engine._C was built without cuBLASLt (see has_cublaslt()), so it has "
+                           "no GPU path; rebuild with cuBLASLt found (ENGINE_CUBLAS_ROOT)");
 #endif
 }
 
@@ -370,6 +371,13 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   }, "Whether the module was compiled with nvcc and has CUDA kernels.");
+  m.def("has_cublaslt", [] {
+#ifdef ENGINE_WITH_CUBLASLT
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether gemm_epilogue has its cuBLASLt (GPU) path.");
   m.def("cuda_archs", [] { return std::string(ENGINE_CUDA_ARCHS); },
         "GPU architectures the CUDA kernels were compiled for, comma separated ('' without CUDA).");
 

@@ -297,7 +297,7 @@ struct GemmCall {
 };
 
 void gemm_epilogue_cpu(const GemmCall& call);
-#ifdef ENGINE_WITH_CUDA
+#ifdef ENGINE_WITH_CUBLASLT
 void gemm_epilogue_cuda(const GemmCall& call, void* workspace, std::int64_t workspace_bytes, int device, void* stream);
 #endif
 

@@ -78,3 +78,27 @@ def test_missing_cuda_device_raises_runtime_error_naming_op(op):
     kwargs["device"] = torch.cuda.device_count()
     with pytest.raises(RuntimeError, match=f"^{op}: "):
         getattr(_C, op)(**kwargs)
+
+
+def test_gemm_epilogue_refuses_bad_arguments():
+    """gemm_epilogue's checks name the argument: epilogue code, leading dimensions, and the
+    bias / aux pointers each epilogue needs (or must not get)."""
+    a, b, d = torch.randn(4, 3), torch.randn(5, 3), torch.empty(5, 4)  # row-major: d (5 x 4) = ...
+    bias, aux = torch.randn(4), torch.empty(5, 4)
+    args = dict(trans_a=True, trans_b=False, m=4, n=5, k=3, a=a.data_ptr(), lda=3, b=b.data_ptr(), ldb=3,
+                d=d.data_ptr(), ldd=4, epilogue=0, bias=0, aux=0, ld_aux=0, ab_dtype=0, d_dtype=0, bias_dtype=0,
+                workspace=0, workspace_bytes=0, device=-1, stream=0)
+    assert isinstance(_C.has_cublaslt(), bool)
+    _C.gemm_epilogue(**args)
+    torch.testing.assert_close(d, b @ a.t())  # column-major D (4 x 5) = A^T (4 x 3) B (3 x 5)
+    for change, message in [(dict(epilogue=7), "epilogue: unknown code 7"),
+                            (dict(lda=2), "lda: 2 is below the 3 rows"),
+                            (dict(ldd=3), "ldd: 3 is below the 4 rows"),
+                            (dict(epilogue=1), "bias: null pointer"),
+                            (dict(bias=bias.data_ptr()), "bias: must be 0"),
+                            (dict(epilogue=2, bias=bias.data_ptr()), "aux: null pointer"),
+                            (dict(epilogue=2, bias=bias.data_ptr(), aux=aux.data_ptr(), ld_aux=3), "ld_aux: 3 is below"),
+                            (dict(epilogue=4, bias=bias.data_ptr(), aux=aux.data_ptr()), "aux: must be 0"),
+                            (dict(m=0), "m: must be positive")]:
+        with pytest.raises(ValueError, match=message):
+            _C.gemm_epilogue(**{**args, **change})

@@ -365,6 +365,13 @@ def _check_inputs(x, weight, bias, activation) -> None:
         raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+@torch.compiler.assume_constant_result
+def cublaslt_missing(device_type: str) -> bool:
+    """True when a cuda-backend call on this device type would find no cuBLASLt path in engine._C
+    (CUDA tensors with a module built without cuBLASLt); CPU tensors run the C++ reference."""
+    return device_type == "cuda" and not extension_function("has_cublaslt")()
+
+
 def _compute_dtype(x, weight, bias) -> torch.dtype:
     """The autocast dtype when autocast is on for x's device (as F.linear would run), else the
     one dtype x, weight and bias must share."""
@@ -402,4 +409,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         name = resolve(backend, x.device, prefer=AUTO_PREFERENCE)
     if name == "eager":
         return linear_ref(x, weight, bias, activation)
+    if name == "cuda" and cublaslt_missing(x.device.type):
+        raise RuntimeError("linear: the cuda backend runs cuBLASLt epilogues, and engine._C was built without "
+                           "cuBLASLt; use 'triton', or rebuild with it found (ENGINE_CUBLAS_ROOT, see setup.py)")
     return _LinearFunction.apply(x, weight, bias, activation == "gelu_tanh", _compute_dtype(x, weight, bias), name)

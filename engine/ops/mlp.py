@@ -143,6 +143,9 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
     if name == "triton":
         h = _linear.linear(x, w1, b1, "gelu_tanh", backend="triton")
         return _linear.linear(h, w2, b2, backend="triton")
+    if _linear.cublaslt_missing(x.device.type):
+        raise RuntimeError("mlp: the cuda backend runs cuBLASLt epilogues, and engine._C was built without "
+                           "cuBLASLt; use 'triton', or rebuild with it found (ENGINE_CUBLAS_ROOT, see setup.py)")
     dtype = _linear._compute_dtype(x, w1, b1)
     if any(t.dtype != w1.dtype for t in (b1, w2, b2)) or (not torch.is_autocast_enabled(x.device.type)
                                                           and x.dtype != w1.dtype):

@@ -361,3 +361,12 @@ def test_no_tokens_gives_zero_gradients():
         linear(x, weight, bias, activation, backend="triton").sum().backward()
         assert torch.equal(bias.grad, torch.zeros(6)) and torch.equal(weight.grad, torch.zeros(6, 8))
         bias.grad = weight.grad = None
+
+
+def test_cuda_backend_without_cublaslt_is_a_clear_error(monkeypatch):
+    """A CUDA build of engine._C made where cuBLASLt was not found has no GPU path for the cuda
+    backend: the call says so instead of failing inside the extension."""
+    monkeypatch.setattr(lm, "cublaslt_missing", lambda device_type: True)
+    x, weight, bias = make_inputs((2, 5), 8, 12, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="built without cuBLASLt; use 'triton'"):
+        linear(x, weight, bias, backend="cuda")

@@ -170,3 +170,9 @@ def test_bad_inputs_raise_clear_errors():
         mlp(x, w1, None, w2, b2)
     with pytest.raises(TypeError, match="must share a dtype"):
         mlp(x, w1, b1, w2.double(), b2, backend="cuda")
+
+
+def test_cuda_backend_without_cublaslt_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(lm, "cublaslt_missing", lambda device_type: True)
+    with pytest.raises(RuntimeError, match="built without cuBLASLt; use 'triton'"):
+        mlp(*make_inputs((2, 5), 8, 16, 4, torch.float32, "cpu"), backend="cuda")
