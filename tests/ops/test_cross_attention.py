@@ -17,13 +17,11 @@ import triton.language as tl
 from engine.ops.backend import triton_interpreted
 from engine.ops.cross_attention import cross_attention, cross_attention_ref
 from tests.ops.conftest import bf16_bits_as_fp32
+from tests.ops.design_rule import assert_rule
 
 # The module (engine.ops re-exports the function under the module's name).
 ca = importlib.import_module("engine.ops.cross_attention")
 
-# atol as a fraction of the reference's largest magnitude: room for reordered fp32 sums where
-# eager happens to be almost exact; for bf16 / fp16 a quarter of one rounding step at 1.0.
-ATOL_FRACTION = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2.5e-4}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -79,18 +77,6 @@ def run(q, kv, kv_lens, do, backend, cast=None):
         o = cross_attention(q, k, v, kv_lens, backend=backend)
     dq, dkv = torch.autograd.grad(o, (q, kv), do.to(o.dtype))
     return [o, dq, dkv[:, :, 0], dkv[:, :, 1]]
-
-
-def assert_rule(names, kernel, eager, ref, seed):
-    for name, k, e, r in zip(names, kernel, eager, ref, strict=True):
-        assert k.dtype == e.dtype and k.shape == e.shape, \
-            f"{name}: {k.dtype}{tuple(k.shape)} vs eager {e.dtype}{tuple(e.shape)}"
-        assert torch.isfinite(k).all(), f"{name}: non-finite values in the kernel's result (seed {seed})"
-        err_kernel = (k.double() - r).abs().max().item()
-        err_eager = (e.double() - r).abs().max().item()
-        atol = ATOL_FRACTION[k.dtype] * r.abs().max().item()
-        assert err_kernel <= 2 * err_eager + atol, (
-            f"{name}: kernel error {err_kernel:.3g} > 2 x eager error {err_eager:.3g} + atol {atol:.3g} (seed {seed})")
 
 
 def assert_padding_untouched(o, dq, dk, dv, kv_lens, seed):

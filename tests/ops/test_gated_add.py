@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from engine.ops.gated_add import gated_add, gated_add_ref
+from tests.ops.design_rule import assert_rule
 
 ga = importlib.import_module("engine.ops.gated_add")
 
-ATOL_FRACTION = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2.5e-4}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu")  # tests/ops/conftest.py
 NAMES = ["out", "dr", "da", "dgate"]
@@ -58,25 +58,13 @@ def run(r, a, gate, dout, backend, cast=None, forward_context=contextlib.nullcon
     return [out, *torch.autograd.grad(out, leaves, dout.to(out.dtype))]
 
 
-def assert_rule(kernel, eager, ref, seed):
-    for name, k, e, r in zip(NAMES, kernel, eager, ref, strict=True):
-        assert k.dtype == e.dtype and k.shape == e.shape, \
-            f"{name}: {k.dtype}{tuple(k.shape)} vs eager {e.dtype}{tuple(e.shape)}"
-        assert torch.isfinite(k).all(), f"{name}: non-finite values in the kernel's result (seed {seed})"
-        err_kernel = (k.double() - r).abs().max().item()
-        err_eager = (e.double() - r).abs().max().item()
-        atol = ATOL_FRACTION[k.dtype] * r.abs().max().item()
-        assert err_kernel <= 2 * err_eager + atol, (
-            f"{name}: kernel error {err_kernel:.3g} > 2 x eager error {err_eager:.3g} + atol {atol:.3g} (seed {seed})")
-
-
 def check_against_reference(B, N, D, dtype, gate_dtype, device, seed):
     r, a, gate = make_inputs(B, N, D, dtype, gate_dtype, device)
     dout = torch.randn(B, N, D, device=device).to(dtype)
     kernel = run(r, a, gate, dout, "triton")
     eager = run(r, a, gate, dout, "eager")
     ref = run(r, a, gate, dout, "reference", cast=torch.float64)
-    assert_rule(kernel, eager, ref, seed)
+    assert_rule(NAMES, kernel, eager, ref, seed)
 
 
 # (B, N, D, activation dtype, gate dtype). D = 150 and 72 are not multiples of BLOCK_D (128);
@@ -130,7 +118,7 @@ def test_autocast_activations_with_fp32_gate(device, seed):
     ref = run(r, a, gate, dout, "reference", cast=torch.float64)
     assert [t.dtype for t in kernel] == [torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32]
     assert torch.equal(kernel[1], dout)
-    assert_rule(kernel, eager, ref, seed)
+    assert_rule(NAMES, kernel, eager, ref, seed)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -19,13 +19,11 @@ import torch
 
 from engine.ops.backend import extension
 from engine.ops.linear import linear, linear_ref
+from tests.ops.design_rule import assert_rule
 
 # The module (engine.ops re-exports the function under the module's name).
 lm = importlib.import_module("engine.ops.linear")
 
-# atol as a fraction of the reference's largest magnitude: room for reordered fp32 sums where
-# eager happens to be almost exact; for bf16 / fp16 a quarter of one rounding step at 1.0.
-ATOL_FRACTION = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2.5e-4}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu")  # tests/ops/conftest.py
 NAMES = ["y", "dx", "dw", "db"]
@@ -72,18 +70,6 @@ def run(x, weight, bias, dy, activation, backend, cast=None, forward_context=con
             y = linear(*leaves, activation=activation, backend=backend)
     present = [t for t in leaves if t is not None]
     return [y, *torch.autograd.grad(y, present, dy.to(y.dtype))]
-
-
-def assert_rule(names, kernel, eager, ref, seed):
-    for name, k, e, r in zip(names, kernel, eager, ref, strict=True):
-        assert k.dtype == e.dtype and k.shape == e.shape, \
-            f"{name}: {k.dtype}{tuple(k.shape)} vs eager {e.dtype}{tuple(e.shape)}"
-        assert torch.isfinite(k).all(), f"{name}: non-finite values in the kernel's result (seed {seed})"
-        err_kernel = (k.double() - r.double()).abs().max().item()
-        err_eager = (e.double() - r.double()).abs().max().item()
-        atol = ATOL_FRACTION[k.dtype] * r.abs().max().item()
-        assert err_kernel <= 2 * err_eager + atol, (
-            f"{name}: kernel error {err_kernel:.3g} > 2 x eager error {err_eager:.3g} + atol {atol:.3g} (seed {seed})")
 
 
 def check_against_reference(tokens, K, N, activation, with_bias, dtype, device, seed, backend="triton"):
