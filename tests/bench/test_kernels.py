@@ -1,4 +1,4 @@
-"""bench/kernels.py on the CPU: the attention, patchify and linear rows at their smoke shapes, the
+"""bench/kernels.py on the CPU: the attention, patchify, linear, mlp and gated_add rows at their smoke shapes, the
 speedup bookkeeping, the flash-attn baseline's key packing, and shape parsing."""
 
 import csv
@@ -19,7 +19,7 @@ import kernels  # noqa: E402
 from engine.ops.backend import unavailable_reason  # noqa: E402
 from engine.ops.cross_attention import cross_attention_ref  # noqa: E402
 
-NEW_OPS = ("cross_attention", "self_attention", "patchify", "unpatchify", "linear")
+NEW_OPS = ("cross_attention", "self_attention", "patchify", "unpatchify", "linear", "mlp", "gated_add")
 SDPA_KERNEL_NAMES = {"cudnn", "flash", "efficient", "math"}
 
 
@@ -87,13 +87,13 @@ def test_smoke_run_has_a_row_for_every_variant_and_baseline(tmp_path):
     # reference path of engine._C where it is built, and SDPA's math kernel.
     for op in NEW_OPS:
         assert row(op, "eager")["time_us"] is not None, op
-    for op in ("cross_attention", "patchify", "unpatchify", "linear"):
+    for op in ("cross_attention", "patchify", "unpatchify", "linear", "mlp", "gated_add"):
         assert row(op, "triton")["time_us"] is not None, row(op, "triton")["skipped"]
     cpu_cuda_reason = unavailable_reason("cuda", torch.device("cpu"))
-    for op in ("patchify", "unpatchify"):
+    for op in ("patchify", "unpatchify", "linear", "mlp"):  # linear, mlp: gemm_epilogue's C++ reference
         assert (row(op, "cuda")["time_us"] is not None) == (cpu_cuda_reason is None), row(op, "cuda")
     assert "no Triton kernel" in row("self_attention", "triton")["skipped"]
-    assert row("linear", "cuda")["skipped"] == "linear has no cuda backend"
+    assert row("gated_add", "cuda")["skipped"] == "gated_add has no cuda backend"
     for op in ("cross_attention", "self_attention"):
         assert row(op, "sdpa-math")["time_us"] is not None, row(op, "sdpa-math")["skipped"]
     assert "mask" in row("cross_attention", "sdpa-flash")["skipped"]
@@ -177,6 +177,7 @@ def test_flash_attn_baseline_packs_the_valid_keys(monkeypatch):
     (kernels.parse_bnd, "64x256x1152", (64, 256, 1152)),
     (kernels.parse_linear_shape, "16384x1152x4608g", (16384, 1152, 4608, True)),
     (kernels.parse_linear_shape, "16384x4608x1152", (16384, 4608, 1152, False)),
+    (kernels.parse_mlp_shape, "16384x1152x4608x1152", (16384, 1152, 4608, 1152)),
 ])
 def test_shape_parsers_read_good_shapes(parse, text, expected):
     assert parse(text) == expected
@@ -193,6 +194,7 @@ def test_shape_parsers_read_good_shapes(parse, text, expected):
     (kernels.parse_image_shape, "64x4x33x32p2"),         # H not a multiple of p
     (kernels.parse_bnd, "64x256"),
     (kernels.parse_linear_shape, "16384x1152g"),         # N missing
+    (kernels.parse_mlp_shape, "16384x1152x4608"),        # N missing
     (kernels.parse_linear_shape, "16384x1152x4608gg"),
     (kernels.parse_linear_shape, "16384x0x4608"),
 ])
