@@ -178,19 +178,25 @@ def _cublaslt_workspace(device_index: int) -> torch.Tensor:
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[-1] else t.contiguous()
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _leading_dim(t: torch.Tensor) -> int:
+    """A row-major 2-D tensor's row stride, i.e. its column-major leading dimension; for a single
+    row (whose stride torch leaves arbitrary) the row length, the smallest valid one."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
 def _gemm_epilogue(trans_a, trans_b, m, n, k, a, b, d, epilogue, bias=None, aux=None):
-    """One engine._C.gemm_epilogue call; a, b, d, aux row-major 2-D tensors (their row stride is
-    the column-major leading dimension), bias a vector."""
+    """One engine._C.gemm_epilogue call; a, b, d, aux row-major 2-D tensors with unit column
+    stride, bias a vector."""
     gemm = extension_function("gemm_epilogue")
     on_gpu = d.is_cuda
     device = d.device.index if d.device.index is not None else torch.cuda.current_device() if on_gpu else -1
     workspace = _cublaslt_workspace(device) if on_gpu else None
-    gemm(trans_a, trans_b, m, n, k, a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), d.data_ptr(), d.stride(0),
-         _EPILOGUE_CODES[epilogue], 0 if bias is None else bias.data_ptr(), 0 if aux is None else aux.data_ptr(),
-         0 if aux is None else aux.stride(0), dtype_code(a), dtype_code(d),
+    gemm(trans_a, trans_b, m, n, k, a.data_ptr(), _leading_dim(a), b.data_ptr(), _leading_dim(b), d.data_ptr(),
+         _leading_dim(d), _EPILOGUE_CODES[epilogue], 0 if bias is None else bias.data_ptr(),
+         0 if aux is None else aux.data_ptr(), 0 if aux is None else _leading_dim(aux), dtype_code(a), dtype_code(d),
          dtype_code(bias) if bias is not None else dtype_code(d),
          0 if workspace is None else workspace.data_ptr(), 0 if workspace is None else CUBLASLT_WORKSPACE_BYTES,
          device, cuda_stream(d))

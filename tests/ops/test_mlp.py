@@ -164,3 +164,16 @@ def test_cuda_backend_without_cublaslt_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(lm, "cublaslt_missing", lambda device_type: True)
     with pytest.raises(RuntimeError, match="built without cuBLASLt; use 'triton'"):
         mlp(*make_inputs((2, 5), 8, 16, 4, torch.float32, "cpu"), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_token_and_strided_input(backend, seed):
+    """One token (its row stride is arbitrary to torch, not a valid leading dimension) and an x
+    whose last dimension is not the dense one (a transposed view): both go through every GEMM."""
+    _, w1, b1, w2, b2 = make_inputs((1,), 16, 24, 8, torch.float32, "cpu")
+    for x in (torch.randn(1, 1, 16), torch.randn(16, 5).t()):
+        inputs = [x, w1, b1, w2, b2]
+        dy = torch.randn(*x.shape[:-1], 8)
+        got, want = run(inputs, dy, backend), run(inputs, dy, "reference", cast=torch.float64)
+        for name, g, w in zip(NAMES, got, want):
+            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} (seed {seed}): {m}")
