@@ -6,6 +6,7 @@
 #include <cublasLt.h>
 
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -51,6 +52,14 @@ cublasLtHandle_t handle_for(int device) {
   if (static_cast<std::size_t>(device) >= handles.size()) handles.resize(device + 1, nullptr);
   if (handles[device] == nullptr) ENGINE_CUBLAS_CHECK(cublasLtCreate(&handles[device]));
   return handles[device];
+}
+
+// The largest power of two (up to 256, cuBLASLt's default assumption) that divides the address.
+std::uint32_t pointer_alignment(const void* pointer) {
+  const auto address = reinterpret_cast<std::uintptr_t>(pointer);
+  std::uint32_t alignment = 1;
+  while (alignment < 256 && address % (2 * alignment) == 0) alignment *= 2;
+  return alignment;
 }
 
 // RAII owners of the descriptors of one call.
@@ -104,6 +113,15 @@ void gemm_epilogue_cuda(const GemmCall& c, void* workspace, std::int64_t workspa
   const std::uint64_t max_workspace = static_cast<std::uint64_t>(workspace_bytes);
   ENGINE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference.desc, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                            &max_workspace, sizeof max_workspace));
+  // Without these the heuristic assumes 256-byte-aligned operands; views that start at an
+  // offset (a slice of a fused projection) would then get a kernel they fault in.
+  const std::pair<cublasLtMatmulPreferenceAttributes_t, const void*> operands[] = {
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, c.a}, {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, c.b},
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c.d}, {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c.d}};
+  for (const auto& [attribute, pointer] : operands) {
+    const std::uint32_t alignment = pointer_alignment(pointer);
+    ENGINE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference.desc, attribute, &alignment, sizeof alignment));
+  }
   cublasLtMatmulHeuristicResult_t heuristic{};
   int found = 0;
   ENGINE_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, op.desc, a.desc, b.desc, out.desc, out.desc,

@@ -213,6 +213,8 @@ def _check_inputs(r, a, gate) -> None:
             raise ValueError(f"gated_add: {name} is on {t.device} but a is on {a.device}")
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 # auto's order on CUDA (outside torch.compile, which gets eager: see the module docstring).
 AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
@@ -237,4 +239,7 @@ def gated_add(r: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, backend: str
     if name == "cuda":
         raise RuntimeError("gated_add: there is no 'cuda' backend (no csrc/ kernel: two streaming passes "
                            "that Triton runs as they are); use 'triton' or 'eager'")
+    if any(t.dtype not in KERNEL_DTYPES for t in (r, a, gate)):
+        raise TypeError(f"gated_add: the triton backend computes in fp32 and takes {KERNEL_DTYPES}, got r {r.dtype}, "
+                        f"a {a.dtype}, gate {gate.dtype}; use backend='eager'")
     return _GatedAddFunction.apply(r, a, gate)

@@ -174,6 +174,8 @@ CUBLASLT_WORKSPACE_BYTES = 32 * 2**20  # what torch gives cuBLASLt on Hopper
 
 @functools.cache
 def _cublaslt_workspace(device_index: int) -> torch.Tensor:
+    # One per device, shared by every call: safe because the engine issues its GEMMs on one
+    # stream (the current one); GEMMs on concurrent streams would each need their own.
     return torch.empty(CUBLASLT_WORKSPACE_BYTES, dtype=torch.uint8, device=torch.device("cuda", device_index))
 
 
@@ -259,7 +261,7 @@ def _matmul_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.
 
 
 def _forward_impl(x, weight, bias, gelu, backend):
-    if backend == "cuda":  # one cuBLASLt GEMM: bias, GELU and GELU's saved input in its epilogue
+    if backend == "cuda" and x.numel() > 0:  # one cuBLASLt GEMM: bias, GELU and GELU's saved input in its epilogue
         N, K = weight.shape
         y, pre = _cublaslt_forward(_row_major(x.reshape(-1, K)), _row_major(weight), bias, gelu)
         return y.view(*x.shape[:-1], N), (pre.view(*x.shape[:-1], N) if gelu else pre)
@@ -275,7 +277,7 @@ def _backward_impl(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dt
     x2 = x.reshape(-1, K)
     dpre, db = dy2, weight.new_empty(0, dtype=grad_dtype)
     dw = weight.new_empty(0, dtype=grad_dtype)
-    if backend == "cuda" and not gelu and need_dw:
+    if backend == "cuda" and not gelu and need_dw and dy2.shape[0] > 0:
         # dW and its bias gradient from one cuBLASLt GEMM (BGRADB epilogue)
         dw, column_sums = _cublaslt_weight_grads(_row_major(dy2), _row_major(x2), grad_dtype)
         db = column_sums if has_bias else db
@@ -331,9 +333,9 @@ def _(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dtype, backend)
 class _LinearFunction(torch.autograd.Function):
     """Casts to the compute dtype inside the Function (autocast's job for F.linear), so the
     backward can hand fp32 parameters fp32 gradients straight from the GEMM and the column sum.
-    Unused output gradients stay None: the GELU Linear's pre-activation is an output only for
-    the compiled path, and materialising its zero gradient cost a 151 MB fill per MLP (1.3 ms a
-    step, H200 profile at 919055b)."""
+    Its one output is y: the GELU Linear's pre-activation is saved, not returned, so autograd has
+    no zero gradient to materialise for it (as an output of the registered custom op it cost a
+    151 MB fill per MLP, 1.3 ms a step, H200 profile at 919055b)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, gelu, dtype, backend):
@@ -341,7 +343,6 @@ class _LinearFunction(torch.autograd.Function):
         b_low = bias.to(dtype) if bias is not None else None
         run = _fwd_op if torch.compiler.is_compiling() else _forward_impl
         y, pre = run(x_low, w_low, b_low, gelu, backend)
-        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x_low, w_low, pre)
         ctx.gelu, ctx.has_bias, ctx.grad_dtype, ctx.backend = gelu, bias is not None, weight.dtype, backend
         return y

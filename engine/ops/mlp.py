@@ -27,6 +27,7 @@ bf16 first, see engine.ops.linear._cublaslt_gelu_input_grads), as with ``engine.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -46,20 +47,38 @@ def mlp_ref(x, w1, b1, w2, b2):
 def _forward_impl(x, w1, b1, w2, b2):
     """(y, h, pre) on cuBLASLt: h = GELU(pre) is fc2's input (kept for dW2), pre for GELU'."""
     K, N = x.shape[-1], w2.shape[0]
+    if x.numel() == 0:  # no tokens: no GEMM to launch
+        H = w1.shape[0]
+        return x.new_empty((*x.shape[:-1], N)), x.new_empty((0, H)), x.new_empty((0, H))
     h, pre = _linear._cublaslt_forward(_linear._row_major(x.reshape(-1, K)), _linear._row_major(w1), b1, True)
     y, _ = _linear._cublaslt_forward(h, _linear._row_major(w2), b2, False)
     return y.view(*x.shape[:-1], N), h, pre
 
 
-def _backward_impl(dy, x, w1, w2, h, pre, grad_dtype, need_dx):
-    """(dx, dw1, db1, dw2, db2); dx empty when not needed, the parameter gradients in grad_dtype."""
+def _backward_impl(dy, x, w1, w2, h, pre, grad_dtype, need_dx, need_fc1, need_fc2):
+    """(dx, dw1, db1, dw2, db2), the parameter gradients in grad_dtype; need_fc1 / need_fc2: that
+    Linear's weight and bias are trained (a frozen one gets empty gradients and no GEMM)."""
     K, N = x.shape[-1], w2.shape[0]
+    H = w1.shape[0]
+    M = dy.numel() // N
+    def nothing():  # a fresh empty tensor each time: a custom op's returns may not alias
+        return w1.new_empty(0, dtype=grad_dtype)
+
+    dx, dw1, db1, dw2, db2 = x.new_empty(0), nothing(), nothing(), nothing(), nothing()
+    if M == 0:  # no tokens: zero gradients, nothing to launch
+        zeros = functools.partial(torch.zeros, dtype=grad_dtype, device=dy.device)
+        return (torch.zeros_like(x) if need_dx else dx, zeros(w1.shape) if need_fc1 else dw1,
+                zeros(H) if need_fc1 or need_dx else db1, zeros(w2.shape) if need_fc2 else dw2,
+                zeros(N) if need_fc2 else db2)
     dy2 = _linear._row_major(dy.reshape(-1, N))
-    dw2, db2 = _linear._cublaslt_weight_grads(dy2, h, grad_dtype)
-    dpre, db1 = _linear._cublaslt_gelu_input_grads(dy2, _linear._row_major(w2), pre, grad_dtype)
-    x2 = x.reshape(-1, K)
-    dw1 = _linear._matmul_into(dpre.t(), x2, grad_dtype)
-    dx = (dpre @ w1).view(x.shape) if need_dx else x.new_empty(0)
+    if need_fc2:
+        dw2, db2 = _linear._cublaslt_weight_grads(dy2, h, grad_dtype)
+    if need_dx or need_fc1:
+        dpre, db1 = _linear._cublaslt_gelu_input_grads(dy2, _linear._row_major(w2), pre, grad_dtype)
+        if need_fc1:
+            dw1 = _linear._matmul_into(dpre.t(), x.reshape(-1, K), grad_dtype)
+        if need_dx:
+            dx = (dpre @ w1).view(x.shape)
     return dx, dw1, db1, dw2, db2
 
 
@@ -77,17 +96,19 @@ def _(x, w1, b1, w2, b2):
 
 @torch.library.custom_op("engine::mlp_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, h: torch.Tensor,
-            pre: torch.Tensor, grad_dtype: torch.dtype, need_dx: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor, torch.Tensor]:
-    return _backward_impl(dy, x, w1, w2, h, pre, grad_dtype, need_dx)
+            pre: torch.Tensor, grad_dtype: torch.dtype, need_dx: bool, need_fc1: bool,
+            need_fc2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(dy, x, w1, w2, h, pre, grad_dtype, need_dx, need_fc1, need_fc2)
 
 
 @_bwd_op.register_fake
-def _(dy, x, w1, w2, h, pre, grad_dtype, need_dx):
+def _(dy, x, w1, w2, h, pre, grad_dtype, need_dx, need_fc1, need_fc2):
     H, N = w1.shape[0], w2.shape[0]
-    return (x.new_empty(x.shape) if need_dx else x.new_empty(0), w1.new_empty(w1.shape, dtype=grad_dtype),
-            w1.new_empty((H,), dtype=grad_dtype), w2.new_empty(w2.shape, dtype=grad_dtype),
-            w2.new_empty((N,), dtype=grad_dtype))
+    def shaped(t, shape, needed):
+        return t.new_empty(shape if needed else (0,), dtype=grad_dtype)
+
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0), shaped(w1, w1.shape, need_fc1),
+            shaped(w1, (H,), need_fc1 or need_dx), shaped(w2, w2.shape, need_fc2), shaped(w2, (N,), need_fc2))
 
 
 class _MlpFunction(torch.autograd.Function):
@@ -105,10 +126,9 @@ class _MlpFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w1, w2, h, pre = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
+        need_dx, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         run = _bwd_op if torch.compiler.is_compiling() else _backward_impl
-        dx, dw1, db1, dw2, db2 = run(dy.contiguous(), x, w1, w2, h, pre, ctx.grad_dtype, need_dx)
-        grads = (dx if need_dx else None, dw1, db1, dw2, db2)
+        grads = run(dy.contiguous(), x, w1, w2, h, pre, ctx.grad_dtype, need_dx, need_w1 or need_b1, need_w2 or need_b2)
         return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[:5])), None)
 
 
@@ -146,9 +166,8 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
     if _linear.cublaslt_missing(x.device.type):
         raise RuntimeError("mlp: the cuda backend runs cuBLASLt epilogues, and engine._C was built without "
                            "cuBLASLt; use 'triton', or rebuild with it found (ENGINE_CUBLAS_ROOT, see setup.py)")
-    dtype = _linear._compute_dtype(x, w1, b1)
     if any(t.dtype != w1.dtype for t in (b1, w2, b2)) or (not torch.is_autocast_enabled(x.device.type)
                                                           and x.dtype != w1.dtype):
         raise TypeError(f"mlp: x, weights and biases must share a dtype outside autocast, got x {x.dtype}, "
                         f"w1 {w1.dtype}, b1 {b1.dtype}, w2 {w2.dtype}, b2 {b2.dtype}")
-    return _MlpFunction.apply(x, w1, b1, w2, b2, dtype)
+    return _MlpFunction.apply(x, w1, b1, w2, b2, _linear._compute_dtype(x, w1, b1))

@@ -202,6 +202,12 @@ def test_bad_inputs_raise_clear_errors(backend):
         gated_add(r, a, gate.long(), backend=backend)
 
 
+def test_triton_refuses_fp64():
+    r, a, gate = make_inputs(2, 5, 8, torch.float64, torch.float64, "cpu")
+    with pytest.raises(TypeError, match="computes in fp32 .* got r torch.float64"):
+        gated_add(r, a, gate, backend="triton")
+
+
 def test_cuda_and_unknown_backends_are_errors():
     r, a, gate = make_inputs(2, 5, 8, torch.float32, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="'cuda'"):

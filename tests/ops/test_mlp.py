@@ -109,12 +109,22 @@ def test_autocast_bf16_with_fp32_parameters(backend, device, seed):
             assert not torch.equal(got, got.bfloat16().float()), f"{name} was rounded to bf16"
 
 
-def test_frozen_input_and_frozen_second_layer():
-    """Gradients only where asked: x frozen (first layer on data), and fc2 frozen."""
+def test_frozen_input_and_frozen_layers(monkeypatch):
+    """Gradients only where asked, and no weight-gradient GEMM for a frozen Linear: x frozen
+    (first layer on data), fc2 frozen, fc1 frozen."""
+    weight_gemms = []
+    weight_grads = lm._cublaslt_weight_grads
+    monkeypatch.setattr(lm, "_cublaslt_weight_grads", lambda *a: weight_gemms.append(1) or weight_grads(*a))
+    matmuls = []
+    matmul_into = lm._matmul_into
+    monkeypatch.setattr(lm, "_matmul_into", lambda *a: matmuls.append(1) or matmul_into(*a))
     inputs = make_inputs((2, 9), 16, 40, 8, torch.float32, "cpu")
-    for trainable in [(False, True, True, True, True), (True, True, True, False, False)]:
+    for trainable in [(False, True, True, True, True), (True, True, True, False, False),
+                      (True, False, False, True, True)]:
+        weight_gemms.clear(), matmuls.clear()
         leaves = [t.clone().requires_grad_(flag) for t, flag in zip(inputs, trainable)]
         mlp(*leaves, backend="cuda").square().sum().backward()
+        assert len(weight_gemms) == int(trainable[3]) and len(matmuls) == int(trainable[1]), trainable
         ref = [t.clone().double().requires_grad_(flag) for t, flag in zip(inputs, trainable)]
         mlp_ref(*ref).square().sum().backward()
         for t, r, flag in zip(leaves, ref, trainable):
@@ -127,8 +137,8 @@ def test_custom_ops_pass_opcheck():
     x, w1, b1, w2, b2 = make_inputs((2, 5), 8, 16, 8, torch.float32, "cpu")
     torch.library.opcheck(mm._fwd_op, (x, w1, b1, w2, b2))
     y, h, pre = mm._fwd_op(x, w1, b1, w2, b2)
-    for need_dx in (True, False):
-        torch.library.opcheck(mm._bwd_op, (torch.randn_like(y), x, w1, w2, h, pre, torch.float32, need_dx))
+    for needs in [(True, True, True), (False, True, False), (True, False, True), (False, False, True)]:
+        torch.library.opcheck(mm._bwd_op, (torch.randn_like(y), x, w1, w2, h, pre, torch.float32, *needs))
 
 
 COMPILERS = [("cpu", "aot_eager"), pytest.param("cuda", "inductor", marks=pytest.mark.gpu)]
@@ -168,12 +178,23 @@ def test_cuda_backend_without_cublaslt_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_token_and_strided_input(backend, seed):
-    """One token (its row stride is arbitrary to torch, not a valid leading dimension) and an x
-    whose last dimension is not the dense one (a transposed view): both go through every GEMM."""
-    _, w1, b1, w2, b2 = make_inputs((1,), 16, 24, 8, torch.float32, "cpu")
+    """A (1, H) second weight whose row stride is 1 (torch calls it contiguous; as a leading
+    dimension it is invalid), one token, and an x that is a transposed view."""
+    _, w1, b1, _, b2 = make_inputs((1,), 16, 24, 1, torch.float32, "cpu")
+    w2 = torch.randn(24, 1).t()  # (1, 24) with row stride 1: one output feature
     for x in (torch.randn(1, 1, 16), torch.randn(16, 5).t()):
         inputs = [x, w1, b1, w2, b2]
-        dy = torch.randn(*x.shape[:-1], 8)
+        dy = torch.randn(*x.shape[:-1], 1)
         got, want = run(inputs, dy, backend), run(inputs, dy, "reference", cast=torch.float64)
         for name, g, w in zip(NAMES, got, want):
             torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} (seed {seed}): {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens_gives_zero_gradients(backend):
+    leaves = [t.requires_grad_() for t in make_inputs((0,), 8, 16, 4, torch.float32, "cpu")]
+    y = mlp(*leaves, backend=backend)
+    y.sum().backward()
+    assert y.shape == (0, 4)
+    for t in leaves[1:]:
+        assert torch.equal(t.grad, torch.zeros_like(t)), t.shape
