@@ -294,11 +294,11 @@ void norm_modulate_bwd(std::uintptr_t dh, std::uintptr_t dr, std::uintptr_t r, s
 // ---------------------------------------------------------------------------------------
 // gemm_epilogue
 
-void gemm_epilogue(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, std::uintptr_t a_ptr,
-                   std::int64_t lda, std::uintptr_t b_ptr, std::int64_t ldb, std::uintptr_t d_ptr, std::int64_t ldd,
-                   int epilogue, std::uintptr_t bias_ptr, std::uintptr_t aux_ptr, std::int64_t ld_aux, int ab_dtype,
-                   int d_dtype, int bias_dtype, std::uintptr_t workspace_ptr, std::int64_t workspace_bytes, int device,
-                   std::uintptr_t stream) {
+int gemm_epilogue(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k, std::uintptr_t a_ptr,
+                  std::int64_t lda, std::uintptr_t b_ptr, std::int64_t ldb, std::uintptr_t d_ptr, std::int64_t ldd,
+                  int epilogue, std::uintptr_t bias_ptr, std::uintptr_t aux_ptr, std::int64_t ld_aux, int ab_dtype,
+                  int d_dtype, int bias_dtype, std::uintptr_t workspace_ptr, std::int64_t workspace_bytes, int device,
+                  std::uintptr_t stream, int algo) {
   if (!engine::is_gemm_epilogue_code(epilogue)) {
     throw py::value_error("epilogue: unknown code " + std::to_string(epilogue) +
                           "; expected 0 (none), 1 (bias), 2 (gelu_aux_bias), 3 (dgelu_bgrad) or 4 (bgradb)");
@@ -341,15 +341,19 @@ void gemm_epilogue(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, s
     check_absent(aux_ptr, "aux", "for this epilogue");
   }
   checked_device(device);
+  if (algo < 0) throw py::value_error("algo: " + std::to_string(algo) + " is negative (0 = cuBLASLt's first choice)");
 
   py::gil_scoped_release release_gil;
   if (device == -1) {
+    if (algo != 0) {
+      throw py::value_error("algo: the C++ reference has one algorithm (0), got " + std::to_string(algo));
+    }
     engine::gemm_epilogue_cpu(call);
-    return;
+    return 1;
   }
 #ifdef ENGINE_WITH_CUBLASLT
-  engine::gemm_epilogue_cuda(call, reinterpret_cast<void*>(workspace_ptr), workspace_bytes, device,
-                             reinterpret_cast<void*>(stream));
+  return engine::gemm_epilogue_cuda(call, algo, reinterpret_cast<void*>(workspace_ptr), workspace_bytes, device,
+                                    reinterpret_cast<void*>(stream));
 #else
   (void)stream;
   (void)workspace_ptr;
@@ -412,9 +416,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemm_epilogue", &gemm_epilogue,
         "cuBLASLt's column-major D (m x n) = op(A) op(B) with one fused epilogue (csrc/common.h): 0 none, 1 bias, "
         "2 gelu_aux_bias (aux = pre-activation), 3 dgelu_bgrad (D = acc * GELU'(aux), bias = row sums), 4 bgradb "
-        "(bias = column sums of op(B)). Pointers as ints, 0 = absent; workspace: device bytes for cuBLASLt.",
+        "(bias = column sums of op(B)). Pointers as ints, 0 = absent; workspace: device bytes for cuBLASLt. "
+        "algo picks one of cuBLASLt's candidate kernels for this call (0 = its heuristic's first choice); returns "
+        "how many candidates there are (1 for the C++ reference).",
         py::arg("trans_a"), py::arg("trans_b"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("lda"),
         py::arg("b"), py::arg("ldb"), py::arg("d"), py::arg("ldd"), py::arg("epilogue"), py::arg("bias"),
         py::arg("aux"), py::arg("ld_aux"), py::arg("ab_dtype"), py::arg("d_dtype"), py::arg("bias_dtype"),
-        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"));
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"), py::arg("algo") = 0);
 }

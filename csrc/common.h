@@ -279,6 +279,9 @@ void norm_modulate_bwd_cuda(const NormModulateBackward& io, const NormModulateSh
 //   DGeluBGrad  g = acc * GELU_tanh'(aux[i, j]); D = g; bias[i] = sum_j g   (bias written, m)
 //   BGradB      D = acc; bias[j] = sum_p op(B)[p, j]                 (bias written, length n)
 // aux has D's dtype and leading dimension ld_aux; bias has its own dtype.
+// On the GPU cuBLASLt offers several candidate kernels (algorithms) for one call signature;
+// `algo` picks one (0 = its heuristic's first choice) and the call returns how many there are,
+// so the caller can time each and keep the fastest (engine/ops/linear.py does).
 
 enum class GemmEpilogue : int { None = 0, Bias = 1, GeluAuxBias = 2, DGeluBGrad = 3, BGradB = 4 };
 
@@ -298,7 +301,9 @@ struct GemmCall {
 
 void gemm_epilogue_cpu(const GemmCall& call);
 #ifdef ENGINE_WITH_CUBLASLT
-void gemm_epilogue_cuda(const GemmCall& call, void* workspace, std::int64_t workspace_bytes, int device, void* stream);
+// Runs candidate `algo` (an error when there are not that many) and returns the candidate count.
+int gemm_epilogue_cuda(const GemmCall& call, int algo, void* workspace, std::int64_t workspace_bytes, int device,
+                       void* stream);
 #endif
 
 }  // namespace engine

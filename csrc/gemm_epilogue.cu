@@ -5,6 +5,8 @@
 // gradients) into the GEMM's output pass.
 #include <cublasLt.h>
 
+#include <array>
+#include <map>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -84,9 +86,41 @@ struct Preference {
   ~Preference() { if (desc) cublasLtMatmulPreferenceDestroy(desc); }
 };
 
+// Candidates asked of the heuristic per call signature. On the H200 the first choice for
+// DGELU_BGRAD was far slower than the plain GEMM of the same shape (docs/performance.md), so the
+// caller times the candidates instead of trusting the order.
+constexpr int kMaxCandidates = 16;
+
+// What decides cuBLASLt's candidate list: shapes, layouts, dtypes, epilogue, operand alignment
+// and workspace size (not the pointers themselves).
+struct Signature {
+  std::array<std::int64_t, 17> fields;
+  bool operator<(const Signature& other) const { return fields < other.fields; }
+};
+
+// The heuristic query costs tens of microseconds of host time; the engine repeats a handful of
+// signatures thousands of times, so each list is asked for once per process.
+const std::vector<cublasLtMatmulHeuristicResult_t>& candidates_for(const Signature& key, cublasLtHandle_t handle,
+                                                                    const MatmulDesc& op, const Layout& a,
+                                                                    const Layout& b, const Layout& out,
+                                                                    const Preference& preference) {
+  static std::mutex mutex;
+  static std::map<Signature, std::vector<cublasLtMatmulHeuristicResult_t>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  std::vector<cublasLtMatmulHeuristicResult_t> results(kMaxCandidates);
+  int count = 0;
+  ENGINE_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, op.desc, a.desc, b.desc, out.desc, out.desc,
+                                                     preference.desc, kMaxCandidates, results.data(), &count));
+  results.resize(count);
+  return cache.emplace(key, std::move(results)).first->second;
+}
+
 }  // namespace
 
-void gemm_epilogue_cuda(const GemmCall& c, void* workspace, std::int64_t workspace_bytes, int device, void* stream) {
+int gemm_epilogue_cuda(const GemmCall& c, int algo, void* workspace, std::int64_t workspace_bytes, int device,
+                       void* stream) {
   CudaDeviceScope scope(device, "gemm_epilogue");
   const bool fp64 = c.ab_dtype == DType::Float64;
   MatmulDesc op;
@@ -115,29 +149,41 @@ void gemm_epilogue_cuda(const GemmCall& c, void* workspace, std::int64_t workspa
                                                            &max_workspace, sizeof max_workspace));
   // Without these the heuristic assumes 256-byte-aligned operands; views that start at an
   // offset (a slice of a fused projection) would then get a kernel they fault in.
+  const void* aux_or_d = c.aux != nullptr ? c.aux : c.d;
   const std::pair<cublasLtMatmulPreferenceAttributes_t, const void*> operands[] = {
       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, c.a}, {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, c.b},
       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c.d}, {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c.d}};
-  for (const auto& [attribute, pointer] : operands) {
-    const std::uint32_t alignment = pointer_alignment(pointer);
-    ENGINE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference.desc, attribute, &alignment, sizeof alignment));
+  std::array<std::uint32_t, 4> alignments{};
+  for (std::size_t i = 0; i < 4; ++i) {
+    alignments[i] = pointer_alignment(operands[i].second);
+    ENGINE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(preference.desc, operands[i].first, &alignments[i],
+                                                             sizeof alignments[i]));
   }
-  cublasLtMatmulHeuristicResult_t heuristic{};
-  int found = 0;
-  ENGINE_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, op.desc, a.desc, b.desc, out.desc, out.desc,
-                                                     preference.desc, 1, &heuristic, &found));
-  if (found == 0) {
+  const Signature key{{c.trans_a, c.trans_b, c.m, c.n, c.k, c.lda, c.ldb, c.ldd, c.ld_aux,
+                       static_cast<std::int64_t>(c.epilogue),
+                       static_cast<std::int64_t>(c.ab_dtype) * 64 + static_cast<std::int64_t>(c.d_dtype) * 8 +
+                           static_cast<std::int64_t>(c.bias_dtype),
+                       alignments[0], alignments[1], alignments[2], pointer_alignment(aux_or_d), workspace_bytes,
+                       device}};
+  const auto& candidates = candidates_for(key, handle, op, a, b, out, preference);
+  const int count = static_cast<int>(candidates.size());
+  if (count == 0) {
     throw std::runtime_error("gemm_epilogue: cuBLASLt has no algorithm for m=" + std::to_string(c.m) +
                              " n=" + std::to_string(c.n) + " k=" + std::to_string(c.k) + " epilogue " +
                              std::to_string(static_cast<int>(c.epilogue)) + " with these dtypes and alignments");
+  }
+  if (algo < 0 || algo >= count) {
+    throw std::out_of_range("gemm_epilogue: algo " + std::to_string(algo) + " asked for, cuBLASLt offers " +
+                            std::to_string(count) + " candidates for this call");
   }
   const double one64 = 1.0, zero64 = 0.0;
   const float one32 = 1.0f, zero32 = 0.0f;
   const void* alpha = fp64 ? static_cast<const void*>(&one64) : static_cast<const void*>(&one32);
   const void* beta = fp64 ? static_cast<const void*>(&zero64) : static_cast<const void*>(&zero32);
   ENGINE_CUBLAS_CHECK(cublasLtMatmul(handle, op.desc, alpha, c.a, a.desc, c.b, b.desc, beta, c.d, out.desc, c.d,
-                                     out.desc, &heuristic.algo, workspace, static_cast<std::size_t>(workspace_bytes),
-                                     static_cast<cudaStream_t>(stream)));
+                                     out.desc, &candidates[algo].algo, workspace,
+                                     static_cast<std::size_t>(workspace_bytes), static_cast<cudaStream_t>(stream)));
+  return count;
 }
 
 }  // namespace engine

@@ -89,7 +89,7 @@ def test_gemm_epilogue_refuses_bad_arguments():
                 d=d.data_ptr(), ldd=4, epilogue=0, bias=0, aux=0, ld_aux=0, ab_dtype=0, d_dtype=0, bias_dtype=0,
                 workspace=0, workspace_bytes=0, device=-1, stream=0)
     assert isinstance(_C.has_cublaslt(), bool)
-    _C.gemm_epilogue(**args)
+    assert _C.gemm_epilogue(**args) == 1  # the candidate count: the C++ reference is one algorithm
     torch.testing.assert_close(d, b @ a.t())  # column-major D (4 x 5) = A^T (4 x 3) B (3 x 5)
     for change, message in [(dict(epilogue=7), "epilogue: unknown code 7"),
                             (dict(lda=2), "lda: 2 is below the 3 rows"),
@@ -99,6 +99,8 @@ def test_gemm_epilogue_refuses_bad_arguments():
                             (dict(epilogue=2, bias=bias.data_ptr()), "aux: null pointer"),
                             (dict(epilogue=2, bias=bias.data_ptr(), aux=aux.data_ptr(), ld_aux=3), "ld_aux: 3 is below"),
                             (dict(epilogue=4, bias=bias.data_ptr(), aux=aux.data_ptr()), "aux: must be 0"),
-                            (dict(m=0), "m: must be positive")]:
+                            (dict(m=0), "m: must be positive"),
+                            (dict(algo=-1), "algo: -1 is negative"),
+                            (dict(algo=1), "algo: the C.. reference has one algorithm")]:
         with pytest.raises(ValueError, match=message):
             _C.gemm_epilogue(**{**args, **change})

@@ -3,9 +3,11 @@
 Every op has three implementations: ``eager`` (plain PyTorch, the reference the others are
 checked against), ``triton`` and ``cuda`` (the compiled ``engine._C`` module). The choice is
 
-    explicit ``backend=`` argument  >  ``ENGINE_BACKEND`` environment variable  >  ``auto``
+    explicit ``backend=`` argument  >  ``ENGINE_BACKEND_<OP>``  >  ``ENGINE_BACKEND``  >  ``auto``
 
-``auto`` picks the op's preferred available backend on CUDA tensors and ``eager`` on the CPU.
+where ``ENGINE_BACKEND_<OP>`` names one op (``ENGINE_BACKEND_MLP=cuda``, ``ENGINE_BACKEND_LINEAR``,
+...: the op's function name in capitals), so one op can be switched inside a whole model, e.g.
+to A/B it in a training step. ``auto`` picks the op's preferred available backend on CUDA tensors and ``eager`` on the CPU.
 An unknown name, or a backend asked for by name that cannot run here, is an error: never a
 silent fallback, so a benchmark row labelled ``triton`` really ran Triton.
 
@@ -82,20 +84,37 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 
 
 @torch.compiler.assume_constant_result
-def resolve(backend: str | None, device: torch.device, prefer: tuple[str, ...] = ("cuda", "triton")) -> str:
+def requested(backend: str | None, op: str) -> str:
+    """The backend name as asked for, before resolution: the argument, else ENGINE_BACKEND_<OP>,
+    else ENGINE_BACKEND, else "auto". Unchecked (``resolve`` checks)."""
+    if backend is not None:
+        return backend
+    return os.environ.get(f"ENGINE_BACKEND_{op.upper()}", os.environ.get("ENGINE_BACKEND", "auto"))
+
+
+def _source(backend: str | None, op: str) -> str:
+    if backend is not None:
+        return "backend argument"
+    per_op = f"ENGINE_BACKEND_{op.upper()}"
+    return per_op if per_op in os.environ else "ENGINE_BACKEND"
+
+
+@torch.compiler.assume_constant_result
+def resolve(backend: str | None, device: torch.device, op: str,
+            prefer: tuple[str, ...] = ("cuda", "triton")) -> str:
     """Return the concrete backend an op call runs with.
 
     Under torch.compile this runs once while tracing and its result is baked into the graph:
     Dynamo cannot trace ``engine._C.has_cuda()`` (a pybind11 function), and the choice is fixed
     per graph anyway (changing ENGINE_BACKEND later does not retrace a compiled model).
 
-    ``prefer`` is the op's own order for ``auto`` on CUDA tensors (fastest measured first);
-    eager is always the last resort there and the only ``auto`` choice on other devices.
+    ``op`` is the op's function name (for ENGINE_BACKEND_<OP>); ``prefer`` is its own order for
+    ``auto`` on CUDA tensors (fastest measured first); eager is always the last resort there and
+    the only ``auto`` choice on other devices.
     """
-    name = backend if backend is not None else os.environ.get("ENGINE_BACKEND", "auto")
+    name = requested(backend, op)
     if name not in _CHOICES:
-        source = "backend argument" if backend is not None else "ENGINE_BACKEND"
-        raise ValueError(f"unknown backend {name!r} (from {source}); choose one of {_CHOICES}")
+        raise ValueError(f"unknown backend {name!r} (from {_source(backend, op)}); choose one of {_CHOICES}")
     if name == "auto":
         if device.type != "cuda":
             return "eager"

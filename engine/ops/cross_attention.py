@@ -529,7 +529,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: 
     eager on the CPU.
     """
     _check_inputs(q, k, v, kv_lens)
-    name = resolve(backend, q.device, prefer=AUTO_PREFERENCE)
+    name = resolve(backend, q.device, "cross_attention", prefer=AUTO_PREFERENCE)
     if name == "eager":
         return _cross_attention_sdpa(q, k, v, kv_lens)
     if name == "cuda":

@@ -20,13 +20,12 @@ torch.compile (Inductor fuses the broadcast multiply and add itself).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from engine.ops.backend import multiprocessors, resolve
+from engine.ops.backend import multiprocessors, requested, resolve
 
 
 def gated_add_ref(r: torch.Tensor, a: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -219,21 +218,15 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
 
-@torch.compiler.assume_constant_result
-def _requested(backend: str | None) -> str:
-    """The backend name as asked for (argument, else ENGINE_BACKEND), before resolution."""
-    return backend if backend is not None else os.environ.get("ENGINE_BACKEND", "auto")
-
-
 def gated_add(r: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """r + a * gate[:, None] -> (B, N, D): r, a (B, N, D), gate (B, D); any strides
     with a dense last dimension. backend: "eager", "triton", "auto" or None (see
     engine.ops.backend): triton on CUDA tensors, eager on the CPU and inside torch.compile."""
     _check_inputs(r, a, gate)
-    if torch.compiler.is_compiling() and _requested(backend) == "auto":
+    if torch.compiler.is_compiling() and requested(backend, "gated_add") == "auto":
         name = "eager"
     else:
-        name = resolve(backend, a.device, prefer=AUTO_PREFERENCE)
+        name = resolve(backend, a.device, "gated_add", prefer=AUTO_PREFERENCE)
     if name == "eager":
         return gated_add_ref(r, a, gate)
     if name == "cuda":

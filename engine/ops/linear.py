@@ -49,7 +49,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.ops.backend import cuda_stream, dtype_code, extension_function, multiprocessors, resolve
+from engine.ops.backend import (cuda_stream, dtype_code, extension_function, multiprocessors, requested,
+                                resolve)
 
 ACTIVATIONS = (None, "gelu_tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -189,19 +190,94 @@ def _leading_dim(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
-def _gemm_epilogue(trans_a, trans_b, m, n, k, a, b, d, epilogue, bias=None, aux=None):
+def _alignment(t: torch.Tensor | None) -> int:
+    """The largest power of two (up to 256) dividing the tensor's address: cuBLASLt's candidate
+    list depends on it (engine._C computes the same)."""
+    if t is None:
+        return 256
+    address = t.data_ptr()
+    return min(256, address & -address) if address else 256
+
+
+# Autotuning of cuBLASLt's candidates. For each call signature (shapes, leading dimensions,
+# epilogue, dtypes, alignments) the first call on the GPU times every candidate kernel engine._C
+# reports (up to 16) and keeps the fastest; later calls run it. Measured reason: the heuristic's
+# first choice for the MLP's epilogue GEMMs was slower than the plain GEMM it replaces
+# (docs/performance.md). ENGINE_GEMM_TUNE=0 keeps the heuristic's first choice. Not tuned while a
+# CUDA graph is being captured (timing needs a synchronisation): a signature first seen there
+# runs candidate 0.
+TUNE_REPEATS = 5
+_TUNED_ALGOS: dict[tuple, int] = {}
+_TUNING_TIMES: dict[tuple, list[float | None]] = {}
+
+
+def gemm_tuning_report() -> list[dict]:
+    """Every signature tuned in this process: its candidates' median microseconds (None = the
+    candidate failed) and the one chosen. For benchmarks' result files."""
+    names = {code: name for name, code in _EPILOGUE_CODES.items()}
+    report = []
+    for key, times in _TUNING_TIMES.items():
+        trans_a, trans_b, m, n, k, epilogue = key[:6]
+        report.append(dict(m=m, n=n, k=k, trans_a=trans_a, trans_b=trans_b, epilogue=names[epilogue],
+                           dtypes=[str(t) for t in key[6]], chosen=_TUNED_ALGOS[key],
+                           candidate_us=[None if t is None else round(t * 1e6, 2) for t in times]))
+    return report
+
+
+def _tune(run, count: int) -> tuple[int, list[float | None]]:
+    """(fastest candidate, median seconds per candidate) of ``run(algo)`` over ``count`` candidates."""
+    seconds: list[float | None] = []
+    for algo in range(count):
+        try:
+            run(algo)  # warm-up
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(TUNE_REPEATS)]
+            for start, end in events:
+                start.record()
+                run(algo)
+                end.record()
+            torch.cuda.synchronize()
+            times = sorted(start.elapsed_time(end) / 1e3 for start, end in events)
+            seconds.append(times[len(times) // 2])
+        except RuntimeError:  # a candidate cuBLASLt lists but refuses to run (workspace, say)
+            seconds.append(None)
+    timed = [(t, algo) for algo, t in enumerate(seconds) if t is not None]
+    if not timed:
+        raise RuntimeError("gemm_epilogue: none of cuBLASLt's candidates ran")
+    return min(timed)[1], seconds
+
+
+def _gemm_epilogue(trans_a, trans_b, m, n, k, a, b, d, epilogue, bias=None, aux=None, algo=None) -> int:
     """One engine._C.gemm_epilogue call; a, b, d, aux row-major 2-D tensors with unit column
-    stride, bias a vector."""
+    stride, bias a vector. On the GPU with the signature's tuned candidate (tuned on first use),
+    or candidate ``algo`` when given. Returns the number of candidates."""
     gemm = extension_function("gemm_epilogue")
     on_gpu = d.is_cuda
     device = d.device.index if d.device.index is not None else torch.cuda.current_device() if on_gpu else -1
     workspace = _cublaslt_workspace(device) if on_gpu else None
-    gemm(trans_a, trans_b, m, n, k, a.data_ptr(), _leading_dim(a), b.data_ptr(), _leading_dim(b), d.data_ptr(),
-         _leading_dim(d), _EPILOGUE_CODES[epilogue], 0 if bias is None else bias.data_ptr(),
-         0 if aux is None else aux.data_ptr(), 0 if aux is None else _leading_dim(aux), dtype_code(a), dtype_code(d),
-         dtype_code(bias) if bias is not None else dtype_code(d),
-         0 if workspace is None else workspace.data_ptr(), 0 if workspace is None else CUBLASLT_WORKSPACE_BYTES,
-         device, cuda_stream(d))
+
+    def run(algo: int) -> int:
+        return gemm(trans_a, trans_b, m, n, k, a.data_ptr(), _leading_dim(a), b.data_ptr(), _leading_dim(b),
+                    d.data_ptr(), _leading_dim(d), _EPILOGUE_CODES[epilogue], 0 if bias is None else bias.data_ptr(),
+                    0 if aux is None else aux.data_ptr(), 0 if aux is None else _leading_dim(aux), dtype_code(a),
+                    dtype_code(d), dtype_code(bias) if bias is not None else dtype_code(d),
+                    0 if workspace is None else workspace.data_ptr(),
+                    0 if workspace is None else CUBLASLT_WORKSPACE_BYTES, device, cuda_stream(d), algo)
+
+    if not on_gpu or algo is not None:
+        return run(algo or 0)
+    key = (trans_a, trans_b, m, n, k, _EPILOGUE_CODES[epilogue], (a.dtype, d.dtype, None if bias is None else bias.dtype),
+           _leading_dim(a), _leading_dim(b), _leading_dim(d), 0 if aux is None else _leading_dim(aux),
+           _alignment(a), _alignment(b), _alignment(d), _alignment(aux), device)
+    tuned = _TUNED_ALGOS.get(key)
+    if tuned is not None:
+        return run(tuned)
+    count = run(0)
+    if os.environ.get("ENGINE_GEMM_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+        return count
+    tuned, seconds = _tune(run, count)
+    _TUNED_ALGOS[key], _TUNING_TIMES[key] = tuned, seconds
+    return run(tuned)  # every candidate computes the same outputs; this leaves the chosen one's
 
 
 def _cublaslt_forward(x2, weight, bias, gelu):
@@ -398,22 +474,16 @@ def _compute_dtype(x, weight, bias) -> torch.dtype:
 AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
 
-@torch.compiler.assume_constant_result
-def _requested(backend: str | None) -> str:
-    """The backend name as asked for (argument, else ENGINE_BACKEND), before resolution."""
-    return backend if backend is not None else os.environ.get("ENGINE_BACKEND", "auto")
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None, backend: str | None = None) -> torch.Tensor:
     """act(x W^T + b) -> (..., N): x (..., K), weight (N, K), bias (N,) or None; activation None
     or "gelu_tanh". backend: "eager", "triton", "auto" or None (see engine.ops.backend): triton
     on CUDA tensors, eager on the CPU and inside torch.compile."""
     _check_inputs(x, weight, bias, activation)
-    if torch.compiler.is_compiling() and _requested(backend) == "auto":
+    if torch.compiler.is_compiling() and requested(backend, "linear") == "auto":
         name = "eager"
     else:
-        name = resolve(backend, x.device, prefer=AUTO_PREFERENCE)
+        name = resolve(backend, x.device, "linear", prefer=AUTO_PREFERENCE)
     if name == "eager":
         return linear_ref(x, weight, bias, activation)
     if name == "cuda" and cublaslt_missing(x.device.type):

@@ -33,7 +33,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from engine.ops.backend import resolve
+from engine.ops.backend import requested, resolve
 
 # The module (engine.ops re-exports the function under the module's name).
 _linear = importlib.import_module("engine.ops.linear")
@@ -154,10 +154,10 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
     """GELU_tanh(x W1^T + b1) W2^T + b2 -> (..., N). backend: "eager", "triton", "cuda", "auto" or
     None (see engine.ops.backend and the module docstring)."""
     _check_inputs(x, w1, b1, w2, b2)
-    if torch.compiler.is_compiling() and _linear._requested(backend) == "auto":
+    if torch.compiler.is_compiling() and requested(backend, "mlp") == "auto":
         name = "eager"
     else:
-        name = resolve(backend, x.device, prefer=AUTO_PREFERENCE)
+        name = resolve(backend, x.device, "mlp", prefer=AUTO_PREFERENCE)
     if name == "eager":
         return mlp_ref(x, w1, b1, w2, b2)
     if name == "triton":

@@ -385,7 +385,7 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     backend: "eager" | "triton" | "cuda" | "auto" | None (see engine.ops.backend).
     """
     _check_inputs(x, None, None, shift, scale)
-    name = resolve(backend, x.device, prefer=("triton", "cuda"))
+    name = resolve(backend, x.device, "norm_modulate", prefer=("triton", "cuda"))
     if name == "eager":
         return norm_modulate_ref(x, shift, scale)
     return _run_kernels(x, None, None, shift, scale, name)
@@ -399,7 +399,7 @@ def add_norm_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | Non
     x, y: (B, N, D), same dtype; gate, shift, scale: (B, D), any float dtype. r and h in x.dtype.
     """
     _check_inputs(x, y, gate, shift, scale)
-    name = resolve(backend, x.device, prefer=("triton", "cuda"))
+    name = resolve(backend, x.device, "add_norm_modulate", prefer=("triton", "cuda"))
     if name == "eager":
         return add_norm_modulate_ref(x, y, gate, shift, scale)
     return _run_kernels(x, y, gate, shift, scale, name)

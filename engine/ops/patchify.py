@@ -186,7 +186,7 @@ def patchify(x: torch.Tensor, p: int, backend: str | None = None) -> torch.Tenso
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     _check_patch(p, x.shape[2], x.shape[3])
-    name = resolve(backend, x.device, prefer=("cuda", "triton"))
+    name = resolve(backend, x.device, "patchify", prefer=("cuda", "triton"))
     if name == "eager":
         return patchify_ref(x, p)
     return _patchify_op(x, p, name)
@@ -202,7 +202,7 @@ def unpatchify(tokens: torch.Tensor, C: int, H: int, W: int, p: int, backend: st
     if tokens.dim() != 3 or tuple(tokens.shape[1:]) != expected:
         raise ValueError(f"tokens must be (B, {expected[0]}, {expected[1]}) for C={C}, H={H}, W={W}, p={p}, "
                          f"got shape {tuple(tokens.shape)}")
-    name = resolve(backend, tokens.device, prefer=("cuda", "triton"))
+    name = resolve(backend, tokens.device, "unpatchify", prefer=("cuda", "triton"))
     if name == "eager":
         return unpatchify_ref(tokens, C, H, W, p)
     return _unpatchify_op(tokens, C, H, W, p, name)

@@ -53,7 +53,7 @@ def _check_inputs(q, k, v) -> None:
 
 
 def _resolve(backend: str | None, device: torch.device) -> str:
-    name = resolve(backend, device, prefer=("cuda",))
+    name = resolve(backend, device, "self_attention", prefer=("cuda",))
     if name == "triton":
         raise RuntimeError("self_attention has no Triton kernel; use backend 'cuda' (SDPA with cuDNN > flash > "
                            "efficient > math) or 'eager' (SDPA's own choice)")

@@ -170,7 +170,7 @@ def test_torch_compile_fullgraph_matches_eager_call(device, compiler):
 def test_compile_with_auto_backend_traces_eager(monkeypatch):
     """Under torch.compile auto means eager (Inductor fuses the multiply and add itself). On CPU
     auto is eager anyway, so resolution is made to pick triton as on a GPU."""
-    monkeypatch.setattr(ga, "resolve", lambda backend, device, prefer: "triton" if backend in (None, "auto") else backend)
+    monkeypatch.setattr(ga, "resolve", lambda backend, device, op, prefer: "triton" if backend in (None, "auto") else backend)
     monkeypatch.delenv("ENGINE_BACKEND", raising=False)
     r, a, gate = make_inputs(2, 5, 8, torch.float32, torch.float32, "cpu")
     assert type(gated_add(r, a.requires_grad_(), gate).grad_fn).__name__ == "_GatedAddFunctionBackward"

@@ -288,7 +288,7 @@ def test_compile_with_auto_backend_traces_eager(monkeypatch):
     auto is eager anyway, so resolution is made to pick triton for auto, as it would on a GPU:
     a plain call then runs the custom op and the compiled graph still must not contain it."""
     monkeypatch.setattr(lm, "resolve",
-                        lambda backend, device, prefer: "triton" if backend in (None, "auto") else backend)
+                        lambda backend, device, op, prefer: "triton" if backend in (None, "auto") else backend)
     monkeypatch.delenv("ENGINE_BACKEND", raising=False)
     x, weight, bias = make_inputs((2, 5), 8, 12, torch.float32, "cpu")
     plain = linear(x, weight.requires_grad_(), bias, activation="gelu_tanh")
@@ -357,3 +357,58 @@ def test_cuda_backend_without_cublaslt_is_a_clear_error(monkeypatch):
     x, weight, bias = make_inputs((2, 5), 8, 12, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="built without cuBLASLt; use 'triton'"):
         linear(x, weight, bias, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("epilogue", ["bias", "gelu_aux_bias", "dgelu_bgrad", "bgradb"])
+def test_every_cublaslt_candidate_is_correct_and_tuning_keeps_the_fastest(epilogue, seed):
+    """The tuner may pick any of cuBLASLt's candidates, so each one must compute the epilogue:
+    every candidate's outputs against fp64 (bf16 operands, fp32 accumulation: relative error
+    under 1e-2), then the tuner's choice is the fastest candidate it timed."""
+    M, K, N = 1000, 1152, 4608  # tokens not a multiple of any tile
+    a = torch.randn(M, K, device="cuda").to(torch.bfloat16)  # row-major x (M, K)
+    w = (torch.randn(N, K, device="cuda") * K**-0.5).to(torch.bfloat16)  # (N, K)
+    bias = torch.randn(N, device="cuda").to(torch.bfloat16)
+    gelu = functools.partial(torch.nn.functional.gelu, approximate="tanh")
+    a64, w64, bias64 = a.double(), w.double(), bias.double()
+    if epilogue in ("bias", "gelu_aux_bias"):  # y (M, N) = x W^T + b [-> GELU]
+        pre64 = a64 @ w64.t() + bias64
+        outputs = dict(d=torch.empty(M, N, device="cuda", dtype=torch.bfloat16))
+        expected = dict(d=pre64 if epilogue == "bias" else gelu(pre64))
+        if epilogue == "gelu_aux_bias":
+            outputs["aux"], expected["aux"] = torch.empty(M, N, device="cuda", dtype=torch.bfloat16), pre64
+        call = lambda algo: lm._gemm_epilogue(True, False, N, M, K, w, a, outputs["d"], epilogue, bias,
+                                              outputs.get("aux"), algo=algo)
+    elif epilogue == "dgelu_bgrad":  # d_pre (M, K) = (dy W) * GELU'(pre), d_b = column sums
+        pre = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+        dy = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+        pre64 = pre.double().requires_grad_()
+        (dpre64,) = torch.autograd.grad(gelu(pre64), pre64, dy.double() @ w64)
+        outputs = dict(d=torch.empty(M, K, device="cuda", dtype=torch.bfloat16),
+                       bias=torch.empty(K, device="cuda", dtype=torch.bfloat16))
+        expected = dict(d=dpre64, bias=dpre64.sum(0))
+        call = lambda algo: lm._gemm_epilogue(False, False, K, M, N, w, dy, outputs["d"], epilogue, outputs["bias"],
+                                              pre, algo=algo)
+    else:  # bgradb: dW (N, K) = dy^T x, db = column sums of dy, fp32
+        dy = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+        outputs = dict(d=torch.empty(N, K, device="cuda"), bias=torch.empty(N, device="cuda"))
+        expected = dict(d=dy.double().t() @ a64, bias=dy.double().sum(0))
+        call = lambda algo: lm._gemm_epilogue(False, True, K, N, M, a, dy, outputs["d"], epilogue, outputs["bias"],
+                                              algo=algo)
+    count = call(0)
+    assert count >= 1
+    for algo in range(count):
+        for t in outputs.values():
+            t.fill_(float("nan"))
+        try:
+            call(algo)
+        except RuntimeError:
+            continue  # listed but refused at launch: the tuner skips such a candidate too
+        for name, value in outputs.items():
+            error = (value.double() - expected[name]).norm() / expected[name].norm()
+            assert error < 1e-2, f"candidate {algo}/{count} {name}: relative error {error:.2e} (seed {seed})"
+    lm._TUNED_ALGOS.clear(), lm._TUNING_TIMES.clear()
+    call(None)
+    (entry,) = lm.gemm_tuning_report()
+    times = [t if t is not None else float("inf") for t in entry["candidate_us"]]
+    assert len(times) == count and entry["chosen"] == times.index(min(times))
