@@ -4,7 +4,8 @@
 #   bash bench/gpu_session.sh setup tests kernels throughput256 throughput512 data
 # Steps: stage / extras (carried wheels and model files, see below), setup, tests (every GPU
 # test file) or tests_ops (tests/ops only), tests_linear, tests_cross_attention, tests_train,
-# demo (`python -m train demo` on the GPU), linear (its kernel rows), kernels (every op, both
+# demo (`python -m train demo` on the GPU), linear (linear + mlp kernel rows), ab_gemm (engine step with
+# linear/mlp on cuda vs auto), kernels (every op, both
 # timers), attention (attention + patchify ops, CUDA-graph timer), throughput256, throughput512,
 # profile (torch.profiler breakdown of the engine step at 256/64), data.
 # Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small; DALI's
@@ -59,7 +60,8 @@ tests_cross_attention() {
   tail -1 "$out/pytest_gpu_cross_attention.log"
 }
 tests_linear() {
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_linear.py >"$out/pytest_gpu_linear.log" 2>&1
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_linear.py tests/ops/test_mlp.py tests/ops/test_backend.py \
+    >"$out/pytest_gpu_linear.log" 2>&1
   tail -1 "$out/pytest_gpu_linear.log"
 }
 tests_train() {
@@ -70,8 +72,18 @@ demo() {
   python3 -m train demo --out "$out/demo" --text-encoder /tmp/minilm/model 2>&1 | tee "$out/demo.log" | tail -15
 }
 linear() {
-  python3 bench/kernels.py --ops linear --timer cudagraph --json "$out/kernels_linear.json" --csv "$out/kernels_linear.csv" \
-    2>&1 | tee "$out/kernels_linear.log" | tail -30
+  python3 bench/kernels.py --ops linear,mlp --timer cudagraph --json "$out/kernels_linear.json" --csv "$out/kernels_linear.csv" \
+    2>&1 | tee "$out/kernels_linear.log" | tail -45
+}
+# The engine step with linear and mlp on their cuda backend (tuned cuBLASLt epilogues) against
+# the default, alternating, each run in its own process: an A/B of one op family in the whole step.
+ab_gemm() {
+  for i in 1 2; do
+    for b in auto cuda; do
+      ENGINE_BACKEND_LINEAR=$b ENGINE_BACKEND_MLP=$b python3 bench/throughput.py --git-commit "$commit" --variants engine \
+        --res 256 --batch 64 --json "$out/ab_gemm_${b}_$i.json" 2>&1 | grep -E "engine: " | sed "s/^/linear,mlp=$b run $i: /"
+    done
+  done
 }
 tests_ops() {
   : >"$out/pytest_gpu_ops.log"

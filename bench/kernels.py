@@ -67,7 +67,7 @@ import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
 from engine.ops.backend import unavailable_reason  # noqa: E402
 from engine.ops.cross_attention import cross_attention  # noqa: E402
 from engine.ops.gated_add import gated_add  # noqa: E402
-from engine.ops.linear import linear  # noqa: E402
+from engine.ops.linear import gemm_tuning_report, linear  # noqa: E402
 from engine.ops.mlp import mlp  # noqa: E402
 from engine.ops.norm_modulate import add_norm_modulate, norm_modulate  # noqa: E402
 from engine.ops.patchify import patchify, unpatchify  # noqa: E402
@@ -462,8 +462,9 @@ OPS = {
     "linear": OpSpec(
         name="linear",
         # PixArt-XL/2 at 256px / batch 64 (64 x 256 tokens): the MLP's fc1 (1152 -> 4608, tanh-GELU)
-        # and fc2 (4608 -> 1152), and the fused qkv projection (1152 -> 3 x 1152).
-        gpu_shapes=("16384x1152x4608g", "16384x4608x1152", "16384x1152x3456"),
+        # and fc2 (4608 -> 1152), the fused qkv projection (1152 -> 3 x 1152), the attention
+        # projections (1152 -> 1152) and the cross-attention's kv projection of 64 x 120 caption tokens.
+        gpu_shapes=("16384x1152x4608g", "16384x4608x1152", "16384x1152x3456", "16384x1152x1152", "7680x1152x2304"),
         cpu_shape="64x48x160g",
         parse_shape=parse_linear_shape,
         make_inputs=_linear_inputs,
@@ -696,8 +697,9 @@ def print_table(rows, copy_bandwidth):
 def write_results(rows, env, copy_bandwidth, json_path, csv_path):
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        # gemm_tuning: the cuBLASLt candidates the cuda backends of linear and mlp timed, per GEMM
         Path(json_path).write_text(json.dumps(dict(environment=env, copy_bandwidth_bytes_per_s=copy_bandwidth,
-                                                   rows=rows), indent=2))
+                                                   rows=rows, gemm_tuning=gemm_tuning_report()), indent=2))
     if csv_path:
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
         fields = list(rows[0]) + ["copy_bandwidth_bytes_per_s"] + list(env)
