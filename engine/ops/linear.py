@@ -296,16 +296,26 @@ def _cublaslt_forward(x2, weight, bias, gelu):
     return y, pre
 
 
-def _cublaslt_weight_grads(dy2, x2, grad_dtype):
-    """(dW (N, K), db (N,)) in grad_dtype from dy2 (M, N), x2 (M, K): column-major dW^T (K x N) =
-    x2^T (K x M, as stored) times dy2 (M x N: dy2^T as stored, transposed); db = the column sums
-    of that second operand, from the same GEMM (BGRADB)."""
+def _cublaslt_weight_grads(dy2, x2, grad_dtype, with_bias=True):
+    """(dW (N, K), db (N,) or None) in grad_dtype from dy2 (M, N), x2 (M, K): column-major dW^T
+    (K x N) = x2^T (K x M, as stored) times dy2 (M x N: dy2^T as stored, transposed); db = the
+    column sums of that second operand, from the same GEMM (BGRADB), when with_bias."""
     M, N = dy2.shape
     K = x2.shape[1]
     dw = _new_output((N, K), grad_dtype, dy2.device)
-    db = _new_output((N,), grad_dtype, dy2.device)
-    _gemm_epilogue(False, True, K, N, M, x2, dy2, dw, "bgradb", db)
+    db = _new_output((N,), grad_dtype, dy2.device) if with_bias else None
+    _gemm_epilogue(False, True, K, N, M, x2, dy2, dw, "bgradb" if with_bias else "none", db)
     return dw, db
+
+
+def _cublaslt_input_grad(dy2, weight):
+    """dx (M, K) = dy2 (M, N) W (N, K): column-major dx^T (K x M) = W^T (K x N, W as stored) times
+    dy2^T (N x M, as stored)."""
+    M, N = dy2.shape
+    K = weight.shape[1]
+    dx = _new_output((M, K), dy2.dtype, dy2.device)
+    _gemm_epilogue(False, False, K, M, N, weight, dy2, dx, "none")
+    return dx
 
 
 def _cublaslt_gelu_input_grads(dy2, weight2, pre, bias_dtype):
@@ -353,18 +363,22 @@ def _backward_impl(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dt
     x2 = x.reshape(-1, K)
     dpre, db = dy2, weight.new_empty(0, dtype=grad_dtype)
     dw = weight.new_empty(0, dtype=grad_dtype)
-    if backend == "cuda" and not gelu and need_dw and dy2.shape[0] > 0:
+    cublaslt = backend == "cuda" and dy2.shape[0] > 0  # every GEMM through the tuned cuBLASLt path
+    if cublaslt and not gelu and need_dw:
         # dW and its bias gradient from one cuBLASLt GEMM (BGRADB epilogue)
-        dw, column_sums = _cublaslt_weight_grads(_row_major(dy2), _row_major(x2), grad_dtype)
+        dw, column_sums = _cublaslt_weight_grads(_row_major(dy2), _row_major(x2), grad_dtype, has_bias)
         db = column_sums if has_bias else db
     else:
         if gelu or has_bias:  # one Triton pass: d_pre through GELU's backward and its column sums
             dpre, column_sums = _bias_grad_triton(dy2, pre.reshape(-1, N) if gelu else None, grad_dtype)
             db = column_sums if has_bias else db
         if need_dw:
-            dw = _matmul_into(dpre.t(), x2, grad_dtype)
-    dx = (dpre @ weight).view(*dy.shape[:-1], K) if need_dx else x.new_empty(0)
-    return dx, dw, db
+            dw = (_cublaslt_weight_grads(_row_major(dpre), _row_major(x2), grad_dtype, False)[0] if cublaslt
+                  else _matmul_into(dpre.t(), x2, grad_dtype))
+    if not need_dx:
+        return x.new_empty(0), dw, db
+    dx = _cublaslt_input_grad(_row_major(dpre), _row_major(weight)) if cublaslt else dpre @ weight
+    return dx.view(*dy.shape[:-1], K), dw, db
 
 
 # ---------------------------------------------------------------------------------------------

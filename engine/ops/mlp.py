@@ -76,9 +76,9 @@ def _backward_impl(dy, x, w1, w2, h, pre, grad_dtype, need_dx, need_fc1, need_fc
     if need_dx or need_fc1:
         dpre, db1 = _linear._cublaslt_gelu_input_grads(dy2, _linear._row_major(w2), pre, grad_dtype)
         if need_fc1:
-            dw1 = _linear._matmul_into(dpre.t(), x.reshape(-1, K), grad_dtype)
+            dw1, _ = _linear._cublaslt_weight_grads(dpre, _linear._row_major(x.reshape(-1, K)), grad_dtype, False)
         if need_dx:
-            dx = (dpre @ w1).view(x.shape)
+            dx = _linear._cublaslt_input_grad(dpre, _linear._row_major(w1)).view(x.shape)
     return dx, dw1, db1, dw2, db2
 
 

@@ -112,12 +112,14 @@ def test_autocast_bf16_with_fp32_parameters(backend, device, seed):
 def test_frozen_input_and_frozen_layers(monkeypatch):
     """Gradients only where asked, and no weight-gradient GEMM for a frozen Linear: x frozen
     (first layer on data), fc2 frozen, fc1 frozen."""
-    weight_gemms = []
+    weight_gemms, matmuls = [], []  # fc2's (BGRADB: with its bias gradient) and fc1's (plain)
     weight_grads = lm._cublaslt_weight_grads
-    monkeypatch.setattr(lm, "_cublaslt_weight_grads", lambda *a: weight_gemms.append(1) or weight_grads(*a))
-    matmuls = []
-    matmul_into = lm._matmul_into
-    monkeypatch.setattr(lm, "_matmul_into", lambda *a: matmuls.append(1) or matmul_into(*a))
+
+    def record(dy2, x2, grad_dtype, with_bias=True):
+        (weight_gemms if with_bias else matmuls).append(1)
+        return weight_grads(dy2, x2, grad_dtype, with_bias)
+
+    monkeypatch.setattr(lm, "_cublaslt_weight_grads", record)
     inputs = make_inputs((2, 9), 16, 40, 8, torch.float32, "cpu")
     for trainable in [(False, True, True, True, True), (True, True, True, False, False),
                       (True, False, False, True, True)]:
