@@ -63,6 +63,12 @@ import torch.nn as nn
 
 import hardware
 from engine.config import PixArtConfig, latent_size, preset
+
+# Run as a script, this folder is first on sys.path, where its kernels.py would shadow the
+# installed `kernels` package that transformers imports (diffusers -> transformers) when present:
+# move it behind the installed packages (its sibling modules still import by name).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 from engine.diffusion.iddpm import GaussianDiffusion
 from engine.model import build_model
 

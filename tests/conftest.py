@@ -6,12 +6,19 @@ Tests marked ``gpu`` run only where CUDA is available (the GPU machine).
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The bench scripts (and the tests of them) import their siblings (hardware.py, throughput.py)
+# by name. bench/ goes LAST on the path: first, its kernels.py would shadow the installed
+# `kernels` package, which transformers imports (via diffusers) when present.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 def pytest_configure(config):

@@ -2,6 +2,7 @@
 speedup bookkeeping, the flash-attn baseline's key packing, and shape parsing."""
 
 import csv
+import importlib.util
 import json
 import math
 import re
@@ -12,9 +13,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "bench"))  # the bench scripts import their sibling hardware.py by name
 
-import kernels  # noqa: E402
+# Loaded under its own name: plain `import kernels` finds the installed `kernels` package first
+# (tests/conftest.py puts bench/ last on the path).
+_spec = importlib.util.spec_from_file_location("bench_kernels", REPO / "bench" / "kernels.py")
+kernels = importlib.util.module_from_spec(_spec)
+sys.modules["bench_kernels"] = kernels  # dataclasses look their module up there
+_spec.loader.exec_module(kernels)
 
 from engine.ops.backend import unavailable_reason  # noqa: E402
 from engine.ops.cross_attention import cross_attention_ref  # noqa: E402

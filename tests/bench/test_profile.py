@@ -15,7 +15,6 @@ import torch
 from torch.autograd import DeviceType
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "bench"))  # the bench scripts import their siblings by name
 
 import step_profile  # noqa: E402
 from step_profile import CATEGORIES, TOP_KERNELS, KernelTime, classify, recorded_kernels, summarise  # noqa: E402

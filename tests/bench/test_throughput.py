@@ -12,7 +12,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "bench"))  # the bench scripts import their sibling hardware.py by name
 
 import hardware  # noqa: E402
 import throughput  # noqa: E402

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "bench"))  # bench scripts import their sibling hardware.py by name
-
-import data as bench_data  # noqa: E402
+import data as bench_data  # bench/data.py: tests/conftest.py puts bench/ on the path
 
 
 def test_bench_data_reports_every_backend(tmp_path):
