@@ -301,7 +301,7 @@ int gemm_epilogue(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, st
                   std::uintptr_t stream, int algo) {
   if (!engine::is_gemm_epilogue_code(epilogue)) {
     throw py::value_error("epilogue: unknown code " + std::to_string(epilogue) +
-                          "; expected 0 (none), 1 (bias), 2 (gelu_aux_bias), 3 (dgelu_bgrad) or 4 (bgradb)");
+                          "; expected 0 (none), 1 (bias) or 2 (gelu_aux_bias)");
   }
   engine::GemmCall call{};
   call.trans_a = trans_a;
@@ -327,15 +327,14 @@ int gemm_epilogue(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, st
   call.d_dtype = checked_dtype(d_dtype);
   call.bias_dtype = checked_dtype(bias_dtype);
   call.epilogue = static_cast<engine::GemmEpilogue>(epilogue);
-  const bool with_aux = call.epilogue == engine::GemmEpilogue::GeluAuxBias ||
-                        call.epilogue == engine::GemmEpilogue::DGeluBGrad;
+  const bool with_aux = call.epilogue == engine::GemmEpilogue::GeluAuxBias;
   if (call.epilogue == engine::GemmEpilogue::None) {
     check_absent(bias_ptr, "bias", "without an epilogue");
   } else {
     call.bias = checked_pointer_when(bias_ptr, "bias", "every epilogue reads or writes a bias vector");
   }
   if (with_aux) {
-    call.aux = checked_pointer_when(aux_ptr, "aux", "gelu_aux_bias writes and dgelu_bgrad reads the GELU input");
+    call.aux = checked_pointer_when(aux_ptr, "aux", "gelu_aux_bias writes the GELU input there");
     call.ld_aux = checked_ld(ld_aux, m, "ld_aux");
   } else {
     check_absent(aux_ptr, "aux", "for this epilogue");
@@ -415,8 +414,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("gemm_epilogue", &gemm_epilogue,
         "cuBLASLt's column-major D (m x n) = op(A) op(B) with one fused epilogue (csrc/common.h): 0 none, 1 bias, "
-        "2 gelu_aux_bias (aux = pre-activation), 3 dgelu_bgrad (D = acc * GELU'(aux), bias = row sums), 4 bgradb "
-        "(bias = column sums of op(B)). Pointers as ints, 0 = absent; workspace: device bytes for cuBLASLt. "
+        "2 gelu_aux_bias (aux = pre-activation, D = GELU(acc + bias)). Pointers as ints, 0 = absent; workspace: "
+        "device bytes for cuBLASLt. "
         "algo picks one of cuBLASLt's candidate kernels for this call (0 = its heuristic's first choice); returns "
         "how many candidates there are (1 for the C++ reference).",
         py::arg("trans_a"), py::arg("trans_b"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("lda"),

@@ -270,22 +270,20 @@ void norm_modulate_bwd_cuda(const NormModulateBackward& io, const NormModulateSh
 #endif
 
 // ---------------------------------------------------------------------------------------
-// gemm_epilogue (engine/ops/linear.py, engine/ops/mlp.py): cuBLASLt's column-major
+// gemm_epilogue (engine/ops/linear.py): cuBLASLt's column-major
 //   D (m x n) = op(A) (m x k) * op(B) (k x n),  products accumulated in fp32 (fp64 for fp64),
 // op(X) = X or X^T, X read with leading dimension ldX, then one fused epilogue:
 //   None        D = acc
 //   Bias        D = acc + bias[i]                                   (bias read, length m)
 //   GeluAuxBias aux[i, j] = acc + bias[i] (in D's dtype); D = GELU_tanh(acc + bias[i])
-//   DGeluBGrad  g = acc * GELU_tanh'(aux[i, j]); D = g; bias[i] = sum_j g   (bias written, m)
-//   BGradB      D = acc; bias[j] = sum_p op(B)[p, j]                 (bias written, length n)
 // aux has D's dtype and leading dimension ld_aux; bias has its own dtype.
 // On the GPU cuBLASLt offers several candidate kernels (algorithms) for one call signature;
 // `algo` picks one (0 = its heuristic's first choice) and the call returns how many there are,
 // so the caller can time each and keep the fastest (engine/ops/linear.py does).
 
-enum class GemmEpilogue : int { None = 0, Bias = 1, GeluAuxBias = 2, DGeluBGrad = 3, BGradB = 4 };
+enum class GemmEpilogue : int { None = 0, Bias = 1, GeluAuxBias = 2 };
 
-inline bool is_gemm_epilogue_code(int code) { return code >= 0 && code <= 4; }
+inline bool is_gemm_epilogue_code(int code) { return code >= 0 && code <= 2; }
 
 struct GemmCall {
   bool trans_a, trans_b;
@@ -294,7 +292,7 @@ struct GemmCall {
   const void* b;
   void* d;
   void* bias;  // nullptr for None
-  void* aux;   // GeluAuxBias (written) and DGeluBGrad (read) only
+  void* aux;   // GeluAuxBias only (written)
   DType ab_dtype, d_dtype, bias_dtype;
   GemmEpilogue epilogue;
 };

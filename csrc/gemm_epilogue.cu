@@ -1,8 +1,9 @@
 // gemm_epilogue on the GPU: one cuBLASLt matmul with a fused epilogue (common.h states the
 // contract). cuBLASLt, not a kernel of our own: its Hopper GEMMs are what torch runs for
 // F.linear (the nvjet kernels of the step profile, ~87% of the measured matmul rate), and the
-// epilogues fold the work around them (bias, GELU and its saved input, GELU's backward, bias
-// gradients) into the GEMM's output pass.
+// epilogues fold the work after them (bias, GELU and its saved input) into the GEMM's output
+// pass. Its backward epilogues (DGELU_BGRAD, BGRADB) measured slower than a plain GEMM plus a
+// Triton pass (engine/ops/mlp.py), so they are not offered.
 #include <cublasLt.h>
 
 #include <array>
@@ -39,8 +40,6 @@ cublasLtEpilogue_t cublas_epilogue(GemmEpilogue epilogue) {
     case GemmEpilogue::None: return CUBLASLT_EPILOGUE_DEFAULT;
     case GemmEpilogue::Bias: return CUBLASLT_EPILOGUE_BIAS;
     case GemmEpilogue::GeluAuxBias: return CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
-    case GemmEpilogue::DGeluBGrad: return CUBLASLT_EPILOGUE_DGELU_BGRAD;
-    case GemmEpilogue::BGradB: return CUBLASLT_EPILOGUE_BGRADB;
   }
   throw std::invalid_argument("gemm_epilogue: unknown epilogue");
 }
@@ -86,9 +85,9 @@ struct Preference {
   ~Preference() { if (desc) cublasLtMatmulPreferenceDestroy(desc); }
 };
 
-// Candidates asked of the heuristic per call signature. On the H200 the first choice for
-// DGELU_BGRAD was far slower than the plain GEMM of the same shape (docs/performance.md), so the
-// caller times the candidates instead of trusting the order.
+// Candidates asked of the heuristic per call signature. Its first choice is not always the
+// fastest (H100: GELU_AUX_BIAS at 16384 x 1152 -> 4608, 341 us against 286 for the fourth of 5
+// candidates), so the caller times them instead of trusting the order.
 constexpr int kMaxCandidates = 16;
 
 // What decides cuBLASLt's candidate list: shapes, layouts, dtypes, epilogue, operand alignment
@@ -133,7 +132,7 @@ int gemm_epilogue_cuda(const GemmCall& c, int algo, void* workspace, std::int64_
     op.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, c.bias);
     op.set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, cuda_type(c.bias_dtype));
   }
-  if (c.epilogue == GemmEpilogue::GeluAuxBias || c.epilogue == GemmEpilogue::DGeluBGrad) {
+  if (c.epilogue == GemmEpilogue::GeluAuxBias) {
     op.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, c.aux);
     op.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, c.ld_aux);
   }

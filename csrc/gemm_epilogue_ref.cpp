@@ -1,10 +1,9 @@
 // C++ reference of gemm_epilogue: cuBLASLt's column-major GEMM and epilogues as common.h
 // states them, in plain loops, so CI checks on the CPU the row-major <-> column-major mapping
-// that engine/ops/linear.py and engine/ops/mlp.py build on. Products of 16-bit and fp32
+// that engine/ops/linear.py builds on. Products of 16-bit and fp32
 // inputs accumulate in float, fp64 in double; epilogue math is in the same type; results are
 // rounded once, to the output dtype.
 #include <cmath>
-#include <vector>
 
 #include "common.h"
 
@@ -39,14 +38,6 @@ T gelu_tanh(T x) {
 }
 
 template <class T>
-T gelu_tanh_grad(T x) {
-  const T u = T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
-  const T t = std::tanh(u);
-  const T du = T(0.7978845608028654) * (T(1) + T(3) * T(0.044715) * x * x);
-  return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du;
-}
-
-template <class T>
 void gemm(const GemmCall& c) {
   // op(A)[i, p] and op(B)[p, j] of the column-major operands
   auto a_at = [&](std::int64_t i, std::int64_t p) {
@@ -55,14 +46,12 @@ void gemm(const GemmCall& c) {
   auto b_at = [&](std::int64_t p, std::int64_t j) {
     return static_cast<T>(load_any(c.b, c.ab_dtype, c.trans_b ? j + p * c.ldb : p + j * c.ldb));
   };
-  std::vector<T> bias_sum(c.epilogue == GemmEpilogue::BGradB ? c.n : c.m, T(0));
   for (std::int64_t j = 0; j < c.n; ++j) {
     for (std::int64_t i = 0; i < c.m; ++i) {
       T acc = T(0);
       for (std::int64_t p = 0; p < c.k; ++p) acc += a_at(i, p) * b_at(p, j);
       switch (c.epilogue) {
         case GemmEpilogue::None:
-        case GemmEpilogue::BGradB:
           break;
         case GemmEpilogue::Bias:
           acc += static_cast<T>(load_any(c.bias, c.bias_dtype, i));
@@ -72,21 +61,9 @@ void gemm(const GemmCall& c) {
           store_any(c.aux, c.d_dtype, i + j * c.ld_aux, acc);
           acc = gelu_tanh(acc);
           break;
-        case GemmEpilogue::DGeluBGrad:
-          acc *= gelu_tanh_grad(static_cast<T>(load_any(c.aux, c.d_dtype, i + j * c.ld_aux)));
-          bias_sum[i] += acc;
-          break;
       }
       store_any(c.d, c.d_dtype, i + j * c.ldd, acc);
     }
-  }
-  if (c.epilogue == GemmEpilogue::BGradB) {
-    for (std::int64_t j = 0; j < c.n; ++j) {
-      for (std::int64_t p = 0; p < c.k; ++p) bias_sum[j] += b_at(p, j);
-    }
-  }
-  if (c.epilogue == GemmEpilogue::BGradB || c.epilogue == GemmEpilogue::DGeluBGrad) {
-    for (std::size_t i = 0; i < bias_sum.size(); ++i) store_any(c.bias, c.bias_dtype, static_cast<std::int64_t>(i), bias_sum[i]);
   }
 }
 

@@ -22,12 +22,13 @@ bias sum then reads again. Here:
 Backends:
 - ``eager``: F.linear (+ F.gelu), with PyTorch's own autograd: the reference;
 - ``triton``: the above;
-- ``cuda``: cuBLASLt epilogues through engine._C.gemm_epilogue (csrc/gemm_epilogue.cu): the
-  forward is one GEMM with the bias, and for GELU the activation and its saved input, in its
-  epilogue; the backward's weight-gradient GEMM sums the bias gradient as it reads dy (BGRADB),
-  so no separate pass reads it. GELU's backward has no GEMM of this Linear to ride on (it rides
-  on the next Linear's, in ``engine.ops.mlp``), so a lone GELU Linear runs it as the Triton pass.
-  On CPU tensors the same calls run engine._C's C++ reference (tests).
+- ``cuda``: the same Triton passes, and every GEMM through cuBLASLt (engine._C.gemm_epilogue,
+  csrc/gemm_epilogue.cu) with the kernel chosen per GEMM shape by timing cuBLASLt's candidates on
+  first use (``_gemm_epilogue``); the forward GEMM adds the bias, and for GELU writes the
+  activation and its saved input, in its epilogue, so GELU's forward pass goes. On CPU tensors
+  the same calls run engine._C's C++ reference (tests). cuBLASLt's backward epilogues (the bias
+  gradient in the weight-gradient GEMM, GELU's backward in the next Linear's input-gradient GEMM)
+  measured slower than the plain GEMM plus the Triton pass (engine.ops.mlp), so none is used.
 
 Under ``torch.compile`` ``auto`` resolves to ``eager``: Inductor then fuses the bias sum and the
 GELU with their neighbours itself, which an opaque custom op would prevent.
@@ -169,7 +170,7 @@ def _bias_grad_triton(dy: torch.Tensor, pre: torch.Tensor | None, bias_dtype: to
 # those terms.
 # ---------------------------------------------------------------------------------------------
 
-_EPILOGUE_CODES = dict(none=0, bias=1, gelu_aux_bias=2, dgelu_bgrad=3, bgradb=4)
+_EPILOGUE_CODES = dict(none=0, bias=1, gelu_aux_bias=2)
 CUBLASLT_WORKSPACE_BYTES = 32 * 2**20  # what torch gives cuBLASLt on Hopper
 
 
@@ -296,16 +297,14 @@ def _cublaslt_forward(x2, weight, bias, gelu):
     return y, pre
 
 
-def _cublaslt_weight_grads(dy2, x2, grad_dtype, with_bias=True):
-    """(dW (N, K), db (N,) or None) in grad_dtype from dy2 (M, N), x2 (M, K): column-major dW^T
-    (K x N) = x2^T (K x M, as stored) times dy2 (M x N: dy2^T as stored, transposed); db = the
-    column sums of that second operand, from the same GEMM (BGRADB), when with_bias."""
+def _cublaslt_weight_grad(dy2, x2, grad_dtype):
+    """dW (N, K) in grad_dtype from dy2 (M, N), x2 (M, K): column-major dW^T (K x N) = x2^T (K x M,
+    as stored) times dy2 (M x N: dy2^T as stored, transposed)."""
     M, N = dy2.shape
     K = x2.shape[1]
     dw = _new_output((N, K), grad_dtype, dy2.device)
-    db = _new_output((N,), grad_dtype, dy2.device) if with_bias else None
-    _gemm_epilogue(False, True, K, N, M, x2, dy2, dw, "bgradb" if with_bias else "none", db)
-    return dw, db
+    _gemm_epilogue(False, True, K, N, M, x2, dy2, dw, "none")
+    return dw
 
 
 def _cublaslt_input_grad(dy2, weight):
@@ -316,22 +315,6 @@ def _cublaslt_input_grad(dy2, weight):
     dx = _new_output((M, K), dy2.dtype, dy2.device)
     _gemm_epilogue(False, False, K, M, N, weight, dy2, dx, "none")
     return dx
-
-
-def _cublaslt_gelu_input_grads(dy2, weight2, pre, bias_dtype):
-    """(d_pre (M, H), d_b1 (H,)) of an MLP y = gelu(pre) W2^T + b2 from dy2 (M, N), weight2 (N, H)
-    and pre (M, H): column-major d_pre^T (H x M) = W2 (H x N as stored) times dy2^T (N x M as
-    stored), multiplied by GELU'(pre) and row-summed into d_b1 in the GEMM's epilogue
-    (DGELU_BGRAD): GELU's backward and fc1's bias gradient without a pass of their own."""
-    M, N = dy2.shape
-    H = weight2.shape[1]
-    dpre = _new_output((M, H), dy2.dtype, dy2.device)
-    # In d_pre's dtype: cuBLASLt (13, H200) refuses DGELU_BGRAD with an fp32 bias gradient for a
-    # bf16 output ("an unsupported value or parameter"), so under autocast d_b1 is rounded to
-    # bf16 as eager's is.
-    db1 = _new_output((H,), dy2.dtype, dy2.device)
-    _gemm_epilogue(False, False, H, M, N, weight2, dy2, dpre, "dgelu_bgrad", db1, pre)
-    return dpre, db1.to(bias_dtype)
 
 
 def _matmul_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -363,18 +346,13 @@ def _backward_impl(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dt
     x2 = x.reshape(-1, K)
     dpre, db = dy2, weight.new_empty(0, dtype=grad_dtype)
     dw = weight.new_empty(0, dtype=grad_dtype)
-    cublaslt = backend == "cuda" and dy2.shape[0] > 0  # every GEMM through the tuned cuBLASLt path
-    if cublaslt and not gelu and need_dw:
-        # dW and its bias gradient from one cuBLASLt GEMM (BGRADB epilogue)
-        dw, column_sums = _cublaslt_weight_grads(_row_major(dy2), _row_major(x2), grad_dtype, has_bias)
+    cublaslt = backend == "cuda" and dy2.shape[0] > 0  # GEMMs through the tuned cuBLASLt path
+    if gelu or has_bias:  # one Triton pass: d_pre through GELU's backward and its column sums
+        dpre, column_sums = _bias_grad_triton(dy2, pre.reshape(-1, N) if gelu else None, grad_dtype)
         db = column_sums if has_bias else db
-    else:
-        if gelu or has_bias:  # one Triton pass: d_pre through GELU's backward and its column sums
-            dpre, column_sums = _bias_grad_triton(dy2, pre.reshape(-1, N) if gelu else None, grad_dtype)
-            db = column_sums if has_bias else db
-        if need_dw:
-            dw = (_cublaslt_weight_grads(_row_major(dpre), _row_major(x2), grad_dtype, False)[0] if cublaslt
-                  else _matmul_into(dpre.t(), x2, grad_dtype))
+    if need_dw:
+        dw = (_cublaslt_weight_grad(_row_major(dpre), _row_major(x2), grad_dtype) if cublaslt
+              else _matmul_into(dpre.t(), x2, grad_dtype))
     if not need_dx:
         return x.new_empty(0), dw, db
     dx = _cublaslt_input_grad(_row_major(dpre), _row_major(weight)) if cublaslt else dpre @ weight
@@ -488,6 +466,11 @@ def _compute_dtype(x, weight, bias) -> torch.dtype:
 AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
 
+def auto_preference(device_type: str) -> tuple[str, ...]:
+    """AUTO_PREFERENCE without ``cuda`` where engine._C has no cuBLASLt path for the device."""
+    return tuple(name for name in AUTO_PREFERENCE if name != "cuda" or not cublaslt_missing(device_type))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None, backend: str | None = None) -> torch.Tensor:
     """act(x W^T + b) -> (..., N): x (..., K), weight (N, K), bias (N,) or None; activation None
@@ -497,7 +480,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.compiler.is_compiling() and requested(backend, "linear") == "auto":
         name = "eager"
     else:
-        name = resolve(backend, x.device, "linear", prefer=AUTO_PREFERENCE)
+        name = resolve(backend, x.device, "linear", prefer=auto_preference(x.device.type))
     if name == "eager":
         return linear_ref(x, weight, bias, activation)
     if name == "cuda" and cublaslt_missing(x.device.type):

@@ -360,41 +360,34 @@ def test_cuda_backend_without_cublaslt_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("epilogue", ["bias", "gelu_aux_bias", "dgelu_bgrad", "bgradb"])
-def test_every_cublaslt_candidate_is_correct_and_tuning_keeps_the_fastest(epilogue, seed):
-    """The tuner may pick any of cuBLASLt's candidates, so each one must compute the epilogue:
-    every candidate's outputs against fp64 (bf16 operands, fp32 accumulation: relative error
-    under 1e-2), then the tuner's choice is the fastest candidate it timed."""
+@pytest.mark.parametrize("gemm", ["bias", "gelu_aux_bias", "weight_grad", "input_grad"])
+def test_every_cublaslt_candidate_is_correct_and_tuning_keeps_the_fastest(gemm, seed):
+    """The tuner may pick any of cuBLASLt's candidates, so each one must compute the GEMM and its
+    epilogue: every candidate's outputs against fp64 (bf16 operands, fp32 accumulation: relative
+    error under 1e-2), for each GEMM layout the cuda backend runs; then the tuner's choice is the
+    fastest candidate it timed."""
     M, K, N = 1000, 1152, 4608  # tokens not a multiple of any tile
-    a = torch.randn(M, K, device="cuda").to(torch.bfloat16)  # row-major x (M, K)
-    w = (torch.randn(N, K, device="cuda") * K**-0.5).to(torch.bfloat16)  # (N, K)
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(N, K, device="cuda") * K**-0.5).to(torch.bfloat16)
     bias = torch.randn(N, device="cuda").to(torch.bfloat16)
+    dy = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+    x64, w64, dy64 = x.double(), w.double(), dy.double()
     gelu = functools.partial(torch.nn.functional.gelu, approximate="tanh")
-    a64, w64, bias64 = a.double(), w.double(), bias.double()
-    if epilogue in ("bias", "gelu_aux_bias"):  # y (M, N) = x W^T + b [-> GELU]
-        pre64 = a64 @ w64.t() + bias64
-        outputs = dict(d=torch.empty(M, N, device="cuda", dtype=torch.bfloat16))
-        expected = dict(d=pre64 if epilogue == "bias" else gelu(pre64))
-        if epilogue == "gelu_aux_bias":
-            outputs["aux"], expected["aux"] = torch.empty(M, N, device="cuda", dtype=torch.bfloat16), pre64
-        call = lambda algo: lm._gemm_epilogue(True, False, N, M, K, w, a, outputs["d"], epilogue, bias,
-                                              outputs.get("aux"), algo=algo)
-    elif epilogue == "dgelu_bgrad":  # d_pre (M, K) = (dy W) * GELU'(pre), d_b = column sums
-        pre = torch.randn(M, K, device="cuda").to(torch.bfloat16)
-        dy = torch.randn(M, N, device="cuda").to(torch.bfloat16)
-        pre64 = pre.double().requires_grad_()
-        (dpre64,) = torch.autograd.grad(gelu(pre64), pre64, dy.double() @ w64)
-        outputs = dict(d=torch.empty(M, K, device="cuda", dtype=torch.bfloat16),
-                       bias=torch.empty(K, device="cuda", dtype=torch.bfloat16))
-        expected = dict(d=dpre64, bias=dpre64.sum(0))
-        call = lambda algo: lm._gemm_epilogue(False, False, K, M, N, w, dy, outputs["d"], epilogue, outputs["bias"],
-                                              pre, algo=algo)
-    else:  # bgradb: dW (N, K) = dy^T x, db = column sums of dy, fp32
-        dy = torch.randn(M, N, device="cuda").to(torch.bfloat16)
-        outputs = dict(d=torch.empty(N, K, device="cuda"), bias=torch.empty(N, device="cuda"))
-        expected = dict(d=dy.double().t() @ a64, bias=dy.double().sum(0))
-        call = lambda algo: lm._gemm_epilogue(False, True, K, N, M, a, dy, outputs["d"], epilogue, outputs["bias"],
-                                              algo=algo)
+    outputs = {}
+    if gemm in ("bias", "gelu_aux_bias"):  # y (M, N) = x W^T + b [-> GELU, pre kept]
+        pre64 = x64 @ w64.t() + bias.double()
+        outputs["y"] = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        expected = dict(y=pre64 if gemm == "bias" else gelu(pre64), pre=pre64)
+        if gemm == "gelu_aux_bias":
+            outputs["pre"] = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        call = lambda algo: lm._gemm_epilogue(True, False, N, M, K, w, x, outputs["y"], gemm, bias,
+                                              outputs.get("pre"), algo=algo)
+    elif gemm == "weight_grad":  # dW (N, K) = dy^T x, fp32 as for fp32 parameters
+        outputs["dw"], expected = torch.empty(N, K, device="cuda"), dict(dw=dy64.t() @ x64)
+        call = lambda algo: lm._gemm_epilogue(False, True, K, N, M, x, dy, outputs["dw"], "none", algo=algo)
+    else:  # dx (M, K) = dy W
+        outputs["dx"], expected = torch.empty(M, K, device="cuda", dtype=torch.bfloat16), dict(dx=dy64 @ w64)
+        call = lambda algo: lm._gemm_epilogue(False, False, K, M, N, w, dy, outputs["dx"], "none", algo=algo)
     count = call(0)
     assert count >= 1
     for algo in range(count):
