@@ -5,7 +5,7 @@
 # Steps: stage / extras (carried wheels and model files, see below), setup, tests (every GPU
 # test file) or tests_ops (tests/ops only), tests_linear, tests_cross_attention, tests_train,
 # demo (`python -m train demo` on the GPU), linear (linear + mlp kernel rows), ab_gemm (engine step with
-# linear/mlp on cuda vs auto), kernels (every op, both
+# linear/mlp on cuda vs triton), kernels (every op, both
 # timers), attention (attention + patchify ops, CUDA-graph timer), throughput256, throughput512,
 # profile (torch.profiler breakdown of the engine step at 256/64), data.
 # Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small; DALI's
@@ -75,11 +75,12 @@ linear() {
   python3 bench/kernels.py --ops linear,mlp --timer cudagraph --json "$out/kernels_linear.json" --csv "$out/kernels_linear.csv" \
     2>&1 | tee "$out/kernels_linear.log" | tail -45
 }
-# The engine step with linear and mlp on their cuda backend (tuned cuBLASLt epilogues) against
-# the default, alternating, each run in its own process: an A/B of one op family in the whole step.
+# The engine step with linear and mlp on their cuda backend (tuned cuBLASLt GEMMs) against their
+# triton backend (cuBLAS GEMMs), each run in its own process, alternating AB_ROUNDS times (default 1):
+# an A/B of one op family inside the whole step.
 ab_gemm() {
-  for i in 1 2; do
-    for b in auto cuda; do
+  for i in $(seq "${AB_ROUNDS:-1}"); do
+    for b in triton cuda; do
       ENGINE_BACKEND_LINEAR=$b ENGINE_BACKEND_MLP=$b python3 bench/throughput.py --git-commit "$commit" --variants engine \
         --res 256 --batch 64 --json "$out/ab_gemm_${b}_$i.json" 2>&1 | grep -E "engine: " | sed "s/^/linear,mlp=$b run $i: /"
     done

@@ -459,11 +459,12 @@ def _compute_dtype(x, weight, bias) -> torch.dtype:
     return x.dtype
 
 
-# auto's order on CUDA (outside torch.compile, which gets eager: see the module docstring).
-# Triton: fwd + bwd on the H200 (commit 5e7f6c8, bench/kernels.py --timer cudagraph, bf16, 16384
-# tokens), cuda vs triton: 1152 -> 4608 + GELU 963 vs 1007 us, 4608 -> 1152 806 vs 797, 1152 ->
-# 3456 634 vs 583: the epilogue GEMMs cuBLASLt's heuristic picks gain nothing overall.
-AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
+# auto's order on CUDA (outside torch.compile, which gets eager: see the module docstring). cuda
+# first: its forward epilogues with tuned candidates beat cuBLAS + the separate GELU pass (H100,
+# commit 140441d, bench/kernels.py --timer cudagraph, bf16, 16384 tokens, forward: 1152 -> 4608 +
+# GELU 286 vs 375 us, 4608 -> 1152 229 vs 255, 1152 -> 3456 200 vs 212); its backward runs the
+# same Triton passes as triton's around GEMMs tuned per shape.
+AUTO_PREFERENCE: tuple[str, ...] = ("cuda", "triton")
 
 
 def auto_preference(device_type: str) -> tuple[str, ...]:
@@ -474,8 +475,9 @@ def auto_preference(device_type: str) -> tuple[str, ...]:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None, backend: str | None = None) -> torch.Tensor:
     """act(x W^T + b) -> (..., N): x (..., K), weight (N, K), bias (N,) or None; activation None
-    or "gelu_tanh". backend: "eager", "triton", "auto" or None (see engine.ops.backend): triton
-    on CUDA tensors, eager on the CPU and inside torch.compile."""
+    or "gelu_tanh". backend: "eager", "triton", "cuda", "auto" or None (see engine.ops.backend):
+    cuda (triton where engine._C lacks cuBLASLt) on CUDA tensors, eager on the CPU and inside
+    torch.compile."""
     _check_inputs(x, weight, bias, activation)
     if torch.compiler.is_compiling() and requested(backend, "linear") == "auto":
         name = "eager"
