@@ -61,6 +61,7 @@ tests_cross_attention() {
 }
 tests_linear() {
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_linear.py tests/ops/test_mlp.py tests/ops/test_backend.py \
+    tests/model/test_backends.py \
     >"$out/pytest_gpu_linear.log" 2>&1
   tail -1 "$out/pytest_gpu_linear.log"
 }
