@@ -81,7 +81,7 @@ linear() {
 # an A/B of one op family inside the whole step.
 ab_gemm() {
   for i in $(seq "${AB_ROUNDS:-1}"); do
-    for b in triton cuda; do
+    for b in ${AB_BACKENDS:-triton cuda}; do
       ENGINE_BACKEND_LINEAR=$b ENGINE_BACKEND_MLP=$b python3 bench/throughput.py --git-commit "$commit" --variants engine \
         --res 256 --batch 64 --json "$out/ab_gemm_${b}_$i.json" 2>&1 | grep -E "engine: " | sed "s/^/linear,mlp=$b run $i: /"
     done
@@ -106,8 +106,9 @@ kernels() {
   python3 bench/kernels.py --timer cudagraph --json "$out/kernels_cudagraph.json" 2>&1 | tee "$out/kernels_cudagraph.log" | tail -30
   python3 bench/kernels.py --timer do_bench --json "$out/kernels_do_bench.json" 2>&1 | tee "$out/kernels_do_bench.log" | tail -30
 }
-throughput256() { python3 bench/throughput.py --git-commit "$commit" --res 256 --batch 64 --json "$out/throughput_256.json" --csv "$out/throughput_256.csv" 2>&1 | tee "$out/throughput_256.log" | tail -20; }
-throughput512() { python3 bench/throughput.py --git-commit "$commit" --res 512 --batch 32 --json "$out/throughput_512.json" --csv "$out/throughput_512.csv" 2>&1 | tee "$out/throughput_512.log" | tail -20; }
+# VARIANTS (comma-separated) narrows the throughput rows; default: every variant.
+throughput256() { python3 bench/throughput.py --git-commit "$commit" --res 256 --batch 64 ${VARIANTS:+--variants "$VARIANTS"} --json "$out/throughput_256.json" --csv "$out/throughput_256.csv" 2>&1 | tee "$out/throughput_256.log" | tail -20; }
+throughput512() { python3 bench/throughput.py --git-commit "$commit" --res 512 --batch 32 ${VARIANTS:+--variants "$VARIANTS"} --json "$out/throughput_512.json" --csv "$out/throughput_512.csv" 2>&1 | tee "$out/throughput_512.log" | tail -20; }
 data() { python3 bench/data.py --samples 4096 --json "$out/data.json" 2>&1 | tee "$out/data.log" | tail -20; }
 
 for step in "$@"; do log "$step"; "$step" || echo "!! step $step failed"; done
