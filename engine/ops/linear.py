@@ -459,12 +459,15 @@ def _compute_dtype(x, weight, bias) -> torch.dtype:
     return x.dtype
 
 
-# auto's order on CUDA (outside torch.compile, which gets eager: see the module docstring). cuda
-# first: its forward epilogues with tuned candidates beat cuBLAS + the separate GELU pass (H100,
-# commit 140441d, bench/kernels.py --timer cudagraph, bf16, 16384 tokens, forward: 1152 -> 4608 +
-# GELU 286 vs 375 us, 4608 -> 1152 229 vs 255, 1152 -> 3456 200 vs 212); its backward runs the
-# same Triton passes as triton's around GEMMs tuned per shape.
-AUTO_PREFERENCE: tuple[str, ...] = ("cuda", "triton")
+# auto's order on CUDA (outside torch.compile, which gets eager: see the module docstring).
+# Triton. cuda's tuned forward epilogues win per kernel (H100, commit 140441d, bench/kernels.py
+# --timer cudagraph, bf16, 16384 tokens, forward: 1152 -> 4608 + GELU 286 vs 375 us, 4608 -> 1152
+# 229 vs 255, 1152 -> 3456 200 vs 212), but the whole engine step ran 313.6 img/s with linear and
+# mlp on cuda against 406.4 on triton (H100, commit 1cd16bc, same machine and call, 256px / 64):
+# 47 ms a step more, with the kernels faster, points at host time (each of the ~680 GEMM calls a
+# step builds a signature key in Python and cuBLASLt descriptors in engine._C; the CUDA-graph
+# timer of the kernel rows hides host time). Not profiled yet: see docs/performance.md.
+AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
 
 def auto_preference(device_type: str) -> tuple[str, ...]:
@@ -476,8 +479,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            activation: str | None = None, backend: str | None = None) -> torch.Tensor:
     """act(x W^T + b) -> (..., N): x (..., K), weight (N, K), bias (N,) or None; activation None
     or "gelu_tanh". backend: "eager", "triton", "cuda", "auto" or None (see engine.ops.backend):
-    cuda (triton where engine._C lacks cuBLASLt) on CUDA tensors, eager on the CPU and inside
-    torch.compile."""
+    triton on CUDA tensors, eager on the CPU and inside torch.compile."""
     _check_inputs(x, weight, bias, activation)
     if torch.compiler.is_compiling() and requested(backend, "linear") == "auto":
         name = "eager"
