@@ -203,8 +203,9 @@ def _alignment(t: torch.Tensor | None) -> int:
 # Autotuning of cuBLASLt's candidates. For each call signature (shapes, leading dimensions,
 # epilogue, dtypes, alignments) the first call on the GPU times every candidate kernel engine._C
 # reports (up to 16) and keeps the fastest; later calls run it. Measured reason: the heuristic's
-# first choice for the MLP's epilogue GEMMs was slower than the plain GEMM it replaces
-# (docs/performance.md). ENGINE_GEMM_TUNE=0 keeps the heuristic's first choice. Not tuned while a
+# first choice is not always the fastest (H100, commit 140441d: fc1's GELU_AUX_BIAS GEMM took
+# 341 us as candidate 0, 286 us as candidate 4 of 0-4; docs/performance.md).
+# ENGINE_GEMM_TUNE=0 keeps the heuristic's first choice. Not tuned while a
 # CUDA graph is being captured (timing needs a synchronisation): a signature first seen there
 # runs candidate 0.
 TUNE_REPEATS = 5

@@ -13,9 +13,10 @@ Tried and measured, not kept: one autograd Function for the pair whose backward 
 backward and fc1's bias gradient in the epilogue of fc2's input-gradient GEMM (cuBLASLt's
 DGELU_BGRAD) and fc2's bias gradient in its weight-gradient GEMM (BGRADB). The fastest of
 cuBLASLt's 8 DGELU_BGRAD candidates for PixArt-XL/2's 16384 x 1152 -> 4608 took 861 us against
-237 us for the plain GEMM of that shape (H100, bench/kernels.py's GEMM tuning report at commit
-140441d); the block MLP forward + backward took 2166 us against 1891 us as two Triton-backed
-linears (H200 at 5e7f6c8: 2115 against 1818).
+237 us for the plain GEMM of that shape, and the block MLP forward + backward took 2166 us
+against 1891 us as two Triton-backed linears (H100, bench/kernels.py --ops linear,mlp --timer
+cudagraph at commit 140441d, with its GEMM tuning report; on the H200 at 5e7f6c8, untuned: 2115
+against 1818).
 """
 
 from __future__ import annotations
