@@ -107,7 +107,7 @@ class Linear(nn.Linear):
 
 class Mlp(nn.Module):
     """Linear -> tanh-GELU -> Linear (the transformer MLP and PixArt's caption projection), as
-    one ``engine.ops.mlp`` call: GELU's backward rides on fc2's input-gradient GEMM there."""
+    one ``engine.ops.mlp`` call, so one backend choice covers both Linears."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
         super().__init__()
