@@ -7,7 +7,8 @@ checked against), ``triton`` and ``cuda`` (the compiled ``engine._C`` module). T
 
 where ``ENGINE_BACKEND_<OP>`` names one op (``ENGINE_BACKEND_MLP=cuda``, ``ENGINE_BACKEND_LINEAR``,
 ...: the op's function name in capitals), so one op can be switched inside a whole model, e.g.
-to A/B it in a training step. ``auto`` picks the op's preferred available backend on CUDA tensors and ``eager`` on the CPU.
+to A/B it in a training step. ``auto`` picks the op's preferred available backend on CUDA
+tensors and ``eager`` on the CPU.
 An unknown name, or a backend asked for by name that cannot run here, is an error: never a
 silent fallback, so a benchmark row labelled ``triton`` really ran Triton.
 

@@ -226,21 +226,27 @@ def gemm_tuning_report() -> list[dict]:
     return report
 
 
-def _tune(run, count: int) -> tuple[int, list[float | None]]:
-    """(fastest candidate, median seconds per candidate) of ``run(algo)`` over ``count`` candidates."""
+def _median_cuda_seconds(fn) -> float:
+    """Median GPU seconds of ``fn()`` over TUNE_REPEATS timed calls, after one warm-up call."""
+    fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(TUNE_REPEATS)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) / 1e3 for start, end in events)
+    return times[len(times) // 2]
+
+
+def _tune(run, count: int, seconds_of=_median_cuda_seconds) -> tuple[int, list[float | None]]:
+    """(fastest candidate, seconds per candidate) of ``run(algo)`` over ``count`` candidates, each
+    timed by ``seconds_of``; a candidate that raises RuntimeError gets None and is skipped."""
     seconds: list[float | None] = []
     for algo in range(count):
         try:
-            run(algo)  # warm-up
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(TUNE_REPEATS)]
-            for start, end in events:
-                start.record()
-                run(algo)
-                end.record()
-            torch.cuda.synchronize()
-            times = sorted(start.elapsed_time(end) / 1e3 for start, end in events)
-            seconds.append(times[len(times) // 2])
+            seconds.append(seconds_of(lambda: run(algo)))
         except RuntimeError:  # a candidate cuBLASLt lists but refuses to run (workspace, say)
             seconds.append(None)
     timed = [(t, algo) for algo, t in enumerate(seconds) if t is not None]
@@ -268,8 +274,8 @@ def _gemm_epilogue(trans_a, trans_b, m, n, k, a, b, d, epilogue, bias=None, aux=
 
     if not on_gpu or algo is not None:
         return run(algo or 0)
-    key = (trans_a, trans_b, m, n, k, _EPILOGUE_CODES[epilogue], (a.dtype, d.dtype, None if bias is None else bias.dtype),
-           _leading_dim(a), _leading_dim(b), _leading_dim(d), 0 if aux is None else _leading_dim(aux),
+    key = (trans_a, trans_b, m, n, k, _EPILOGUE_CODES[epilogue],
+           (a.dtype, d.dtype, None if bias is None else bias.dtype), _leading_dim(a), _leading_dim(b), _leading_dim(d), 0 if aux is None else _leading_dim(aux),
            _alignment(a), _alignment(b), _alignment(d), _alignment(aux), device)
     tuned = _TUNED_ALGOS.get(key)
     if tuned is not None:

@@ -405,3 +405,22 @@ def test_every_cublaslt_candidate_is_correct_and_tuning_keeps_the_fastest(gemm, 
     (entry,) = lm.gemm_tuning_report()
     times = [t if t is not None else float("inf") for t in entry["candidate_us"]]
     assert len(times) == count and entry["chosen"] == times.index(min(times))
+
+
+def test_tuning_keeps_the_fastest_candidate_that_runs():
+    """The tuner's choice, with a stand-in timer: the fastest of the candidates that ran, a
+    candidate that raises is skipped (None), and none running is an error."""
+    costs = {0: 3.0, 1: None, 2: 1.5, 3: 2.0}  # None: the candidate raises at launch
+
+    def run(algo):
+        if costs[algo] is None:
+            raise RuntimeError("refused")
+        return algo
+
+    def seconds_of(call):
+        return costs[call()]
+
+    assert lm._tune(run, 4, seconds_of) == (2, [3.0, None, 1.5, 2.0])
+    costs.update({0: None, 2: None, 3: None})
+    with pytest.raises(RuntimeError, match="none of cuBLASLt's candidates ran"):
+        lm._tune(run, 4, seconds_of)
