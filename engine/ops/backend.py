@@ -90,7 +90,8 @@ def requested(backend: str | None, op: str) -> str:
     else ENGINE_BACKEND, else "auto". Unchecked (``resolve`` checks)."""
     if backend is not None:
         return backend
-    return os.environ.get(f"ENGINE_BACKEND_{op.upper()}", os.environ.get("ENGINE_BACKEND", "auto"))
+    per_op = os.environ.get(f"ENGINE_BACKEND_{op.upper()}")
+    return per_op if per_op is not None else os.environ.get("ENGINE_BACKEND", "auto")
 
 
 def _source(backend: str | None, op: str) -> str:

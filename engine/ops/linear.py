@@ -478,7 +478,10 @@ AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
 
 def auto_preference(device_type: str) -> tuple[str, ...]:
-    """AUTO_PREFERENCE without ``cuda`` where engine._C has no cuBLASLt path for the device."""
+    """AUTO_PREFERENCE without ``cuda`` where engine._C has no cuBLASLt path for the device (on
+    every op call: returns at once when there is no cuda entry to check)."""
+    if "cuda" not in AUTO_PREFERENCE:
+        return AUTO_PREFERENCE
     return tuple(name for name in AUTO_PREFERENCE if name != "cuda" or not cublaslt_missing(device_type))
 
 
