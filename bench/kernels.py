@@ -119,7 +119,7 @@ class OpSpec:
     # kernel_label(variant, *inputs, *extra): what the variant runs underneath, when that is a choice
     # made at run time (self_attention: SDPA's kernel); None where there is nothing to name.
     kernel_label: Callable[..., str | None] | None = None
-    # engine backends the op does not have (linear: no cuda): their rows say so instead of timing an error
+    # engine backends the op does not have (gated_add: no cuda): their rows say so instead of timing an error
     missing_backends: tuple[str, ...] = ()
 
 
