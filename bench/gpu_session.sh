@@ -78,12 +78,14 @@ linear() {
 }
 # The engine step with linear and mlp on their cuda backend (tuned cuBLASLt GEMMs) against their
 # triton backend (cuBLAS GEMMs), each run in its own process, alternating AB_ROUNDS times (default 1):
-# an A/B of one op family inside the whole step.
+# an A/B of one op family inside the whole step. AB_VARIANTS (comma-separated, default engine)
+# names the engine variants measured with each backend (engine, engine+graph).
 ab_gemm() {
   for i in $(seq "${AB_ROUNDS:-1}"); do
     for b in ${AB_BACKENDS:-triton cuda}; do
-      ENGINE_BACKEND_LINEAR=$b ENGINE_BACKEND_MLP=$b python3 bench/throughput.py --git-commit "$commit" --variants engine \
-        --res 256 --batch 64 --json "$out/ab_gemm_${b}_$i.json" 2>&1 | grep -E "engine: " | sed "s/^/linear,mlp=$b run $i: /"
+      ENGINE_BACKEND_LINEAR=$b ENGINE_BACKEND_MLP=$b python3 bench/throughput.py --git-commit "$commit" \
+        --variants "${AB_VARIANTS:-engine}" --res 256 --batch 64 --json "$out/ab_gemm_${b}_$i.json" 2>&1 \
+        | grep -E " engine(\+graph)?: " | sed "s/^/linear,mlp=$b run $i: /"
     done
   done
 }

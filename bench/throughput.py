@@ -7,6 +7,8 @@ One row per variant, all on the same model config, synthetic inputs, optimizer a
 
     eager              engine model, ops backend "eager" (ENGINE_BACKEND=eager)
     engine             engine model, fused backends (ENGINE_BACKEND=auto)
+    engine+graph       the same with forward and backward replayed as one CUDA graph
+                       (engine.step_graph), as `python -m train` runs one-GPU fixed-shape stages
     compile            torch.compile of the eager engine model
     engine+compile     fused backends under torch.compile
     diffusers          diffusers' PixArtTransformer2DModel of the same architecture
@@ -71,6 +73,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 from engine.diffusion.iddpm import GaussianDiffusion
 from engine.model import build_model
+from engine.step_graph import StepGraph
 
 SCHEDULE_PATH = Path(__file__).resolve().parent / "schedule_pixart_alpha.json"
 SECONDS_PER_DAY = 86400.0
@@ -83,11 +86,13 @@ class Variant:
     model: str  # "engine" or "diffusers"
     backend: str | None  # ENGINE_BACKEND while it runs; None leaves the variable as it is
     compiled: bool
+    graphed: bool = False  # forward + backward captured once and replayed (engine.step_graph), CUDA only
 
 
 VARIANTS = {v.name: v for v in (
     Variant("eager", "engine", "eager", False),
     Variant("engine", "engine", "auto", False),
+    Variant("engine+graph", "engine", "auto", False, graphed=True),
     Variant("compile", "engine", "eager", True),
     Variant("engine+compile", "engine", "auto", True),
     Variant("diffusers", "diffusers", None, False),
@@ -200,13 +205,27 @@ def make_train_step(variant: Variant, config: PixArtConfig, resolution: int, bat
                                   fused=device.type == "cuda")
     losses = []
 
-    def train_step():
+    def forward_backward(inputs: dict) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = diffusion.training_losses(forward, x0, t, model_kwargs)["loss"].mean()
+            loss = diffusion.training_losses(forward, inputs["x0"], inputs["t"], model_kwargs)["loss"].mean()
         loss.backward()
+        return {"loss": loss.detach()}
+
+    if variant.graphed:
+        if device.type != "cuda":
+            raise ValueError(f"variant {variant.name} needs a CUDA device (CUDA graphs)")
+        graph = StepGraph(device, model.parameters())
+        static = {"x0": x0, "t": t}
+
+        def train_step():
+            losses.append(graph.run(forward_backward, static)["loss"].clone())
+            optimizer.step()  # the graph releases nothing: gradients stay where it writes them
+        return train_step, losses
+
+    def train_step():
+        losses.append(forward_backward({"x0": x0, "t": t})["loss"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
 
     return train_step, losses
 

@@ -35,6 +35,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 OBJECTIVES = ("iddpm", "edm")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
+CUDA_GRAPH = ("auto", "on", "off")
 OPTIMIZERS = ("adamw", "apex")
 LR_SCALING = ("sqrt", "linear", "none")
 LOADER_BACKENDS = ("auto", "torch", "dali")
@@ -89,6 +90,7 @@ class TrainSection:
     parallel: str = "auto"        # under torchrun: ddp; alone: none
     activation_checkpointing: int = 0  # checkpoint every k-th block; 0 = off
     compile: bool = False
+    cuda_graph: str = "auto"      # forward + backward replayed as one CUDA graph; auto: where train/run.py allows
     max_nonfinite_steps: int = 20  # this many skipped steps in a row save and stop the run
     init_ema: bool = True          # --init from an engine checkpoint takes its EMA weights
 
@@ -185,6 +187,7 @@ def validate(config: RunConfig) -> RunConfig:
     _choice("train.objective", t.objective, OBJECTIVES)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.parallel", t.parallel, PARALLEL)
+    _choice("train.cuda_graph", t.cuda_graph, CUDA_GRAPH)
     _choice("optim.name", o.name, OPTIMIZERS)
     _choice("optim.lr_scaling", o.lr_scaling, LR_SCALING)
     _choice("data.backend", d.backend, LOADER_BACKENDS)

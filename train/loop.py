@@ -172,6 +172,7 @@ class Trainer:
     run_info: dict
     autocast_dtype: torch.dtype | None = None
     sample_grid: Callable[[int, dict], None] | None = None  # (step, EMA state) -> writes a grid, rank 0
+    cuda_graph: bool = False      # forward + backward replayed as a CUDA graph (engine.step_graph)
     progress: Progress = dataclasses.field(default_factory=Progress)
 
     @property
@@ -274,16 +275,51 @@ def _sample(tr: Trainer, step: int) -> None:
         dist.barrier()
 
 
+def _forward_backward(tr: Trainer, batches: list[dict], generators: list[torch.Generator]) -> dict:
+    """Forward and backward of one step's micro-batches (gradients accumulate), then the gradient
+    clipping: device tensors only, no host read, so it can be captured (engine.step_graph)."""
+    from torch.distributed.tensor import DTensor
+
+    loss_sum = torch.zeros((), device=tr.device)
+    for micro, (batch, generator) in enumerate(zip(batches, generators)):
+        with _gradient_sync(tr.model, micro == len(batches) - 1):
+            loss = _micro_batch_loss(tr, batch, generator) / len(batches)
+            loss.backward()
+        loss_sum += loss.detach()
+    params = [p for p in tr.module.parameters() if p.requires_grad]
+    max_norm = tr.config.optim.grad_clip or float("inf")  # inf: measure the norm, clip nothing
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    return {"loss_sum": loss_sum, "grad_norm": grad_norm}
+
+
+def _graph_inputs(batches: list[dict]) -> dict[str, torch.Tensor]:
+    """A step's micro-batches as one flat dict of tensors ("micro.field"), the graph's inputs."""
+    return {f"{micro}.{name}": value for micro, batch in enumerate(batches) for name, value in batch.items()
+            if isinstance(value, torch.Tensor)}
+
+
+def _graph_batches(inputs: dict[str, torch.Tensor], count: int) -> list[dict]:
+    batches = [{} for _ in range(count)]
+    for key, value in inputs.items():
+        micro, name = key.split(".", 1)
+        batches[int(micro)][name] = value
+    return batches
+
+
 def train(tr: Trainer) -> int:
     """Run until the configured number of steps; returns the process exit code."""
-    from torch.distributed.tensor import DTensor
+    from engine.step_graph import StepGraph
 
     cfg, device = tr.config, tr.device
     peak_lr, accumulation = cfg.lr(), tr.accumulation
-    params = [p for p in tr.module.parameters() if p.requires_grad]
-    max_norm = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, clip nothing
     log = MetricsLog(tr.out, tr.rank, cfg.train.steps, tr.progress.step, cfg.log.tensorboard)
     batches = _forever(tr.loader)
+    # One generator per micro-batch of a step, re-seeded every step (see the module docstring):
+    # the same objects every step, so a CUDA graph can have them registered.
+    generators = [torch.Generator(device) for _ in range(accumulation)]
+    graph = StepGraph(device, tr.module.parameters(), generators=generators) if tr.cuda_graph else None
     interval = Interval()
     last_time = time.perf_counter()
     try:
@@ -293,24 +329,19 @@ def train(tr: Trainer) -> int:
             lr = lr_at(step, peak_lr, cfg.optim.warmup_steps)
             for group in tr.optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            images, flops = 0, 0.0
-            for micro in range(accumulation):
-                fetch = time.perf_counter()
-                batch = next(batches)
-                wait += time.perf_counter() - fetch
-                generator = torch.Generator(device)
+            fetch = time.perf_counter()
+            step_batches = [next(batches) for _ in range(accumulation)]
+            wait += time.perf_counter() - fetch
+            for micro, generator in enumerate(generators):
                 generator.manual_seed(micro_seed(cfg.train.seed, step, micro * tr.world + tr.rank))
-                with _gradient_sync(tr.model, micro == accumulation - 1):
-                    loss = _micro_batch_loss(tr, batch, generator) / accumulation
-                    loss.backward()
-                loss_sum += loss.detach()
-                images += batch["latent"].shape[0] * tr.world
-                flops += _flops(tr, batch) * tr.world
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()
-            applied, loss_value, norm_value = _step_outcome(tr, loss_sum, grad_norm)
+            if graph is None:
+                out = _forward_backward(tr, step_batches, generators)
+            else:
+                out = graph.run(lambda inputs: _forward_backward(tr, _graph_batches(inputs, accumulation), generators),
+                                _graph_inputs(step_batches))
+            images = sum(batch["latent"].shape[0] for batch in step_batches) * tr.world
+            flops = sum(_flops(tr, batch) for batch in step_batches) * tr.world
+            applied, loss_value, norm_value = _step_outcome(tr, out["loss_sum"], out["grad_norm"])
             if applied:
                 tr.optimizer.step()
                 tr.ema.update()
@@ -318,7 +349,8 @@ def train(tr: Trainer) -> int:
             else:
                 tr.progress.skipped_total += 1
                 tr.progress.nonfinite_run += 1
-            tr.optimizer.zero_grad(set_to_none=True)
+            if graph is None:  # under a graph the gradients stay where it writes them
+                tr.optimizer.zero_grad(set_to_none=True)
             tr.progress.step = step = step + 1
 
             now = time.perf_counter()

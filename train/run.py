@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # config fields (prefixes) that may change between the segments of one run (--resume)
-_RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "log.", "data.workers", "data.backend")
+_RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "log.", "data.workers", "data.backend", "train.cuda_graph")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +54,7 @@ class Plan:
     micro_batch: int
     init: Path | None
     resume_from: Path | None
+    cuda_graph: bool = False  # forward + backward replayed as a CUDA graph (train.cuda_graph resolved)
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -106,6 +107,7 @@ def _dali_importable() -> bool:
 
 def plan_run(args: argparse.Namespace) -> Plan:
     """Read and check everything (config, output folder, --init, cache) without touching a GPU."""
+    import numpy as np
     import torch
 
     from engine.data import open_cache
@@ -161,7 +163,10 @@ def plan_run(args: argparse.Namespace) -> Plan:
         raise FileNotFoundError(f"--init {init} does not exist")
     cache = open_cache(args.data)
     check_cache(config, model_config, cache)
-    return Plan(config, model_config, cache, out, world, micro, init, resume_from)
+    bucket_sizes = np.unique(cache.sample_buckets, return_counts=True)[1]
+    cuda_graph = use_cuda_graph(t.cuda_graph, torch.cuda.is_available(), world, t.compile, t.activation_checkpointing,
+                                batch_shapes=int((bucket_sizes >= micro).sum()))  # the loader drops partial batches
+    return Plan(config, model_config, cache, out, world, micro, init, resume_from, cuda_graph)
 
 
 def init_distributed(world: int):
@@ -188,6 +193,32 @@ def _cache_identity(cache) -> dict:
     return {key: meta.get(key) for key in ("resolution", "multi_aspect", "latent_channels", "latent_downsample", "vae",
                                            "text_encoder", "text_width", "max_tokens", "labels", "classes")} | {
         "path": str(Path(cache.path).resolve()), "num_samples": cache.num_samples}
+
+
+def use_cuda_graph(setting: str, cuda: bool, world: int, compile: bool, activation_checkpointing: int,
+                   batch_shapes: int) -> bool:
+    """Whether the step's forward and backward run as a CUDA graph (engine.step_graph), from
+    train.cuda_graph: "off" never, "auto" wherever the conditions below hold, "on" the same or a
+    ConfigError naming what stands in the way."""
+    from train.config import ConfigError
+
+    if setting == "off":
+        return False
+    obstacles = []
+    if not cuda:
+        obstacles.append("there is no CUDA device")
+    if world > 1:
+        obstacles.append(f"the run has {world} ranks (graphs around DDP / FSDP2 collectives are not supported yet)")
+    if compile:
+        obstacles.append("train.compile is on (not supported together yet)")
+    if activation_checkpointing:
+        obstacles.append("train.activation_checkpointing is on (not supported together yet)")
+    if batch_shapes > 1:
+        obstacles.append(f"the cache's batches come in {batch_shapes} shapes (aspect-ratio buckets) and a graph "
+                         f"replays one")
+    if obstacles and setting == "on":
+        raise ConfigError('train.cuda_graph = "on" but ' + "; ".join(obstacles))
+    return not obstacles
 
 
 def build_trainer(plan: Plan, rank: int, device):
@@ -242,7 +273,7 @@ def build_trainer(plan: Plan, rank: int, device):
         config=cfg, model=model, module=module,
         optimizer=loop.build_optimizer(module, cfg.optim, cfg.lr(), device),
         ema=loop.EMA(module, cfg.train.ema_decay), objective=objective, loader=loader, device=device, rank=rank,
-        world=plan.world, out=plan.out, run_info=run_info, autocast_dtype=autocast_dtype)
+        world=plan.world, out=plan.out, run_info=run_info, autocast_dtype=autocast_dtype, cuda_graph=plan.cuda_graph)
     if plan.resume_from is not None:
         loop.restore(trainer, plan.resume_from)
         messages.append(f"resumed from {plan.resume_from} (step {trainer.progress.step})")
@@ -257,7 +288,7 @@ def build_trainer(plan: Plan, rank: int, device):
     settings = (f"stage {cfg.stage}: {type(model_config).__name__.removesuffix('Config')} {params:.2f}M "
                 f"params, {plan.world} rank(s) x {plan.micro_batch} x {trainer.accumulation} accumulation = "
                 f"{cfg.train.global_batch} per step, lr {cfg.lr():.3g}, {'bf16' if bf16 else 'fp32'}, "
-                f"parallel {parallel}, {backend} loader, {device}")
+                f"parallel {parallel}, {backend} loader, {device}{', CUDA graph' if plan.cuda_graph else ''}")
     return trainer, [settings, *messages]
 
 

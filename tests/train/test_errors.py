@@ -4,6 +4,7 @@ model is built."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import train.run
 from tests.train.conftest import CAPTIONED, run_in_process
@@ -107,3 +108,33 @@ def test_dali_loader_without_dali(capsys, captioned_cache, tmp_path, monkeypatch
     monkeypatch.setattr(train.run, "_dali_importable", lambda: False)
     err = _fails(capsys, *_tiny(2, captioned_cache, tmp_path / "out", *CAPTIONED, "--set", 'data.backend="dali"'))
     assert "nvidia.dali is not importable" in err and 'data.backend = "torch"' in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is about the missing CUDA device")
+def test_cuda_graph_on_without_cuda(capsys, captioned_cache, tmp_path):
+    err = _fails(capsys, *_tiny(2, captioned_cache, tmp_path / "out", *CAPTIONED, "--set", 'train.cuda_graph="on"'))
+    assert 'train.cuda_graph = "on"' in err and "no CUDA device" in err
+
+
+def test_cuda_graph_value(capsys, captioned_cache, tmp_path):
+    err = _fails(capsys, *_tiny(2, captioned_cache, tmp_path / "out", *CAPTIONED, "--set", 'train.cuda_graph="yes"'))
+    assert "train.cuda_graph = 'yes'" in err and "'auto', 'on', 'off'" in err
+
+
+@pytest.mark.parametrize("kwargs,obstacle", [
+    (dict(cuda=False), "no CUDA device"),
+    (dict(world=2), "2 ranks"),
+    (dict(compile=True), "train.compile"),
+    (dict(activation_checkpointing=2), "train.activation_checkpointing"),
+    (dict(batch_shapes=3), "3 shapes"),
+])
+def test_cuda_graph_resolution(kwargs, obstacle):
+    from train.config import ConfigError
+
+    allowed = dict(cuda=True, world=1, compile=False, activation_checkpointing=0, batch_shapes=1)
+    assert train.run.use_cuda_graph("auto", **allowed) and train.run.use_cuda_graph("on", **allowed)
+    assert not train.run.use_cuda_graph("off", **allowed)
+    blocked = {**allowed, **kwargs}
+    assert not train.run.use_cuda_graph("auto", **blocked) and not train.run.use_cuda_graph("off", **blocked)
+    with pytest.raises(ConfigError, match=obstacle):
+        train.run.use_cuda_graph("on", **blocked)
