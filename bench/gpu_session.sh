@@ -3,7 +3,8 @@
 # results under $OUT (the device tool's output folder) or ./out when run by hand.
 #   bash bench/gpu_session.sh setup tests kernels throughput256 throughput512 data
 # Steps: stage / extras (carried wheels and model files, see below), setup, tests (every GPU
-# test file) or tests_ops (tests/ops only), tests_linear, tests_cross_attention, tests_train,
+# test file) or tests_ops (tests/ops only), tests_linear, tests_cross_attention, tests_train, tests_graph
+# (engine.step_graph and train.cuda_graph),
 # demo (`python -m train demo` on the GPU), linear (linear + mlp kernel rows), ab_gemm (engine step with
 # linear/mlp on cuda vs triton), kernels (every op, both
 # timers), attention (attention + patchify ops, CUDA-graph timer), throughput256, throughput512,
@@ -68,6 +69,11 @@ tests_linear() {
 tests_train() {
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/train/test_gpu.py >"$out/pytest_gpu_train.log" 2>&1
   tail -1 "$out/pytest_gpu_train.log"
+}
+tests_graph() {
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_step_graph.py "tests/train/test_gpu.py::test_cuda_graph_run_matches_eager" \
+    >"$out/pytest_gpu_graph.log" 2>&1
+  tail -15 "$out/pytest_gpu_graph.log"
 }
 demo() {
   python3 -m train demo --out "$out/demo" --text-encoder /tmp/minilm/model 2>&1 | tee "$out/demo.log" | tail -15
