@@ -20,7 +20,9 @@ host whether to apply it (non-finite skip), which a captured update could not.
 The first ``warmup_steps`` calls run ``fn`` eagerly on the capture stream: Triton compilation and
 autotuning, the GEMM candidate tuning of engine.ops.linear, cuDNN's plans and the optimizer's
 state must be initialised outside a capture. The next call captures and replays; every later
-call copies its inputs into the captured ones and replays. ``fn`` must therefore
+call copies its inputs into the captured ones and replays. Warm-up and capture run inside
+``engine.ops.backend.graph_step()``: ops whose ``auto`` choice depends on launch cost pick their
+replay-time kernels there (linear and mlp: the cuBLASLt path). ``fn`` must therefore
 
 - read no device value on the host and synchronise nothing;
 - draw device random numbers only from the default CUDA generator or from ``generators``
@@ -42,6 +44,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+
+from engine.ops.backend import graph_step
 
 Inputs = dict[str, torch.Tensor]
 
@@ -109,7 +113,7 @@ class StepGraph:
         self._release_grads()
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream), graph_step():
             out = fn(inputs)
         current.wait_stream(self.stream)
         return out
@@ -127,7 +131,7 @@ class StepGraph:
             graph.register_generator_state(generator)
         torch.cuda.synchronize(self.device)
         # thread_local: a data loader thread issuing copies during the capture must not invalidate it.
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"), graph_step():
             self._outputs = fn(self._inputs)
         for generator, state in zip(self.generators, states):
             generator.set_state(state)

@@ -16,6 +16,7 @@ import torch
 from engine.config import preset
 from engine.diffusion.iddpm import GaussianDiffusion
 from engine.model import build_model
+from engine.ops.backend import graph_step
 from engine.step_graph import StepGraph, check_same_inputs
 
 
@@ -79,7 +80,8 @@ def test_graph_trains_as_eager():
     for step in range(steps):
         inputs = _step_inputs(config, step, 4, device)
         eager_gen.manual_seed(step)
-        eager_out = eager_fb(inputs)
+        with graph_step():  # the kernels the graph's ops choose (linear: cuBLASLt where built)
+            eager_out = eager_fb(inputs)
         eager_opt.step()
         eager_opt.zero_grad(set_to_none=True)
         graph_gen.manual_seed(step)

@@ -19,6 +19,8 @@ kernels are defined) and ``cuda`` through the C++ reference path of ``engine._C`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -82,6 +84,27 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return f"engine._C has no kernels for device type {device.type!r}"
         return None
     raise ValueError(f"unknown backend {backend!r}; choose one of {_CHOICES}")
+
+
+# True while a training step runs that is, or will be, captured into a CUDA graph and replayed
+# (engine.step_graph sets it around its warm-up calls and its capture): the host cost of each op
+# call then stops counting, and an op's ``auto`` may prefer kernels that are faster on the GPU but
+# slower to launch (linear's and mlp's cuBLASLt path, engine/ops/linear.py).
+_GRAPH_STEP = contextvars.ContextVar("engine_graph_step", default=False)
+
+
+@contextlib.contextmanager
+def graph_step():
+    """Mark the code inside as a step whose launches are replayed from a CUDA graph."""
+    token = _GRAPH_STEP.set(True)
+    try:
+        yield
+    finally:
+        _GRAPH_STEP.reset(token)
+
+
+def in_graph_step() -> bool:
+    return _GRAPH_STEP.get()
 
 
 @torch.compiler.assume_constant_result

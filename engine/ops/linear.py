@@ -50,8 +50,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from engine.ops.backend import (cuda_stream, dtype_code, extension_function, multiprocessors, requested,
-                                resolve)
+from engine.ops.backend import (cuda_stream, dtype_code, extension_function, in_graph_step, multiprocessors,
+                                requested, resolve)
 
 ACTIVATIONS = (None, "gelu_tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -474,15 +474,21 @@ def _compute_dtype(x, weight, bias) -> torch.dtype:
 # 47 ms a step more, with the kernels faster, points at host time (each of the ~680 GEMM calls a
 # step builds a signature key in Python and cuBLASLt descriptors in engine._C; the CUDA-graph
 # timer of the kernel rows hides host time). Not profiled yet: see docs/performance.md.
+# Replayed from a CUDA graph (engine.step_graph) the host time is gone and cuda wins: engine+graph
+# 472.1 / 471.6 img/s with linear and mlp on cuda against 464.2 / 465.8 on triton (H100, commit
+# 574b072, alternating runs in one call; bench/results/h100_ab_graph_linear_574b072.json).
 AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
+GRAPH_STEP_PREFERENCE: tuple[str, ...] = ("cuda", "triton")
 
 
 def auto_preference(device_type: str) -> tuple[str, ...]:
-    """AUTO_PREFERENCE without ``cuda`` where engine._C has no cuBLASLt path for the device (on
-    every op call: returns at once when there is no cuda entry to check)."""
-    if "cuda" not in AUTO_PREFERENCE:
-        return AUTO_PREFERENCE
-    return tuple(name for name in AUTO_PREFERENCE if name != "cuda" or not cublaslt_missing(device_type))
+    """The order ``auto`` tries: GRAPH_STEP_PREFERENCE inside a captured step (engine.ops.backend
+    .graph_step), else AUTO_PREFERENCE; without ``cuda`` where engine._C has no cuBLASLt path for
+    the device (on every op call: returns at once when there is no cuda entry to check)."""
+    order = GRAPH_STEP_PREFERENCE if in_graph_step() else AUTO_PREFERENCE
+    if "cuda" not in order:
+        return order
+    return tuple(name for name in order if name != "cuda" or not cublaslt_missing(device_type))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -1,6 +1,8 @@
 """Backend selection: argument > ENGINE_BACKEND_<OP> > ENGINE_BACKEND > auto, with errors that
 name where a bad value came from."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -47,3 +49,39 @@ def test_one_op_switched_inside_a_model_call(monkeypatch):
     torch.testing.assert_close(ops.linear(r, torch.eye(8)), r)  # linear still resolves to eager
     monkeypatch.setenv("ENGINE_BACKEND_GATED_ADD", "eager")
     torch.testing.assert_close(ops.gated_add(r, a, gate), r + a * gate[:, None])
+
+
+def test_graph_step_changes_the_linear_auto_order():
+    linear_module = importlib.import_module("engine.ops.linear")
+    from engine.ops.backend import graph_step, in_graph_step
+
+    def expected(order, device_type):
+        return tuple(n for n in order if n != "cuda" or not linear_module.cublaslt_missing(device_type))
+
+    for device_type in ("cuda", "cpu"):
+        assert linear_module.auto_preference(device_type) == expected(linear_module.AUTO_PREFERENCE, device_type)
+    with graph_step():
+        assert in_graph_step()
+        with graph_step():
+            pass
+        assert in_graph_step()  # a nested use leaves the outer one in force
+        for device_type in ("cuda", "cpu"):
+            assert (linear_module.auto_preference(device_type)
+                    == expected(linear_module.GRAPH_STEP_PREFERENCE, device_type))
+    assert not in_graph_step()
+
+
+@pytest.mark.gpu
+def test_graph_step_runs_linear_on_cublaslt(monkeypatch):
+    linear_module = importlib.import_module("engine.ops.linear")
+    from engine.ops.backend import graph_step
+
+    monkeypatch.delenv("ENGINE_BACKEND", raising=False)
+    monkeypatch.delenv("ENGINE_BACKEND_LINEAR", raising=False)
+    if linear_module.cublaslt_missing("cuda"):
+        pytest.skip("engine._C built without cuBLASLt")
+    x = torch.randn(64, 32, device="cuda")
+    w = torch.randn(48, 32, device="cuda")
+    with graph_step():
+        assert resolve(None, x.device, "linear", prefer=linear_module.auto_preference("cuda")) == "cuda"
+        torch.testing.assert_close(ops.linear(x, w), (x.double() @ w.double().t()).float(), rtol=2e-2, atol=2e-2)
