@@ -103,6 +103,7 @@ def graph_step():
         _GRAPH_STEP.reset(token)
 
 
+@torch.compiler.assume_constant_result  # Dynamo cannot trace ContextVar.get: read once while tracing
 def in_graph_step() -> bool:
     return _GRAPH_STEP.get()
 
