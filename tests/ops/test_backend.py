@@ -51,24 +51,25 @@ def test_one_op_switched_inside_a_model_call(monkeypatch):
     torch.testing.assert_close(ops.gated_add(r, a, gate), r + a * gate[:, None])
 
 
-def test_graph_step_changes_the_linear_auto_order():
+def test_graph_step_changes_the_linear_auto_order(monkeypatch):
     linear_module = importlib.import_module("engine.ops.linear")
     from engine.ops.backend import graph_step, in_graph_step
 
-    def expected(order, device_type):
-        return tuple(n for n in order if n != "cuda" or not linear_module.cublaslt_missing(device_type))
-
-    for device_type in ("cuda", "cpu"):
-        assert linear_module.auto_preference(device_type) == expected(linear_module.AUTO_PREFERENCE, device_type)
+    # As if engine._C had cuBLASLt (CI's build has not): the two orders must then differ.
+    monkeypatch.setattr(linear_module, "cublaslt_missing", lambda device_type: False)
+    assert linear_module.auto_preference("cuda") == ("triton",)
     with graph_step():
         assert in_graph_step()
         with graph_step():
             pass
         assert in_graph_step()  # a nested use leaves the outer one in force
-        for device_type in ("cuda", "cpu"):
-            assert (linear_module.auto_preference(device_type)
-                    == expected(linear_module.GRAPH_STEP_PREFERENCE, device_type))
+        assert linear_module.auto_preference("cuda") == ("cuda", "triton")
     assert not in_graph_step()
+    assert linear_module.auto_preference("cuda") == ("triton",)
+    # Without cuBLASLt the graph step's order drops cuda.
+    monkeypatch.setattr(linear_module, "cublaslt_missing", lambda device_type: True)
+    with graph_step():
+        assert linear_module.auto_preference("cuda") == ("triton",)
 
 
 @pytest.mark.gpu
