@@ -275,9 +275,11 @@ def _sample(tr: Trainer, step: int) -> None:
         dist.barrier()
 
 
-def _forward_backward(tr: Trainer, batches: list[dict], generators: list[torch.Generator]) -> dict:
+def _forward_backward(tr: Trainer, batches: list[dict], generators: list[torch.Generator],
+                      params: list[torch.nn.Parameter], max_norm: float) -> dict:
     """Forward and backward of one step's micro-batches (gradients accumulate), then the gradient
-    clipping: device tensors only, no host read, so it can be captured (engine.step_graph)."""
+    clipping of ``params``: device tensors only, no host read, so it can be captured
+    (engine.step_graph)."""
     from torch.distributed.tensor import DTensor
 
     loss_sum = torch.zeros((), device=tr.device)
@@ -286,8 +288,6 @@ def _forward_backward(tr: Trainer, batches: list[dict], generators: list[torch.G
             loss = _micro_batch_loss(tr, batch, generator) / len(batches)
             loss.backward()
         loss_sum += loss.detach()
-    params = [p for p in tr.module.parameters() if p.requires_grad]
-    max_norm = tr.config.optim.grad_clip or float("inf")  # inf: measure the norm, clip nothing
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
@@ -314,12 +314,14 @@ def train(tr: Trainer) -> int:
 
     cfg, device = tr.config, tr.device
     peak_lr, accumulation = cfg.lr(), tr.accumulation
+    params = [p for p in tr.module.parameters() if p.requires_grad]
+    max_norm = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, clip nothing
     log = MetricsLog(tr.out, tr.rank, cfg.train.steps, tr.progress.step, cfg.log.tensorboard)
     batches = _forever(tr.loader)
     # One generator per micro-batch of a step, re-seeded every step (see the module docstring):
     # the same objects every step, so a CUDA graph can have them registered.
     generators = [torch.Generator(device) for _ in range(accumulation)]
-    graph = StepGraph(device, tr.module.parameters(), generators=generators) if tr.cuda_graph else None
+    graph = StepGraph(device, params, generators=generators) if tr.cuda_graph else None
     interval = Interval()
     last_time = time.perf_counter()
     try:
@@ -335,9 +337,10 @@ def train(tr: Trainer) -> int:
             for micro, generator in enumerate(generators):
                 generator.manual_seed(micro_seed(cfg.train.seed, step, micro * tr.world + tr.rank))
             if graph is None:
-                out = _forward_backward(tr, step_batches, generators)
+                out = _forward_backward(tr, step_batches, generators, params, max_norm)
             else:
-                out = graph.run(lambda inputs: _forward_backward(tr, _graph_batches(inputs, accumulation), generators),
+                out = graph.run(lambda inputs: _forward_backward(tr, _graph_batches(inputs, accumulation), generators,
+                                                                 params, max_norm),
                                 _graph_inputs(step_batches))
             images = sum(batch["latent"].shape[0] for batch in step_batches) * tr.world
             flops = sum(_flops(tr, batch) for batch in step_batches) * tr.world
