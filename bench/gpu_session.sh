@@ -106,9 +106,11 @@ attention() {
   python3 bench/kernels.py --ops cross_attention,self_attention,patchify,unpatchify --timer cudagraph \
     --json "$out/kernels_attention.json" --csv "$out/kernels_attention.csv" 2>&1 | tee "$out/kernels_attention.log" | tail -60
 }
+# PROFILE_VARIANT (default engine) picks bench/throughput.py's variant to profile.
 profile() {
-  python3 bench/step_profile.py --variant engine --git-commit "$commit" --json "$out/profile_256_b64_engine.json" \
-    --md "$out/profile_256_b64_engine.md" 2>&1 | tee "$out/profile.log" | tail -60
+  local v=${PROFILE_VARIANT:-engine}
+  python3 bench/step_profile.py --variant "$v" --git-commit "$commit" --json "$out/profile_256_b64_$v.json" \
+    --md "$out/profile_256_b64_$v.md" 2>&1 | tee "$out/profile.log" | tail -60
 }
 kernels() {
   python3 bench/kernels.py --timer cudagraph --json "$out/kernels_cudagraph.json" 2>&1 | tee "$out/kernels_cudagraph.log" | tail -30

@@ -181,9 +181,9 @@ def _cross_attention_fwd_kernel(
         Q, K, V, KV_LENS, O, LSE,
         stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh,
         stride_vb, stride_vl, stride_vh, stride_ob, stride_on, stride_oh,
-        N, L, H, D, blocks_per_split, qk_scale,
-        BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-        HALF_TILE: tl.constexpr, PRECISION: tl.constexpr):
+        N, L, H, blocks_per_split, qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        ALIGN: tl.constexpr, HALF_TILE: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (splits, H, B): program (s, h, b) takes query blocks [s * blocks_per_split, ...) of
     (b, h). O: (B, N, H, d); LSE: (B, H, N) fp32, base 2."""
     split = tl.program_id(0)
@@ -192,10 +192,12 @@ def _cross_attention_fwd_kernel(
     kv_len = tl.minimum(tl.maximum(tl.load(KV_LENS + b).to(tl.int32), 0), L)
     m_begin = split * blocks_per_split
     m_end = tl.minimum(m_begin + blocks_per_split, tl.cdiv(N, BLOCK_M))
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    o_base = O + b * stride_ob + h * stride_oh
+    q_base = Q + tl.multiple_of(b * stride_qb + h * stride_qh, ALIGN)
+    k_base = K + tl.multiple_of(b * stride_kb + h * stride_kh, ALIGN)
+    v_base = V + tl.multiple_of(b * stride_vb + h * stride_vh, ALIGN)
+    o_base = O + tl.multiple_of(b * stride_ob + h * stride_oh, ALIGN)
+    stride_qn, stride_kl = tl.multiple_of(stride_qn, ALIGN), tl.multiple_of(stride_kl, ALIGN)
+    stride_vl, stride_on = tl.multiple_of(stride_vl, ALIGN), tl.multiple_of(stride_on, ALIGN)
     lse_base = LSE + (b * H + h) * N
     if HALF_TILE and kv_len <= BLOCK_L // 2:
         _fwd_tile(q_base, k_base, v_base, o_base, lse_base, m_begin, m_end, kv_len, N, D,
@@ -282,9 +284,9 @@ def _cross_attention_bwd_kernel(
         stride_vb, stride_vl, stride_vh,
         stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
         stride_dks, stride_dkb, stride_dkl, stride_dkh, stride_dvs, stride_dvb, stride_dvl, stride_dvh,
-        N, L, H, D, blocks_per_split, sm_scale, qk_scale,
-        BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-        HALF_TILE: tl.constexpr, PRECISION: tl.constexpr):
+        N, L, H, blocks_per_split, sm_scale, qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        ALIGN: tl.constexpr, HALF_TILE: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (splits, H, B): program (s, h, b) takes query blocks [s * blocks_per_split, ...) of
     (b, h). DK, DV: (splits, B, L, H, d) partial sums (split stride 0 when splits == 1)."""
     split = tl.program_id(0)
@@ -293,14 +295,18 @@ def _cross_attention_bwd_kernel(
     kv_len = tl.minimum(tl.maximum(tl.load(KV_LENS + b).to(tl.int32), 0), L)
     m_begin = split * blocks_per_split
     m_end = tl.minimum(m_begin + blocks_per_split, tl.cdiv(N, BLOCK_M))
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    do_base = DO + b * stride_dob + h * stride_doh
+    q_base = Q + tl.multiple_of(b * stride_qb + h * stride_qh, ALIGN)
+    k_base = K + tl.multiple_of(b * stride_kb + h * stride_kh, ALIGN)
+    v_base = V + tl.multiple_of(b * stride_vb + h * stride_vh, ALIGN)
+    do_base = DO + tl.multiple_of(b * stride_dob + h * stride_doh, ALIGN)
     lse_base = LSE + (b * H + h) * N
-    dq_base = DQ + b * stride_dqb + h * stride_dqh
-    dk_base = DK + split * stride_dks + b * stride_dkb + h * stride_dkh
-    dv_base = DV + split * stride_dvs + b * stride_dvb + h * stride_dvh
+    dq_base = DQ + tl.multiple_of(b * stride_dqb + h * stride_dqh, ALIGN)
+    dk_base = DK + tl.multiple_of(split * stride_dks + b * stride_dkb + h * stride_dkh, ALIGN)
+    dv_base = DV + tl.multiple_of(split * stride_dvs + b * stride_dvb + h * stride_dvh, ALIGN)
+    stride_qn, stride_kl = tl.multiple_of(stride_qn, ALIGN), tl.multiple_of(stride_kl, ALIGN)
+    stride_vl, stride_don = tl.multiple_of(stride_vl, ALIGN), tl.multiple_of(stride_don, ALIGN)
+    stride_dqn, stride_dkl = tl.multiple_of(stride_dqn, ALIGN), tl.multiple_of(stride_dkl, ALIGN)
+    stride_dvl = tl.multiple_of(stride_dvl, ALIGN)
     if HALF_TILE and kv_len <= BLOCK_L // 2:
         _bwd_tile(q_base, k_base, v_base, do_base, lse_base, dq_base, dk_base, dv_base,
                   m_begin, m_end, kv_len, N, L, D,
@@ -333,6 +339,7 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 # software-pipeline stages 215 / 360 (1 stage 251 / 435, 4 stages 222 / 370, Triton's default 3
 # is the 220); (128, 8) 278 / 439, (32, 8) 307 / 537, (64, 4) 350 / 601, (32, 4) 453 / 831.
 FWD_CONFIG = (64, 4)
+FWD_STAGES = 3  # Triton's default
 BWD_CONFIG = (64, 8)
 BWD_STAGES = 2
 # fp32 inputs (a testing dtype) take true fp32 products, which Triton runs on CUDA cores with
@@ -370,6 +377,18 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _offset_alignment(*tensors: torch.Tensor) -> int:
+    """The largest power of two, up to 16 bytes' worth of elements, dividing every stride but the
+    last of every tensor: the kernels declare their per-(sample, head) offsets and row strides
+    multiples of it. Without that Triton sees the head stride (d = 72 is not a multiple of 16)
+    and emits one 2-byte load per element: ptxas for sm_90 showed 200 scalar ld.global.b16 and
+    200 st.global.b16 in the backward."""
+    align = 16 // tensors[0].element_size()
+    while align > 1 and any(s % align for t in tensors for s in t.stride()[:-1]):
+        align //= 2
+    return align
+
+
 def _default_splits(q: torch.Tensor, block_m: int, programs_per_head: int = 1) -> int:
     """Query splits per (sample, head): one unless B*H*programs_per_head programs would leave
     the GPU short of two per multiprocessor (small batches, long sequences)."""
@@ -380,7 +399,8 @@ def _default_splits(q: torch.Tensor, block_m: int, programs_per_head: int = 1) -
     return max(1, min(triton.cdiv(N, block_m), triton.cdiv(wanted, B * H * programs_per_head)))
 
 
-def _cross_attention_fwd_triton(q, k, v, kv_lens, block_m=None, num_warps=None, splits=None, half_tile=True):
+def _cross_attention_fwd_triton(q, k, v, kv_lens, block_m=None, num_warps=None, splits=None, half_tile=True,
+                                num_stages=FWD_STAGES):
     """q (B, N, H, d), k, v (B, L, H, d) with unit last stride. Returns (o (B, N, H, d) contiguous,
     lse (B, H, N) fp32: base-2 log-sum-exp of the scaled scores, -inf where a row has no keys)."""
     B, N, H, d = q.shape
@@ -396,9 +416,10 @@ def _cross_attention_fwd_triton(q, k, v, kv_lens, block_m=None, num_warps=None, 
         q, k, v, kv_lens, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        N, L, H, d, triton.cdiv(triton.cdiv(N, block_m), splits), math.log2(math.e) / math.sqrt(d),
-        BLOCK_M=block_m, BLOCK_L=block_l, D0=d0, D1=d1, HALF_TILE=half_tile,
-        PRECISION=_dot_precision(q), num_warps=num_warps)
+        N, L, H, triton.cdiv(triton.cdiv(N, block_m), splits), math.log2(math.e) / math.sqrt(d),
+        D=d, BLOCK_M=block_m, BLOCK_L=block_l, D0=d0, D1=d1, ALIGN=_offset_alignment(q, k, v, o),
+        HALF_TILE=half_tile,
+        PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages)
     return o, lse
 
 
@@ -426,8 +447,9 @@ def _cross_attention_bwd_triton(do, q, k, v, lse, kv_lens, block_m=None, num_war
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         *dk_strides, *dv_strides,
-        N, L, H, d, triton.cdiv(triton.cdiv(N, block_m), splits), 1 / math.sqrt(d), math.log2(math.e) / math.sqrt(d),
-        BLOCK_M=block_m, BLOCK_L=block_l, D0=d0, D1=d1, HALF_TILE=half_tile,
+        N, L, H, triton.cdiv(triton.cdiv(N, block_m), splits), 1 / math.sqrt(d), math.log2(math.e) / math.sqrt(d),
+        D=d, BLOCK_M=block_m, BLOCK_L=block_l, D0=d0, D1=d1, ALIGN=_offset_alignment(q, k, v, do, dq, dk, dv),
+        HALF_TILE=half_tile,
         PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # (B, L, H, d) each
