@@ -338,10 +338,17 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 # B32 N1024, full 120-key captions): (64, 8) 220 / 367 us against 284 / 489 before; with 2
 # software-pipeline stages 215 / 360 (1 stage 251 / 435, 4 stages 222 / 370, Triton's default 3
 # is the 220); (128, 8) 278 / 439, (32, 8) 307 / 537, (64, 4) 350 / 601, (32, 4) 453 / 831.
+# With 16-byte vector loads and stores (_offset_alignment; H100, commit 9522df4, same shapes;
+# in brackets the same config with scalar accesses, ALIGN forced to 1): forward (64, 4) 63.6 /
+# 91.2 us [79.7 / 137.3], 2 stages 64.3 / 114.8, (128, 8) 78.4 / 105.2, (64, 8) 98.9 / 148.7,
+# (32, 4) 117.7 / 197.6; backward (64, 8) with 3 stages 152.2 / 229.1, 2 stages 159.1 / 261.1
+# [216.6 / 363.7], 1 stage 224.8 / 391.5, (128, 8) 167.1 / 260.8, (32, 4) 229.0 / 390.8,
+# (64, 4) 248.8 / 418.0, (32, 8) 252.2 / 443.7. cuDNN's masked SDPA forward + backward in the
+# same run: 498.1 / 883.0 us.
 FWD_CONFIG = (64, 4)
 FWD_STAGES = 3  # Triton's default
 BWD_CONFIG = (64, 8)
-BWD_STAGES = 2
+BWD_STAGES = 3
 # fp32 inputs (a testing dtype) take true fp32 products, which Triton runs on CUDA cores with
 # fp32 copies of the tiles in shared memory: smaller query blocks keep the backward under the
 # 227 KB a block may have (ptxas for sm_90: 135 KB at 32 rows, 225 KB at 64).
