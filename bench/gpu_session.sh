@@ -109,8 +109,8 @@ attention() {
 # PROFILE_VARIANT (default engine) picks bench/throughput.py's variant to profile.
 profile() {
   local v=${PROFILE_VARIANT:-engine}
-  python3 bench/step_profile.py --variant "$v" --git-commit "$commit" --json "$out/profile_256_b64_$v.json" \
-    --md "$out/profile_256_b64_$v.md" 2>&1 | tee "$out/profile.log" | tail -60
+  python3 bench/step_profile.py --variant "$v" --git-commit "$commit" --json "$out/profile_256_b64_${v//+/_}.json" \
+    --md "$out/profile_256_b64_${v//+/_}.md" 2>&1 | tee "$out/profile.log" | tail -60
 }
 kernels() {
   python3 bench/kernels.py --timer cudagraph --json "$out/kernels_cudagraph.json" 2>&1 | tee "$out/kernels_cudagraph.log" | tail -30

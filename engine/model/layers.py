@@ -92,17 +92,25 @@ class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict names), optionally followed by tanh-GELU, through
     ``engine.ops.linear``: its backward sums the bias gradient, and for GELU runs GELU's backward,
     in one fused pass instead of autograd's separate ones (used for the token-wide layers, where
-    that sum reads B x N x D)."""
+    that sum reads B x N x D). With ``chunks`` > 1 (a fused QKV or KV projection) the output comes
+    as that many equal parts of the last dimension, through ``engine.ops.linear_chunks``, whose
+    backward packs the parts' gradients and sums them in one pass."""
 
-    def __init__(self, in_features: int, out_features: int, activation: str | None = None):
+    def __init__(self, in_features: int, out_features: int, activation: str | None = None, chunks: int = 1):
         super().__init__(in_features, out_features)
+        if chunks > 1 and activation is not None:
+            raise ValueError(f"Linear: chunks = {chunks} takes no activation, got {activation!r}")
         self.activation = activation
+        self.chunks = chunks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.chunks > 1:
+            return ops.linear_chunks(x, self.weight, self.bias, self.chunks)  # chunks x (..., out / chunks)
         return ops.linear(x, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
+        return super().extra_repr() + (f", activation={self.activation}" if self.activation else "") + (
+            f", chunks={self.chunks}" if self.chunks > 1 else "")
 
 
 class Mlp(nn.Module):
@@ -124,12 +132,12 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = Linear(dim, 3 * dim)
+        self.qkv = Linear(dim, 3 * dim, chunks=3)
         self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).unbind(2)  # (B, N, H, d) each
+        q, k, v = (t.view(B, N, self.num_heads, D // self.num_heads) for t in self.qkv(x))  # (B, N, H, d) each
         out = ops.self_attention(q, k, v)  # (B, N, H, d)
         return self.proj(out.reshape(B, N, D))
 
@@ -141,7 +149,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.q = Linear(dim, dim)
-        self.kv = Linear(dim, 2 * dim)
+        self.kv = Linear(dim, 2 * dim, chunks=2)
         self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
@@ -149,6 +157,6 @@ class CrossAttention(nn.Module):
         L = context.shape[1]
         H, d = self.num_heads, D // self.num_heads
         q = self.q(x).view(B, N, H, d)
-        k, v = self.kv(context).view(B, L, 2, H, d).unbind(2)  # (B, L, H, d) each
+        k, v = (t.view(B, L, H, d) for t in self.kv(context))  # (B, L, H, d) each
         out = ops.cross_attention(q, k, v, context_lens)  # (B, N, H, d)
         return self.proj(out.reshape(B, N, D))

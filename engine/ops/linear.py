@@ -117,6 +117,37 @@ def _bias_grad_sum_kernel(partial_ptr, db_ptr, splits, N, BLOCK_N: tl.constexpr)
     tl.store(db_ptr + cols, acc.to(db_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _pack_bias_grad_kernel(g0_ptr, g1_ptr, g2_ptr, out_ptr, partial_ptr, M, N_CHUNK, rows_per_program,
+                           stride_g0, stride_g1, stride_g2, stride_out,
+                           CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (n, s, c): columns [n BLOCK_N, (n+1) BLOCK_N) of chunk c's gradient g_c (M, N_CHUNK),
+    rows [s rows_per_program, ...). Copies them into columns c N_CHUNK + ... of the packed
+    (M, CHUNKS N_CHUNK) gradient and writes their fp32 column sums to partial[s]."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    chunk = tl.program_id(2)
+    src, stride = g0_ptr, stride_g0
+    if CHUNKS > 1:
+        if chunk == 1:
+            src, stride = g1_ptr, stride_g1
+    if CHUNKS > 2:
+        if chunk == 2:
+            src, stride = g2_ptr, stride_g2
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N_CHUNK
+    row_begin = pid_s * rows_per_program
+    row_end = tl.minimum(row_begin + rows_per_program, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for row0 in range(row_begin, row_end, BLOCK_M):
+        rows = (row0 + tl.arange(0, BLOCK_M))[:, None].to(tl.int64)
+        ok = (rows < row_end) & col_ok[None, :]
+        g = tl.load(src + rows * stride + cols[None, :], mask=ok, other=0.0)
+        tl.store(out_ptr + rows * stride_out + (chunk * N_CHUNK + cols)[None, :], g, mask=ok)
+        acc += g.to(tl.float32)
+    tl.store(partial_ptr + pid_s * (CHUNKS * N_CHUNK) + chunk * N_CHUNK + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
 # (BLOCK_M, BLOCK_N, num_warps, programs per multiprocessor the token split aims for), without
 # and with GELU. Chosen from a sweep of BLOCK_M 16-128, BLOCK_N 64-256, 4/8 warps, 2-32 programs
 # per SM on an H200 (triton 3.6, bf16; do_bench, 2026-11-21), eager = sum(0) [after aten's
@@ -124,8 +155,12 @@ def _bias_grad_sum_kernel(partial_ptr, db_ptr, splits, N, BLOCK_N: tl.constexpr)
 # 7680 x 2304 21.5 vs 29.3; with GELU 16384 x 4608 141.1 vs 170.2 and 32768 x 4608 268.5 vs
 # 312.8, each within 1% (4% with GELU) of that shape's best tiling. Small row blocks and many
 # programs win: the loop body is a load and an add, so latency hiding comes from programs in
-# flight, not from work per program.
-BIAS_GRAD_CONFIG = {False: (16, 64, 8, 4), True: (16, 64, 8, 16)}
+# flight, not from work per program. Re-swept on an H100 with the CUDA-graph timer (commit 15a2a11,
+# 12 tilings, bench/results/h100_bias_grad_sweep_15a2a11.txt): without GELU (16, 64, 8, 4) stays
+# the fastest or within 3% at every shape (16384 x 1152 19.2 us, 65% of copy bandwidth; 16384 x
+# 3456 41.6; 7680 x 2304 17.8; 32768 x 1152 30.8); with GELU at 16384 x 4608 (32, 128, 4, 4)
+# took 164.3 us against 171.3 for the H200's pick.
+BIAS_GRAD_CONFIG = {False: (16, 64, 8, 4), True: (32, 128, 4, 4)}
 
 
 def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -161,6 +196,34 @@ def _bias_grad_triton(dy: torch.Tensor, pre: torch.Tensor | None, bias_dtype: to
     db = _new_output((N,), bias_dtype, dy.device)
     _bias_grad_sum_kernel[(triton.cdiv(N, 256),)](partial, db, splits, N, BLOCK_N=256)
     return dpre, db
+
+
+MAX_CHUNKS = 3  # linear_chunks' packing kernel takes up to three gradient pointers (q, k, v)
+
+
+def _pack_bias_grad_triton(grads: list[torch.Tensor], bias_dtype: torch.dtype):
+    """(dy (M, C N_c) packed, column sums (C N_c,) in bias_dtype) from C chunk gradients, each
+    (M, N_c) with unit column stride, in one pass: what torch.cat and the column sum of
+    _bias_grad_triton would do in two, each reading every element."""
+    M, n_chunk = grads[0].shape
+    chunks = len(grads)
+    N = chunks * n_chunk
+    packed = _new_output((M, N), grads[0].dtype, grads[0].device)
+    if M == 0:
+        return packed, torch.zeros(N, dtype=bias_dtype, device=packed.device)
+    block_m, block_n, num_warps, programs_per_sm = BIAS_GRAD_CONFIG[False]
+    column_blocks = triton.cdiv(n_chunk, block_n)
+    splits = _token_splits(M, column_blocks * chunks, block_m, programs_per_sm, packed.device)
+    rows_per_program = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    splits = triton.cdiv(M, rows_per_program)
+    partial = _new_output((splits, N), torch.float32, packed.device)
+    pointers = grads + grads[:1] * (MAX_CHUNKS - chunks)  # unused slots: never read
+    _pack_bias_grad_kernel[(column_blocks, splits, chunks)](
+        *pointers, packed, partial, M, n_chunk, rows_per_program, *(g.stride(0) for g in pointers), packed.stride(0),
+        CHUNKS=chunks, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    db = _new_output((N,), bias_dtype, packed.device)
+    _bias_grad_sum_kernel[(triton.cdiv(N, 256),)](partial, db, splits, N, BLOCK_N=256)
+    return packed, db
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,18 +415,24 @@ def _backward_impl(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dt
     dy2 = dy.reshape(-1, N)
     x2 = x.reshape(-1, K)
     dpre, db = dy2, weight.new_empty(0, dtype=grad_dtype)
-    dw = weight.new_empty(0, dtype=grad_dtype)
     cublaslt = backend == "cuda" and dy2.shape[0] > 0  # GEMMs through the tuned cuBLASLt path
     if gelu or has_bias:  # one Triton pass: d_pre through GELU's backward and its column sums
         dpre, column_sums = _bias_grad_triton(dy2, pre.reshape(-1, N) if gelu else None, grad_dtype)
         db = column_sums if has_bias else db
+    dx, dw = _gemm_grads(dpre, x2, weight, need_dx, need_dw, grad_dtype, cublaslt)
+    return (dx.view(*dy.shape[:-1], K) if need_dx else dx), dw, db
+
+
+def _gemm_grads(dpre, x2, weight, need_dx, need_dw, grad_dtype, cublaslt):
+    """(dx (M, K), dW (N, K) in grad_dtype) of y = x2 W^T from dpre = dL/d(x2 W^T) (M, N); an
+    output that is not needed comes back empty."""
+    dw = weight.new_empty(0, dtype=grad_dtype)
     if need_dw:
         dw = (_cublaslt_weight_grad(_row_major(dpre), _row_major(x2), grad_dtype) if cublaslt
               else _matmul_into(dpre.t(), x2, grad_dtype))
     if not need_dx:
-        return x.new_empty(0), dw, db
-    dx = _cublaslt_input_grad(_row_major(dpre), _row_major(weight)) if cublaslt else dpre @ weight
-    return dx.view(*dy.shape[:-1], K), dw, db
+        return x2.new_empty(0), dw
+    return (_cublaslt_input_grad(_row_major(dpre), _row_major(weight)) if cublaslt else dpre @ weight), dw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +499,38 @@ class _LinearFunction(torch.autograd.Function):
         dx, dw, db = run(dy.contiguous(), x, weight, pre, ctx.gelu, ctx.has_bias and need_db, need_dx, need_dw,
                          ctx.grad_dtype, ctx.backend)
         return (dx if need_dx else None, dw if need_dw else None,
+                db if ctx.has_bias and need_db else None, None, None, None)
+
+
+class _LinearChunksFunction(torch.autograd.Function):
+    """A Linear whose output is used as ``chunks`` equal parts of its last dimension (a fused QKV
+    or KV projection). Returned as separate views, each part's gradient reaches the backward on
+    its own, so packing them for the GEMMs and summing them for the bias gradient are one pass
+    (_pack_bias_grad_kernel) instead of autograd's concatenation (unbind's backward) plus the
+    bias gradient's column sum, which read every element twice (H100 profile of the graphed
+    step at 9522df4: the concatenations 2.8 ms, 56 a step)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, chunks, dtype, backend):
+        x_low, w_low = x.to(dtype), weight.to(dtype)
+        b_low = bias.to(dtype) if bias is not None else None
+        y, _ = _forward_impl(x_low, w_low, b_low, False, backend)
+        ctx.save_for_backward(x_low, w_low)
+        ctx.has_bias, ctx.grad_dtype, ctx.backend, ctx.chunks = bias is not None, weight.dtype, backend, chunks
+        return tuple(y.chunk(chunks, dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, weight = ctx.saved_tensors
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        N, K = weight.shape
+        lead = x.shape[:-1]
+        parts = [(g if g is not None else x.new_zeros((*lead, N // ctx.chunks))).reshape(-1, N // ctx.chunks)
+                 for g in grads]
+        dy2, db = _pack_bias_grad_triton([_row_major(g) for g in parts], ctx.grad_dtype)
+        cublaslt = ctx.backend == "cuda" and dy2.shape[0] > 0
+        dx, dw = _gemm_grads(dy2, x.reshape(-1, K), weight, need_dx, need_dw, ctx.grad_dtype, cublaslt)
+        return (dx.view(*lead, K) if need_dx else None, dw if need_dw else None,
                 db if ctx.has_bias and need_db else None, None, None, None)
 
 
@@ -507,3 +608,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise RuntimeError("linear: the cuda backend runs cuBLASLt epilogues, and engine._C was built without "
                            "cuBLASLt; use 'triton', or rebuild with it found (ENGINE_CUBLAS_ROOT, see setup.py)")
     return _LinearFunction.apply(x, weight, bias, activation == "gelu_tanh", _compute_dtype(x, weight, bias), name)
+
+
+def linear_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int,
+                  backend: str | None = None) -> tuple[torch.Tensor, ...]:
+    """``linear(x, weight, bias).chunk(chunks, dim=-1)``: the fused projection of several
+    tensors (q, k, v) as ``chunks`` views of shape (..., N / chunks). Same backends and dtypes as
+    ``linear`` (no activation). On triton and cuda the backward packs the parts' gradients and
+    sums them for the bias gradient in one pass; under torch.compile (and on eager) it is the
+    plain expression, which Inductor fuses itself."""
+    _check_inputs(x, weight, bias, None)
+    if not 1 <= chunks <= MAX_CHUNKS or weight.shape[0] % chunks:
+        raise ValueError(f"linear_chunks: chunks must be 1..{MAX_CHUNKS} and divide the output size "
+                         f"{weight.shape[0]}; got {chunks}")
+    if torch.compiler.is_compiling():
+        return tuple(linear(x, weight, bias, backend=backend).chunk(chunks, dim=-1))
+    name = resolve(backend, x.device, "linear", prefer=auto_preference(x.device.type))
+    if name == "eager":
+        return tuple(linear_ref(x, weight, bias).chunk(chunks, dim=-1))
+    if name == "cuda" and cublaslt_missing(x.device.type):
+        raise RuntimeError("linear_chunks: the cuda backend runs cuBLASLt epilogues, and engine._C was built "
+                           "without cuBLASLt; use 'triton', or rebuild with it found (ENGINE_CUBLAS_ROOT, see setup.py)")
+    return _LinearChunksFunction.apply(x, weight, bias, chunks, _compute_dtype(x, weight, bias), name)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine.ops.backend import extension
-from engine.ops.linear import linear, linear_ref
+from engine.ops.linear import linear, linear_chunks, linear_ref
 from tests.ops.design_rule import assert_rule
 
 # The module (engine.ops re-exports the function under the module's name).
@@ -424,3 +424,108 @@ def test_tuning_keeps_the_fastest_candidate_that_runs():
     costs.update({0: None, 2: None, 3: None})
     with pytest.raises(RuntimeError, match="none of cuBLASLt's candidates ran"):
         lm._tune(run, 4, seconds_of)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_chunks: the fused projection whose parts' gradients are packed and summed in one pass.
+# ---------------------------------------------------------------------------------------------
+
+def run_chunks(x, weight, bias, douts, chunks, backend, cast=None, forward_context=contextlib.nullcontext):
+    """[part_0, ..., dx, dw, (db)]; a part whose entry in douts is None takes no part in the loss
+    (its gradient reaches the backward as None)."""
+    leaves = [None if t is None else (t.to(cast) if cast else t.detach().clone()).requires_grad_()
+              for t in (x, weight, bias)]
+    with forward_context():
+        if backend == "reference":
+            parts = linear_ref(*leaves).chunk(chunks, dim=-1)
+        else:
+            parts = linear_chunks(*leaves, chunks, backend=backend)
+    used = [(p, d) for p, d in zip(parts, douts) if d is not None]
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad([p for p, _ in used], present, [d.to(p.dtype) for p, d in used])
+    return [*parts, *grads]
+
+
+# (tokens, K, chunks, part width, bias, dtype, unused part): 3 x 257 tokens give several programs
+# per column block; part widths 50 / 65 are no multiple of BLOCK_N (64).
+CHUNK_CASES = [
+    ((3, 37), 40, 3, 50, True, torch.bfloat16, None),
+    ((3, 257), 16, 3, 50, True, torch.float32, None),
+    ((3, 257), 16, 2, 65, True, torch.bfloat16, None),
+    ((20,), 24, 3, 50, False, torch.float32, None),
+    ((3, 37), 40, 3, 50, True, torch.bfloat16, 1),
+    ((2, 37), 40, 2, 65, True, torch.float16, 0),
+    ((3, 37), 40, 1, 50, True, torch.float32, None),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}x{c[1]}-{c[2]}x{c[3]}-"
+                         f"{'bias' if c[4] else 'nobias'}-{str(c[5])[6:]}-unused{c[6]}")
+def test_chunks_match_reference(case, backend, device, seed):
+    tokens, K, chunks, width, with_bias, dtype, unused = case
+    if backend == "cuda" and extension() is None:
+        pytest.skip("engine._C is not built")
+    if device == "cuda" and backend == "cuda" and dtype != torch.float32:
+        width = 56  # cuBLASLt wants 16-byte-aligned rows for 16-bit operands
+    x, weight, bias = make_inputs(tokens, K, chunks * width, dtype, device, with_bias)
+    douts = [None if i == unused else torch.randn(*tokens, width, device=device).to(dtype) for i in range(chunks)]
+    kernel = run_chunks(x, weight, bias, douts, chunks, backend)
+    eager = run_chunks(x, weight, bias, douts, chunks, "eager")
+    ref = run_chunks(x, weight, bias, douts, chunks, "reference", cast=torch.float64)
+    names = [f"part{i}" for i in range(chunks)] + NAMES[1:len(ref) - chunks + 1]
+    assert_rule(names, kernel, eager, ref, seed)
+
+
+def test_chunks_pack_and_sum_in_one_pass(allocations, seed):
+    """The backward's only kernel outputs are the packed gradient, the per-program partial sums
+    (several programs per column block for 3 x 257 tokens) and the bias gradient: no separate
+    concatenation and no second read for the column sum."""
+    x, weight, bias = make_inputs((3, 257), 16, 150, torch.float32, "cpu")
+    parts = linear_chunks(x, weight.requires_grad_(), bias.requires_grad_(), 3, backend="triton")
+    allocations.clear()
+    torch.autograd.grad(parts, (weight, bias), [torch.randn_like(p) for p in parts])
+    shapes = [shape for shape, _ in allocations]
+    assert shapes[0] == (771, 150) and shapes[1][1] == 150 and shapes[1][0] > 1 and shapes[2] == (150,), shapes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunks_autocast_bf16_with_fp32_parameters(device, seed):
+    """As the model trains: bf16 parts, fp32 gradients for fp32 leaves, within the rule against
+    eager under the same autocast."""
+    tokens, K, chunks, width = (3, 37), 40, 3, 56
+    x, weight, bias = make_inputs(tokens, K, chunks * width, torch.float32, device)
+    douts = [torch.randn(*tokens, width, device=device) for _ in range(chunks)]
+    autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
+    kernel = run_chunks(x, weight, bias, douts, chunks, "triton", forward_context=autocast)
+    eager = run_chunks(x, weight, bias, douts, chunks, "eager", forward_context=autocast)
+    ref = run_chunks(x, weight, bias, douts, chunks, "reference", cast=torch.float64)
+    assert all(p.dtype == torch.bfloat16 for p in kernel[:chunks]) and all(
+        g.dtype == torch.float32 for g in kernel[chunks:]), [t.dtype for t in kernel]
+    assert_rule([f"part{i}" for i in range(chunks)] + NAMES[1:], kernel, eager, ref, seed)
+
+
+def test_chunks_bad_inputs_raise_clear_errors():
+    x, weight, bias = make_inputs((2, 5), 8, 12, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="chunks must be 1..3 and divide the output size 12; got 5"):
+        linear_chunks(x, weight, bias, 5, backend="triton")
+    with pytest.raises(ValueError, match="chunks must be 1..3 .* got 4"):
+        linear_chunks(x, weight, bias, 4, backend="triton")
+    with pytest.raises(ValueError, match=r"bias must have shape \(12,\)"):
+        linear_chunks(x, weight, bias[:6], 3, backend="triton")
+
+
+def test_chunks_compile_fullgraph_matches_eager_call():
+    """Under torch.compile linear_chunks is linear(...).chunk(...): traced without a graph break."""
+    def f(x, w, b):
+        q, k, v = linear_chunks(x, w, b, 3, backend="triton")
+        return (q * k).sum() + v.square().sum()
+
+    x, weight, bias = make_inputs((2, 9), 16, 24, torch.float32, "cpu")
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    want = torch.autograd.grad(f(*leaves), leaves)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
