@@ -348,6 +348,8 @@ def test_no_tokens_gives_zero_gradients(backend):
         linear(x, weight, bias, activation, backend=backend).sum().backward()
         assert torch.equal(bias.grad, torch.zeros(6)) and torch.equal(weight.grad, torch.zeros(6, 8))
         bias.grad = weight.grad = None
+    sum(part.sum() for part in linear_chunks(x, weight, bias, 2, backend=backend)).backward()
+    assert torch.equal(bias.grad, torch.zeros(6)) and torch.equal(weight.grad, torch.zeros(6, 8))
 
 
 def test_cuda_backend_without_cublaslt_is_a_clear_error(monkeypatch):
