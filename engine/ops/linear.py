@@ -480,6 +480,11 @@ def _(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dtype, backend)
             weight.new_empty((N,), dtype=grad_dtype) if has_bias else weight.new_empty(0, dtype=grad_dtype))
 
 
+def _cast_operands(x, weight, bias, dtype):
+    """x, weight, bias in the compute dtype (autocast's cast for F.linear, done by the Functions)."""
+    return x.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+
+
 class _LinearFunction(torch.autograd.Function):
     """Casts to the compute dtype inside the Function (autocast's job for F.linear), so the
     backward can hand fp32 parameters fp32 gradients straight from the GEMM and the column sum.
@@ -489,8 +494,7 @@ class _LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, gelu, dtype, backend):
-        x_low, w_low = x.to(dtype), weight.to(dtype)
-        b_low = bias.to(dtype) if bias is not None else None
+        x_low, w_low, b_low = _cast_operands(x, weight, bias, dtype)
         run = _fwd_op if torch.compiler.is_compiling() else _forward_impl
         y, pre = run(x_low, w_low, b_low, gelu, backend)
         ctx.save_for_backward(x_low, w_low, pre)
@@ -521,8 +525,7 @@ class _LinearChunksFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, chunks, dtype, backend):
-        x_low, w_low = x.to(dtype), weight.to(dtype)
-        b_low = bias.to(dtype) if bias is not None else None
+        x_low, w_low, b_low = _cast_operands(x, weight, bias, dtype)
         y, _ = _forward_impl(x_low, w_low, b_low, False, backend)
         ctx.save_for_backward(x_low, w_low)
         ctx.has_bias, ctx.grad_dtype, ctx.backend, ctx.chunks = bias is not None, weight.dtype, backend, chunks
@@ -601,21 +604,27 @@ def auto_preference(device_type: str) -> tuple[str, ...]:
     return tuple(name for name in order if name != "cuda" or not cublaslt_missing(device_type))
 
 
+def _backend_name(x: torch.Tensor, backend: str | None, caller: str) -> str:
+    """The backend linear and linear_chunks run: eager for ``auto`` under torch.compile (module
+    docstring), else resolved with ``auto_preference``; a cuda backend without cuBLASLt is an error."""
+    if torch.compiler.is_compiling() and requested(backend, "linear") == "auto":
+        return "eager"
+    name = resolve(backend, x.device, "linear", prefer=auto_preference(x.device.type))
+    if name == "cuda" and cublaslt_missing(x.device.type):
+        raise RuntimeError(f"{caller}: the cuda backend runs cuBLASLt epilogues, and engine._C was built without "
+                           "cuBLASLt; use 'triton', or rebuild with it found (ENGINE_CUBLAS_ROOT, see setup.py)")
+    return name
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str | None = None, backend: str | None = None) -> torch.Tensor:
     """act(x W^T + b) -> (..., N): x (..., K), weight (N, K), bias (N,) or None; activation None
     or "gelu_tanh". backend: "eager", "triton", "cuda", "auto" or None (see engine.ops.backend):
     triton on CUDA tensors, eager on the CPU and inside torch.compile."""
     _check_inputs(x, weight, bias, activation)
-    if torch.compiler.is_compiling() and requested(backend, "linear") == "auto":
-        name = "eager"
-    else:
-        name = resolve(backend, x.device, "linear", prefer=auto_preference(x.device.type))
+    name = _backend_name(x, backend, "linear")
     if name == "eager":
         return linear_ref(x, weight, bias, activation)
-    if name == "cuda" and cublaslt_missing(x.device.type):
-        raise RuntimeError("linear: the cuda backend runs cuBLASLt epilogues, and engine._C was built without "
-                           "cuBLASLt; use 'triton', or rebuild with it found (ENGINE_CUBLAS_ROOT, see setup.py)")
     return _LinearFunction.apply(x, weight, bias, activation == "gelu_tanh", _compute_dtype(x, weight, bias), name)
 
 
@@ -632,10 +641,7 @@ def linear_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                          f"{weight.shape[0]}; got {chunks}")
     if torch.compiler.is_compiling():
         return tuple(linear(x, weight, bias, backend=backend).chunk(chunks, dim=-1))
-    name = resolve(backend, x.device, "linear", prefer=auto_preference(x.device.type))
+    name = _backend_name(x, backend, "linear_chunks")
     if name == "eager":
         return tuple(linear_ref(x, weight, bias).chunk(chunks, dim=-1))
-    if name == "cuda" and cublaslt_missing(x.device.type):
-        raise RuntimeError("linear_chunks: the cuda backend runs cuBLASLt epilogues, and engine._C was built "
-                           "without cuBLASLt; use 'triton', or rebuild with it found (ENGINE_CUBLAS_ROOT, see setup.py)")
     return _LinearChunksFunction.apply(x, weight, bias, chunks, _compute_dtype(x, weight, bias), name)
