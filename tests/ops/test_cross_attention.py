@@ -244,3 +244,18 @@ def test_cuda_backend_without_flash_attn_is_an_error(monkeypatch):
     q, kv, kv_lens = make_inputs(3, 5, 2, 8, 6, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="backend 'cuda'"):
         cross_attention(q, *kv.unbind(2), kv_lens, backend="cuda")
+
+
+def test_offset_alignment_divides_every_stride():
+    """The kernels declare their offsets and row strides multiples of this value (tl.multiple_of),
+    which the interpreter ignores: a value too large would only show as misaligned vector accesses
+    on the GPU, so it is checked here against the strides themselves."""
+    ca = importlib.import_module("engine.ops.cross_attention")
+    q = torch.empty(2, 5, 16, 72, dtype=torch.bfloat16)       # strides 5760, 1152, 72: 8 elements (16 bytes)
+    kv = torch.empty(2, 7, 2, 16, 72, dtype=torch.bfloat16)
+    k, v = kv.unbind(2)                                        # row stride 2304
+    assert ca._offset_alignment(q, k, v) == 8
+    assert ca._offset_alignment(q.float()) == 4                # 16 bytes of fp32
+    assert ca._offset_alignment(q, torch.empty(2, 5, 3, 36, dtype=torch.bfloat16)) == 4   # head stride 36
+    assert ca._offset_alignment(torch.empty(2, 5, 3, 9, dtype=torch.bfloat16)) == 1       # head stride 9
+    assert ca._offset_alignment(q, q[:, :, :, :70]) == 8       # strides, not sizes, decide
