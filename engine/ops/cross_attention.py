@@ -352,8 +352,8 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 # 91.2 us [79.7 / 137.3], 2 stages 64.3 / 114.8, (128, 8) 78.4 / 105.2, (64, 8) 98.9 / 148.7,
 # (32, 4) 117.7 / 197.6; backward (64, 8) with 3 stages 152.2 / 229.1, 2 stages 159.1 / 261.1
 # [216.6 / 363.7], 1 stage 224.8 / 391.5, (128, 8) 167.1 / 260.8, (32, 4) 229.0 / 390.8,
-# (64, 4) 248.8 / 418.0, (32, 8) 252.2 / 443.7. cuDNN's masked SDPA forward + backward in the
-# same run: 498.1 / 883.0 us.
+# (64, 4) 248.8 / 418.0, (32, 8) 252.2 / 443.7. The eager backend (mask built per call) on
+# cuDNN, forward + backward, in the same run: 498.1 / 883.0 us.
 FWD_CONFIG = (64, 4)
 FWD_STAGES = 3  # Triton's default
 BWD_CONFIG = (64, 8)
