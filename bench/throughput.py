@@ -15,7 +15,10 @@ One row per variant, all on the same model config, synthetic inputs, optimizer a
     diffusers+compile  the same under torch.compile
 
 A training step is: IDDPM loss (engine.diffusion.iddpm, learned variance) under bf16 autocast over
-fp32 master weights, backward, AdamW (fused on CUDA) step. Inputs: latents (B, 4, res/8, res/8),
+fp32 master weights, backward, AdamW step: torch's (fused on CUDA), except on the engine and
+engine+graph rows, whose step is engine.optim.AdamW (the same update, one Triton pass that also
+writes the bf16 weight copies the engine's Linears read instead of casting; --optimizer torch
+gives every row torch's, for an A/B). Inputs: latents (B, 4, res/8, res/8),
 text features (B, text_len, caption_channels) with random valid lengths in [1, text_len], integer
 timesteps. Each variant builds a fresh model and optimizer; its first step (which compiles, for
 compile variants) and --warmup more steps are untimed; the step time is the median over --steps,
@@ -73,6 +76,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 from engine.diffusion.iddpm import GaussianDiffusion
 from engine.model import build_model
+from engine.optim import AdamW
 from engine.step_graph import StepGraph
 
 SCHEDULE_PATH = Path(__file__).resolve().parent / "schedule_pixart_alpha.json"
@@ -87,12 +91,13 @@ class Variant:
     backend: str | None  # ENGINE_BACKEND while it runs; None leaves the variable as it is
     compiled: bool
     graphed: bool = False  # forward + backward captured once and replayed (engine.step_graph), CUDA only
+    optimizer: str = "torch"  # "torch": torch's AdamW (fused on CUDA); "engine": engine.optim.AdamW (bf16 copies)
 
 
 VARIANTS = {v.name: v for v in (
     Variant("eager", "engine", "eager", False),
-    Variant("engine", "engine", "auto", False),
-    Variant("engine+graph", "engine", "auto", False, graphed=True),
+    Variant("engine", "engine", "auto", False, optimizer="engine"),
+    Variant("engine+graph", "engine", "auto", False, graphed=True, optimizer="engine"),
     Variant("compile", "engine", "eager", True),
     Variant("engine+compile", "engine", "auto", True),
     Variant("diffusers", "diffusers", None, False),
@@ -191,9 +196,28 @@ def _build(variant: Variant, config: PixArtConfig, device: torch.device) -> nn.M
     return model.to(device).train()
 
 
-def make_train_step(variant: Variant, config: PixArtConfig, resolution: int, batch: int, device: torch.device):
+OPTIMIZER_CHOICES = ("auto", "torch")
+_HYPER = dict(lr=2e-5, weight_decay=0.03, eps=1e-10)
+
+
+def make_optimizer(name: str, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """``name`` "engine": engine.optim.AdamW with bf16 copies (the step's autocast dtype); "torch":
+    torch's AdamW, fused on CUDA. Same hyperparameters."""
+    if name == "engine":
+        return AdamW(model.parameters(), copy_dtype=torch.bfloat16, **_HYPER)
+    return torch.optim.AdamW(model.parameters(), fused=device.type == "cuda", **_HYPER)
+
+
+def optimizer_name(variant: Variant, choice: str) -> str:
+    """The optimizer a row runs: its own with --optimizer auto, torch's with --optimizer torch."""
+    return variant.optimizer if choice == "auto" else choice
+
+
+def make_train_step(variant: Variant, config: PixArtConfig, resolution: int, batch: int, device: torch.device,
+                    optimizer: str = "auto"):
     """(train_step, losses): one training step of a freshly built ``variant`` on a fixed synthetic
-    batch (bf16 autocast, fused AdamW), and the list each step's loss is appended to.
+    batch (bf16 autocast, the variant's AdamW unless ``optimizer`` is "torch"), and the list each
+    step's loss is appended to.
 
     Call inside ``engine_backend(variant.backend)``: the ops read ENGINE_BACKEND at call time.
     """
@@ -201,8 +225,7 @@ def make_train_step(variant: Variant, config: PixArtConfig, resolution: int, bat
     x0, t, model_kwargs = synthetic_batch(config, resolution, batch, device, diffusion.num_timesteps)
     model = _build(variant, config, device)
     forward = torch.compile(model) if variant.compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.03, eps=1e-10,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(optimizer_name(variant, optimizer), model, device)
     losses = []
 
     def forward_backward(inputs: dict) -> dict:
@@ -231,13 +254,13 @@ def make_train_step(variant: Variant, config: PixArtConfig, resolution: int, bat
 
 
 def measure_variant(variant: Variant, config: PixArtConfig, resolution: int, batch: int, device: torch.device,
-                    steps: int, warmup: int) -> dict:
+                    steps: int, warmup: int, optimizer: str = "auto") -> dict:
     """Time training steps of one freshly built variant; raises on any failure."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch._dynamo.utils.counters.clear()
     with engine_backend(variant.backend), single_cpu_thread(device):
-        train_step, losses = make_train_step(variant, config, resolution, batch, device)
+        train_step, losses = make_train_step(variant, config, resolution, batch, device, optimizer)
         start = time.perf_counter()
         train_step()  # compiles, for the compile variants
         if device.type == "cuda":
@@ -269,11 +292,11 @@ def _release_memory(device: torch.device) -> None:
 
 
 def measure_or_error(name: str, preset_name: str, resolution: int, batch: int, device: torch.device, steps: int,
-                     warmup: int) -> dict:
+                     warmup: int, optimizer: str = "auto") -> dict:
     """measure_variant's figures, or {"error": ...}: one variant failing (OOM, compile error) must not end the run."""
     try:
         measured = measure_variant(VARIANTS[name], preset(preset_name, resolution), resolution, batch, device,
-                                   steps, warmup)
+                                   steps, warmup, optimizer)
     except Exception as exc:
         measured = dict(error=describe_error(exc))
     try:
@@ -358,6 +381,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default=None,
                    help=f"comma-separated, from {','.join(VARIANTS)} "
                         "(default: all on GPU; eager,engine,diffusers on CPU)")
+    p.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, default="auto",
+                   help="auto: each row's own AdamW (engine.optim.AdamW on engine and engine+graph, torch's fused "
+                        "elsewhere); torch: torch's fused AdamW on every row (an A/B of the optimizer)")
     p.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default: 10 GPU, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps after the first (compiling) step (default: 3 GPU, 1 CPU)")
@@ -440,10 +466,10 @@ def earlier_rows(args, gpu_name: str | None) -> dict[tuple, dict]:
     if earlier["hardware"]["gpu_name"] != gpu_name:
         raise SystemExit(f"--resume {args.resume} was measured on {earlier['hardware']['gpu_name']!r}, "
                          f"this run is on {gpu_name!r}")
-    settings = {k: earlier["settings"][k] for k in ("steps", "warmup")}
-    if settings != dict(steps=args.steps, warmup=args.warmup):
+    settings = {k: earlier["settings"].get(k, "auto") for k in ("steps", "warmup", "optimizer")}
+    if settings != dict(steps=args.steps, warmup=args.warmup, optimizer=args.optimizer):
         raise SystemExit(f"--resume {args.resume} was measured with {settings}; this run has steps={args.steps}, "
-                         f"warmup={args.warmup}")
+                         f"warmup={args.warmup}, optimizer={args.optimizer}")
     measured_fields = ("img_per_s", "step_ms", "first_step_s", "peak_mem_gib", "graph_breaks", "measured_at")
     return {(r["preset"], r["resolution"], r["batch"], r["variant"]): {k: r[k] for k in measured_fields}
             for r in earlier["rows"] if r["error"] is None}
@@ -593,7 +619,8 @@ def main(argv: list[str] | None = None) -> dict:
         note=None if device.type == "cuda" else CPU_NOTE,
         environment=hardware.environment(command, git_commit=args.git_commit),
         hardware=None,
-        settings=dict(steps=args.steps, warmup=args.warmup, variants=args.variants, isolate=args.isolate,
+        settings=dict(steps=args.steps, warmup=args.warmup, optimizer=args.optimizer, variants=args.variants,
+                      isolate=args.isolate,
                       timing="median step time by CUDA events (perf_counter on CPU), first step + warmup untimed",
                       flops="model.flops_per_sample(res, res, text_len) of the engine model, text_len = padded "
                             "length; used for the diffusers rows too"),
@@ -623,13 +650,14 @@ def main(argv: list[str] | None = None) -> dict:
         resolution_rows = []
         for name in args.variants:
             row = dict(preset=preset_name, resolution=resolution, batch=batch, variant=name,
-                       backend=VARIANTS[name].backend, img_per_s=None, step_ms=None, first_step_s=None,
+                       backend=VARIANTS[name].backend,
+                       optimizer=optimizer_name(VARIANTS[name], args.optimizer), img_per_s=None, step_ms=None, first_step_s=None,
                        peak_mem_gib=None, graph_breaks=None, error=None,
                        measured_at=result["environment"]["date"])
             if (preset_name, resolution, batch, name) in earlier:
                 row.update(earlier[preset_name, resolution, batch, name])
             else:
-                job = (name, preset_name, resolution, batch, device, args.steps, args.warmup)
+                job = (name, preset_name, resolution, batch, device, args.steps, args.warmup, args.optimizer)
                 row.update(run_isolated(measure_or_error, *job) if args.isolate else measure_or_error(*job))
             add_rates(row, flops, peaks)
             resolution_rows.append(row)

@@ -36,7 +36,7 @@ OBJECTIVES = ("iddpm", "edm")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
 CUDA_GRAPH = ("auto", "on", "off")
-OPTIMIZERS = ("adamw", "apex")
+OPTIMIZERS = ("auto", "adamw", "engine", "apex")
 LR_SCALING = ("sqrt", "linear", "none")
 LOADER_BACKENDS = ("auto", "torch", "dali")
 
@@ -63,7 +63,11 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    name: str = "adamw"          # torch AdamW (fused on CUDA), or apex FusedAdam
+    # adamw: torch's AdamW (fused on CUDA); engine: engine.optim.AdamW, the same update in one
+    # Triton pass that also writes the bf16 weight copies the Linears read (not for FSDP2-sharded
+    # parameters); apex: apex FusedAdam; auto: engine on CUDA unless the model is FSDP2-sharded or
+    # compiled (compiled Linears cast themselves), adamw otherwise.
+    name: str = "auto"
     lr: float = 2e-5             # before batch scaling
     lr_scaling: str = "sqrt"     # lr * sqrt(global_batch / lr_base_batch), PixArt-α's auto_lr rule
     lr_base_batch: int = 256

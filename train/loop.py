@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.optim import AdamW
 from train.checkpoint import debug_kill, load_training_state, load_weights, save_checkpoint
 from train.config import OptimSection, RunConfig
 from train.metrics import Interval, MetricsLog, interval_record
@@ -55,10 +56,22 @@ def lr_at(step: int, peak: float, warmup: int) -> float:
     return peak * min(1.0, (step + 1) / warmup) if warmup else peak
 
 
-def build_optimizer(module: nn.Module, optim: OptimSection, lr: float, device: torch.device):
+def optimizer_name(optim: OptimSection, device: torch.device, parallel: str, compiled: bool) -> str:
+    """optim.name with "auto" resolved (train.config.OptimSection)."""
+    if optim.name != "auto":
+        return optim.name
+    return "engine" if device.type == "cuda" and parallel != "fsdp2" and not compiled else "adamw"
+
+
+def build_optimizer(module: nn.Module, optim: OptimSection, lr: float, device: torch.device, name: str,
+                    copy_dtype: torch.dtype | None = None):
+    """The optimizer ``name`` (optimizer_name's choice); engine's keeps copies of the parameters in
+    ``copy_dtype`` (the step's autocast dtype)."""
     params = [p for p in module.parameters() if p.requires_grad]
     kwargs = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
-    if optim.name == "apex":
+    if name == "engine":
+        return AdamW(params, copy_dtype=copy_dtype, **kwargs)
+    if name == "apex":
         from apex.optimizers import FusedAdam  # importability is checked before the run starts
         return FusedAdam(params, adam_w_mode=True, **kwargs)
     # fused: one kernel for the whole update on CUDA; on the CPU the default (foreach) path

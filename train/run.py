@@ -232,6 +232,7 @@ def build_trainer(plan: Plan, rank: int, device):
     from engine.parallel import apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp2
     from train import loop
     from train.checkpoint import load_init
+    from train.config import ConfigError
 
     cfg, model_config = plan.config, plan.model_config
     text_len = 1 if isinstance(model_config, DiTConfig) else model_config.text_len
@@ -264,6 +265,10 @@ def build_trainer(plan: Plan, rank: int, device):
     else:
         model = module
 
+    optimizer_name = loop.optimizer_name(cfg.optim, device, parallel, cfg.train.compile)
+    if optimizer_name == "engine" and parallel == "fsdp2":
+        raise ConfigError("optim.name = 'engine' keeps plain parameter tensors, and train.parallel = 'fsdp2' shards "
+                          "them: use optim.name = 'adamw' or 'auto' with FSDP2")
     objective = (EDM(p_mean=cfg.train.edm_p_mean, p_std=cfg.train.edm_p_std) if cfg.train.objective == "edm"
                  else GaussianDiffusion(learn_sigma=model_config.learn_sigma))
     run_info = {"config": cfg.to_dict(),
@@ -271,7 +276,8 @@ def build_trainer(plan: Plan, rank: int, device):
                 "cache": _cache_identity(plan.cache), "world": plan.world, "parallel": parallel}
     trainer = loop.Trainer(
         config=cfg, model=model, module=module,
-        optimizer=loop.build_optimizer(module, cfg.optim, cfg.lr(), device),
+        optimizer=loop.build_optimizer(module, cfg.optim, cfg.lr(), device, optimizer_name,
+                                       copy_dtype=autocast_dtype if optimizer_name == "engine" else None),
         ema=loop.EMA(module, cfg.train.ema_decay), objective=objective, loader=loader, device=device, rank=rank,
         world=plan.world, out=plan.out, run_info=run_info, autocast_dtype=autocast_dtype, cuda_graph=plan.cuda_graph)
     if plan.resume_from is not None:

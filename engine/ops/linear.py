@@ -50,6 +50,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from engine.ops.adamw import low_precision
 from engine.ops.backend import (cuda_stream, dtype_code, extension_function, in_graph_step, multiprocessors,
                                 requested, resolve)
 
@@ -481,8 +482,9 @@ def _(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dtype, backend)
 
 
 def _cast_operands(x, weight, bias, dtype):
-    """x, weight, bias in the compute dtype (autocast's cast for F.linear, done by the Functions)."""
-    return x.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+    """x, weight, bias in the compute dtype (autocast's cast for F.linear, done by the Functions);
+    the parameters' copies written by engine.optim.AdamW when it keeps them in that dtype."""
+    return x.to(dtype), low_precision(weight, dtype), (low_precision(bias, dtype) if bias is not None else None)
 
 
 class _LinearFunction(torch.autograd.Function):

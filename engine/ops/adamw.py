@@ -1,0 +1,251 @@
+"""AdamW's update over many tensors in one pass, writing a low-precision copy of each parameter.
+
+For each parameter p with gradient g and moments m, v (torch.optim.AdamW's update, decoupled
+weight decay, step t counted from 1):
+
+    p <- p - lr wd p
+    m <- beta1 m + (1 - beta1) g
+    v <- beta2 v + (1 - beta2) g^2
+    p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+    copy <- p rounded to the copy's dtype (when the parameter has a copy)
+
+Why an op for the optimizer. Under bf16 autocast every Linear casts its fp32 weight and bias to
+bf16 in the forward: in the graphed PixArt-XL/2 step at 256 px / 64 those casts were 440
+launches, 2.06 ms of 132.7 ms (H100 profile at 9522df4, bench/results/), each reading 4 bytes
+and writing 2 per parameter. The optimizer step reads every parameter anyway; writing the bf16
+copy there costs 2 more bytes per parameter in a pass that already moves 28, and the Linears
+then read the copy (``low_precision``) instead of casting. torch's fused AdamW cannot write it.
+
+Backends:
+- ``eager``: the formula above with torch ops, tensor by tensor, in fp32 and rounded once to
+  the parameter's dtype (the CPU path);
+- ``triton``: one kernel launch for all tensors of one dtype combination. Each program updates
+  BLOCK elements of one tensor, found through device tables of the tensors' addresses (the
+  parameters and moments are separate allocations, as the model made them) and of each
+  program's (tensor, first element). Arithmetic in fp32, as torch's fused AdamW.
+
+``low_precision(t, dtype)``: the registered copy of ``t`` when it is valid (registered by
+``register_copy``, of that dtype, and ``t`` unchanged since: its version counter is the one
+recorded when the copy was last written), else ``t.to(dtype)``. Triton writes through raw
+pointers, which does not move version counters, so the optimizer records them after its step;
+any other in-place change of the parameter (``load_state_dict``, ``copy_``) moves its counter
+and the Linears cast again until the next optimizer step rewrites the copy. A CUDA graph
+captured while the copies were valid keeps reading them: change parameters outside the
+optimizer only before capturing (engine.step_graph).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
+
+from engine.ops.backend import resolve
+
+# ---------------------------------------------------------------------------------------------
+# Reference.
+# ---------------------------------------------------------------------------------------------
+
+
+def adamw_ref(param, grad, exp_avg, exp_avg_sq, step: int, lr: float, beta1: float, beta2: float, eps: float,
+              weight_decay: float):
+    """The definition, out of place: (param, exp_avg, exp_avg_sq) after step ``step`` (>= 1), in
+    the inputs' dtype (fp64 inputs for the tests' reference)."""
+    param = param - lr * weight_decay * param
+    exp_avg = beta1 * exp_avg + (1 - beta1) * grad
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    denom = exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step) + eps
+    return param - lr / (1 - beta1**step) * exp_avg / denom, exp_avg, exp_avg_sq
+
+
+def _coefficients(step: int, lr: float, beta1: float, beta2: float, weight_decay: float):
+    """(lr wd, lr / (1 - beta1^t), sqrt(1 - beta2^t)) in double on the host."""
+    return lr * weight_decay, lr / (1 - beta1**step), math.sqrt(1 - beta2**step)
+
+
+def _eager(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2, eps, weight_decay):
+    """Tensor by tensor with torch ops, in fp32 (rounded once to the parameter's dtype, as the kernel)."""
+    decay, step_size, bias2_sqrt = _coefficients(step, lr, beta1, beta2, weight_decay)
+    for p, g, m, v, copy in zip(params, grads, exp_avgs, exp_avg_sqs, copies):
+        p32, g32 = p.float(), g.float()
+        m32 = m.float().mul_(beta1).add_(g32, alpha=1 - beta1)
+        v32 = v.float().mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+        p32 = (p32 - decay * p32).addcdiv_(m32, v32.sqrt().div_(bias2_sqrt).add_(eps), value=-step_size)
+        p.copy_(p32)
+        m.copy_(m32)
+        v.copy_(v32)
+        if copy is not None:
+            copy.copy_(p32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: one launch per dtype combination.
+# ---------------------------------------------------------------------------------------------
+
+# Elements per program. 611M parameters (PixArt-XL/2) make ~150K programs of 4096; the tables
+# that map programs to tensors are built once per set of shapes.
+BLOCK = 4096
+NUM_WARPS = 8
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _adamw_kernel(addresses_ptr, sizes_ptr, program_tensor_ptr, program_start_ptr,
+                  decay, step_size, bias2_sqrt, beta1, beta2, eps,
+                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr,
+                  HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
+    """Program i: elements [start, start + BLOCK) of tensor t = program_tensor[i]; the addresses
+    of t's parameter, gradient, moments and copy are addresses[t, 0..4]."""
+    pid = tl.program_id(0)
+    t = tl.load(program_tensor_ptr + pid).to(tl.int64)
+    start = tl.load(program_start_ptr + pid)
+    n = tl.load(sizes_ptr + t)
+    p_ptr = tl.load(addresses_ptr + 5 * t).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(addresses_ptr + 5 * t + 1).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(addresses_ptr + 5 * t + 2).to(tl.pointer_type(P_DTYPE))
+    v_ptr = tl.load(addresses_ptr + 5 * t + 3).to(tl.pointer_type(P_DTYPE))
+    offsets = start + tl.arange(0, BLOCK)
+    ok = offsets < n
+    p = tl.load(p_ptr + offsets, mask=ok).to(tl.float32)
+    g = tl.load(g_ptr + offsets, mask=ok).to(tl.float32)
+    m = tl.load(m_ptr + offsets, mask=ok).to(tl.float32)
+    v = tl.load(v_ptr + offsets, mask=ok).to(tl.float32)
+    p = p - decay * p
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    p = p - step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    tl.store(p_ptr + offsets, p.to(P_DTYPE), mask=ok)
+    tl.store(m_ptr + offsets, m.to(P_DTYPE), mask=ok)
+    tl.store(v_ptr + offsets, v.to(P_DTYPE), mask=ok)
+    if HAS_COPY:
+        copy_ptr = tl.load(addresses_ptr + 5 * t + 4).to(tl.pointer_type(COPY_DTYPE))
+        tl.store(copy_ptr + offsets, p.to(COPY_DTYPE), mask=ok)
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)  # no synchronisation in the step
+
+
+# Device tables per tensor list: the program map per tuple of sizes, the address table per
+# tuple of addresses (gradients stay put under engine.step_graph, so it is built once there; an
+# eager step allocates new gradients, and its table is one small host-to-device copy).
+_PROGRAM_MAPS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_ADDRESS_TABLES: dict[tuple, torch.Tensor] = {}
+_MAX_CACHED = 64
+
+
+def _cached(cache: dict, key, build):
+    found = cache.get(key)
+    if found is None:
+        if len(cache) >= _MAX_CACHED:
+            cache.clear()
+        found = cache[key] = build()
+    return found
+
+
+def _program_map(sizes: tuple[int, ...], device: torch.device):
+    def build():
+        tensors, starts = [], []
+        for index, n in enumerate(sizes):
+            count = triton.cdiv(n, BLOCK)
+            tensors += [index] * count
+            starts += range(0, count * BLOCK, BLOCK)
+        return _to_device(list(sizes), device), _to_device(tensors, device), _to_device(starts, device)
+    return _cached(_PROGRAM_MAPS, (sizes, device), build)
+
+
+def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2, eps, weight_decay):
+    decay, step_size, bias2_sqrt = _coefficients(step, lr, beta1, beta2, weight_decay)
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, g, c) in enumerate(zip(params, grads, copies)):
+        if p.numel():
+            groups.setdefault((p.dtype, g.dtype, None if c is None else c.dtype), []).append(i)
+    for (p_dtype, g_dtype, copy_dtype), members in groups.items():
+        device = params[members[0]].device
+        addresses = tuple(t.data_ptr() if t is not None else 0 for i in members
+                          for t in (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], copies[i]))
+        table = _cached(_ADDRESS_TABLES, (addresses, device), lambda: _to_device(list(addresses), device))
+        sizes, program_tensor, program_start = _program_map(tuple(params[i].numel() for i in members), device)
+        _adamw_kernel[(program_tensor.numel(),)](
+            table, sizes, program_tensor, program_start, decay, step_size, bias2_sqrt, beta1, beta2, eps,
+            P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
+            COPY_DTYPE=_TL_DTYPES[copy_dtype or p_dtype], HAS_COPY=copy_dtype is not None,
+            BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-precision copies.
+# ---------------------------------------------------------------------------------------------
+
+_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> (copy, its version when written)
+
+
+def register_copy(param: torch.Tensor, copy: torch.Tensor) -> None:
+    """Record ``copy`` as ``param`` rounded to copy.dtype, valid while param's version counter
+    stays where it is now."""
+    if copy.shape != param.shape or copy.device != param.device:
+        raise ValueError(f"register_copy: copy {tuple(copy.shape)} on {copy.device} for a parameter "
+                         f"{tuple(param.shape)} on {param.device}")
+    _COPIES[param] = (copy, param._version)
+
+
+def low_precision(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, read from its registered copy when that is valid (module docstring)."""
+    if t.dtype == dtype or torch.compiler.is_compiling():  # compiled graphs cast (Inductor fuses it)
+        return t.to(dtype)
+    entry = _COPIES.get(t)
+    if entry is not None and entry[0].dtype == dtype and entry[1] == t._version:
+        return entry[0]
+    return t.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function.
+# ---------------------------------------------------------------------------------------------
+
+def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, copies, step) -> None:
+    if not len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(copies):
+        raise ValueError(f"adamw_step_: {len(params)} params, {len(grads)} grads, {len(exp_avgs)} exp_avgs, "
+                         f"{len(exp_avg_sqs)} exp_avg_sqs and {len(copies)} copies; expected one of each per param")
+    if step < 1:
+        raise ValueError(f"adamw_step_: step counts from 1, got {step}")
+    device = params[0].device if params else None
+    for i, (p, g, m, v, c) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, copies)):
+        for name, t in (("grad", g), ("exp_avg", m), ("exp_avg_sq", v), ("copy", c)):
+            if t is None and name == "copy":
+                continue
+            if t.shape != p.shape or t.device != device or not t.is_contiguous():
+                raise ValueError(f"adamw_step_: tensor {i}: {name} {tuple(t.shape)} on {t.device} "
+                                 f"(contiguous: {t.is_contiguous()}) for a parameter {tuple(p.shape)} on {device}; "
+                                 "expected the parameter's shape and device, contiguous")
+        if p.device != device or not p.is_contiguous():
+            raise ValueError(f"adamw_step_: parameter {i} is on {p.device} (contiguous: {p.is_contiguous()}); "
+                             f"all must be contiguous and on {device}")
+        if p.dtype not in _TL_DTYPES or g.dtype not in _TL_DTYPES or m.dtype != p.dtype or v.dtype != p.dtype or (
+                c is not None and c.dtype not in _TL_DTYPES):
+            raise TypeError(f"adamw_step_: tensor {i}: parameter {p.dtype}, grad {g.dtype}, moments {m.dtype} / "
+                            f"{v.dtype}, copy {None if c is None else c.dtype}; expected float32/float16/bfloat16 "
+                            "with moments in the parameter's dtype")
+
+
+def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                exp_avg_sqs: list[torch.Tensor], copies: list[torch.Tensor | None], *, step: int, lr: float,
+                beta1: float, beta2: float, eps: float, weight_decay: float, backend: str | None = None) -> None:
+    """AdamW step ``step`` (>= 1, shared by all tensors) on each parameter in place, its moments
+    in place, and its copy (None: none) rewritten from the new value. Contiguous tensors on one
+    device, moments in the parameter's dtype. backend: "eager" | "triton" | "auto" | None (see
+    engine.ops.backend): auto is triton on CUDA tensors, eager on the CPU."""
+    _check_inputs(params, grads, exp_avgs, exp_avg_sqs, copies, step)
+    if not params:
+        return
+    name = resolve(backend, params[0].device, "adamw", prefer=("triton",))
+    if name == "cuda":
+        raise RuntimeError("adamw_step_ has no CUDA-extension kernel; use backend 'triton' or 'eager'")
+    run = _triton if name == "triton" else _eager
+    run(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2, eps, weight_decay)
