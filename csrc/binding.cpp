@@ -298,7 +298,7 @@ int gemm_epilogue(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, st
                   std::int64_t lda, std::uintptr_t b_ptr, std::int64_t ldb, std::uintptr_t d_ptr, std::int64_t ldd,
                   int epilogue, std::uintptr_t bias_ptr, std::uintptr_t aux_ptr, std::int64_t ld_aux, int ab_dtype,
                   int d_dtype, int bias_dtype, std::uintptr_t workspace_ptr, std::int64_t workspace_bytes, int device,
-                  std::uintptr_t stream, int algo) {
+                  std::uintptr_t stream, int algo, std::uintptr_t c_ptr) {
   if (!engine::is_gemm_epilogue_code(epilogue)) {
     throw py::value_error("epilogue: unknown code " + std::to_string(epilogue) +
                           "; expected 0 (none), 1 (bias) or 2 (gelu_aux_bias)");
@@ -323,6 +323,7 @@ int gemm_epilogue(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, st
   call.a = checked_pointer(a_ptr, "a");
   call.b = checked_pointer(b_ptr, "b");
   call.d = checked_pointer(d_ptr, "d");
+  call.c = reinterpret_cast<const void*>(c_ptr);
   call.ab_dtype = checked_dtype(ab_dtype);
   call.d_dtype = checked_dtype(d_dtype);
   call.bias_dtype = checked_dtype(bias_dtype);
@@ -414,12 +415,13 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("gemm_epilogue", &gemm_epilogue,
         "cuBLASLt's column-major D (m x n) = op(A) op(B) with one fused epilogue (csrc/common.h): 0 none, 1 bias, "
-        "2 gelu_aux_bias (aux = pre-activation, D = GELU(acc + bias)). Pointers as ints, 0 = absent; workspace: "
+        "2 gelu_aux_bias (aux = pre-activation, D = GELU(acc + bias)); c: a matrix added to acc before the "
+        "epilogue (D's dtype and ldd; 0 = none). Pointers as ints, 0 = absent; workspace: "
         "device bytes for cuBLASLt. "
         "algo picks one of cuBLASLt's candidate kernels for this call (0 = its heuristic's first choice); returns "
         "how many candidates there are (1 for the C++ reference).",
         py::arg("trans_a"), py::arg("trans_b"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("lda"),
         py::arg("b"), py::arg("ldb"), py::arg("d"), py::arg("ldd"), py::arg("epilogue"), py::arg("bias"),
         py::arg("aux"), py::arg("ld_aux"), py::arg("ab_dtype"), py::arg("d_dtype"), py::arg("bias_dtype"),
-        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"), py::arg("algo") = 0);
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"), py::arg("algo") = 0, py::arg("c") = 0);
 }

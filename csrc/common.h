@@ -272,7 +272,8 @@ void norm_modulate_bwd_cuda(const NormModulateBackward& io, const NormModulateSh
 // ---------------------------------------------------------------------------------------
 // gemm_epilogue (engine/ops/linear.py): cuBLASLt's column-major
 //   D (m x n) = op(A) (m x k) * op(B) (k x n),  products accumulated in fp32 (fp64 for fp64),
-// op(X) = X or X^T, X read with leading dimension ldX, then one fused epilogue:
+// op(X) = X or X^T, X read with leading dimension ldX; with C given, acc += C (cuBLASLt's beta = 1:
+// C has D's dtype and leading dimension, and is D itself or does not overlap it), then one fused epilogue:
 //   None        D = acc
 //   Bias        D = acc + bias[i]                                   (bias read, length m)
 //   GeluAuxBias aux[i, j] = acc + bias[i] (in D's dtype); D = GELU_tanh(acc + bias[i])
@@ -291,6 +292,7 @@ struct GemmCall {
   const void* a;
   const void* b;
   void* d;
+  const void* c;  // nullptr: nothing added
   void* bias;  // nullptr for None
   void* aux;   // GeluAuxBias only (written)
   DType ab_dtype, d_dtype, bias_dtype;

@@ -93,7 +93,7 @@ constexpr int kMaxCandidates = 16;
 // What decides cuBLASLt's candidate list: shapes, layouts, dtypes, epilogue, operand alignment
 // and workspace size (not the pointers themselves).
 struct Signature {
-  std::array<std::int64_t, 17> fields;
+  std::array<std::int64_t, 19> fields;
   bool operator<(const Signature& other) const { return fields < other.fields; }
 };
 
@@ -149,9 +149,10 @@ int gemm_epilogue_cuda(const GemmCall& c, int algo, void* workspace, std::int64_
   // Without these the heuristic assumes 256-byte-aligned operands; views that start at an
   // offset (a slice of a fused projection) would then get a kernel they fault in.
   const void* aux_or_d = c.aux != nullptr ? c.aux : c.d;
+  const void* c_or_d = c.c != nullptr ? c.c : c.d;  // without C, beta = 0 and cuBLASLt reads none
   const std::pair<cublasLtMatmulPreferenceAttributes_t, const void*> operands[] = {
       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, c.a}, {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, c.b},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c.d}, {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c.d}};
+      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, c_or_d}, {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, c.d}};
   std::array<std::uint32_t, 4> alignments{};
   for (std::size_t i = 0; i < 4; ++i) {
     alignments[i] = pointer_alignment(operands[i].second);
@@ -162,8 +163,8 @@ int gemm_epilogue_cuda(const GemmCall& c, int algo, void* workspace, std::int64_
                        static_cast<std::int64_t>(c.epilogue),
                        static_cast<std::int64_t>(c.ab_dtype) * 64 + static_cast<std::int64_t>(c.d_dtype) * 8 +
                            static_cast<std::int64_t>(c.bias_dtype),
-                       alignments[0], alignments[1], alignments[2], pointer_alignment(aux_or_d), workspace_bytes,
-                       device}};
+                       alignments[0], alignments[1], alignments[2], alignments[3], pointer_alignment(aux_or_d),
+                       workspace_bytes, device, c.c != nullptr}};
   const auto& candidates = candidates_for(key, handle, op, a, b, out, preference);
   const int count = static_cast<int>(candidates.size());
   if (count == 0) {
@@ -178,8 +179,10 @@ int gemm_epilogue_cuda(const GemmCall& c, int algo, void* workspace, std::int64_
   const double one64 = 1.0, zero64 = 0.0;
   const float one32 = 1.0f, zero32 = 0.0f;
   const void* alpha = fp64 ? static_cast<const void*>(&one64) : static_cast<const void*>(&one32);
-  const void* beta = fp64 ? static_cast<const void*>(&zero64) : static_cast<const void*>(&zero32);
-  ENGINE_CUBLAS_CHECK(cublasLtMatmul(handle, op.desc, alpha, c.a, a.desc, c.b, b.desc, beta, c.d, out.desc, c.d,
+  const bool add_c = c.c != nullptr;
+  const void* beta = fp64 ? static_cast<const void*>(add_c ? &one64 : &zero64)
+                          : static_cast<const void*>(add_c ? &one32 : &zero32);
+  ENGINE_CUBLAS_CHECK(cublasLtMatmul(handle, op.desc, alpha, c.a, a.desc, c.b, b.desc, beta, c_or_d, out.desc, c.d,
                                      out.desc, &candidates[algo].algo, workspace,
                                      static_cast<std::size_t>(workspace_bytes), static_cast<cudaStream_t>(stream)));
   return count;

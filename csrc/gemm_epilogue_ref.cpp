@@ -50,6 +50,7 @@ void gemm(const GemmCall& c) {
     for (std::int64_t i = 0; i < c.m; ++i) {
       T acc = T(0);
       for (std::int64_t p = 0; p < c.k; ++p) acc += a_at(i, p) * b_at(p, j);
+      if (c.c != nullptr) acc += static_cast<T>(load_any(c.c, c.d_dtype, i + j * c.ldd));
       switch (c.epilogue) {
         case GemmEpilogue::None:
           break;

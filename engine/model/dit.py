@@ -26,7 +26,8 @@ class DiTBlock(nn.Module):
     def forward(self, x, pending, pending_gate, cond):
         """x (B, N, D); cond = SiLU(c) (B, D)."""
         mods = self.adaln(cond).chunk(6, dim=1)  # shift/scale/gate for attention, then for the MLP; (B, D) each
-        return modulated_block(self, x, pending, pending_gate, *mods)
+        x, pending, gate, _ = modulated_block(self, x, pending, pending_gate, *mods)
+        return x, pending, gate
 
 
 class DiTFinalLayer(nn.Module):

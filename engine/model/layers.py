@@ -103,7 +103,15 @@ class Linear(nn.Linear):
         self.activation = activation
         self.chunks = chunks
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, branch: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The output (``chunks`` parts of it when chunks > 1). With ``branch``: (part(s)..., x),
+        for an x that is used elsewhere too, which should then use the returned x: the gradients
+        of both uses are summed by this Linear's input-gradient GEMM (``engine.ops.linear_branch``)
+        instead of by a separate add."""
+        if branch:
+            if self.activation is not None:
+                raise ValueError(f"Linear: branch=True takes no activation, this Linear has {self.activation!r}")
+            return ops.linear_branch(x, self.weight, self.bias, self.chunks)  # (part(s)..., x)
         if self.chunks > 1:
             return ops.linear_chunks(x, self.weight, self.bias, self.chunks)  # chunks x (..., out / chunks)
         return ops.linear(x, self.weight, self.bias, self.activation)
@@ -152,11 +160,15 @@ class CrossAttention(nn.Module):
         self.kv = Linear(dim, 2 * dim, chunks=2)
         self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_lens: torch.Tensor):
+        """-> (output (B, N, D), x, context): x and context come back through the q and kv
+        projections (Linear's branch), for the caller's other uses of them (the residual stream;
+        the next blocks' captions), so that the GEMMs sum their gradients."""
         B, N, D = x.shape
         L = context.shape[1]
         H, d = self.num_heads, D // self.num_heads
-        q = self.q(x).view(B, N, H, d)
-        k, v = (t.view(B, L, H, d) for t in self.kv(context))  # (B, L, H, d) each
+        q, x = self.q(x, branch=True)
+        k, v, context = self.kv(context, branch=True)
+        q, k, v = q.view(B, N, H, d), k.view(B, L, H, d), v.view(B, L, H, d)  # (B, N|L, H, d)
         out = ops.cross_attention(q, k, v, context_lens)  # (B, N, H, d)
-        return self.proj(out.reshape(B, N, D))
+        return self.proj(out.reshape(B, N, D)), x, context

@@ -9,6 +9,9 @@ MLP output and gate instead of an updated residual:
     x, h = add_norm_modulate(x, cross_attn(x, caption), None, shift_mlp, scale_mlp)  # residual + norm2
     return x, mlp(h), gate_mlp                                                      # added by the next block
 
+(x and the caption also pass through the cross-attention's q and kv projections and come back
+from it, so that their gradient fan-in is summed inside those projections' GEMMs.)
+
 which is the official block (x += gate * attn(mod(norm(x))); x += cross(x); x += gate * mlp(mod(norm(x))))
 with the adds moved into the fused ops.
 """
@@ -34,7 +37,8 @@ class PixArtBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
     def forward(self, x, pending, pending_gate, t_mod, caption, caption_lens):
-        """x (B, N, D) residual; pending (B, N, D) or None: the previous block's MLP output, not yet added."""
+        """x (B, N, D) residual; pending (B, N, D) or None: the previous block's MLP output, not yet added.
+        Returns (x, pending, gate, caption) for the next block."""
         B = x.shape[0]
         mod = self.modulation[None] + t_mod.view(B, 6, -1)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(1)  # (B, D) each
@@ -44,19 +48,20 @@ class PixArtBlock(nn.Module):
 
 def modulated_block(block, x, pending, pending_gate, shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
                     gate_mlp, caption=None, caption_lens=None):
-    """The fused-residual block body shared by PixArt (with cross-attention) and DiT (without)."""
+    """The fused-residual block body shared by PixArt (with cross-attention) and DiT (without):
+    -> (x, the MLP output and gate still to be added, the caption for the next block)."""
     if pending is None:  # first block: nothing to add yet
         r, h = x, ops.norm_modulate(x, shift_msa, scale_msa)
     else:
         r, h = ops.add_norm_modulate(x, pending, pending_gate, shift_msa, scale_msa)  # (B, N, D) each
     a = block.attn(h)  # (B, N, D)
     x = ops.gated_add(r, a, gate_msa)  # r + a * gate_msa[:, None]
-    cross = block.cross_attn(x, caption, caption_lens) if caption is not None else None  # (B, N, D)
-    if cross is None:
-        x, h = x, ops.norm_modulate(x, shift_mlp, scale_mlp)
+    if caption is None:
+        h = ops.norm_modulate(x, shift_mlp, scale_mlp)
     else:
+        cross, x, caption = block.cross_attn(x, caption, caption_lens)  # (B, N, D); x, caption: their branches (Linear's branch)
         x, h = ops.add_norm_modulate(x, cross, None, shift_mlp, scale_mlp)
-    return x, block.mlp(h), gate_mlp
+    return x, block.mlp(h), gate_mlp, caption
 
 
 class FinalLayer(nn.Module):
@@ -136,7 +141,7 @@ class PixArt(nn.Module):
         y = self.caption_proj(caption)  # (B, L, D)
         pending, gate = None, None
         for block in self.blocks:
-            x, pending, gate = block(x, pending, gate, t_mod, y, caption_lens)
+            x, pending, gate, y = block(x, pending, gate, t_mod, y, caption_lens)
         out = self.final(x, pending, gate, t_emb)  # (B, N, p*p*out)
         return ops.unpatchify(out, c.out_channels, H, W, p)  # (B, out, H, W)
 

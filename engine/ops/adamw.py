@@ -93,12 +93,47 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 @triton.jit
+def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step_size, bias2_sqrt, beta1, beta2, eps,
+                  P_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        p = tl.load(p_ptr + offsets, mask=ok).to(tl.float32)
+        g = tl.load(g_ptr + offsets, mask=ok).to(tl.float32)
+        m = tl.load(m_ptr + offsets, mask=ok).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=ok).to(tl.float32)
+    else:
+        p = tl.load(p_ptr + offsets).to(tl.float32)
+        g = tl.load(g_ptr + offsets).to(tl.float32)
+        m = tl.load(m_ptr + offsets).to(tl.float32)
+        v = tl.load(v_ptr + offsets).to(tl.float32)
+    p = p - decay * p
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    p = p - step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    if MASKED:
+        tl.store(p_ptr + offsets, p.to(P_DTYPE), mask=ok)
+        tl.store(m_ptr + offsets, m.to(P_DTYPE), mask=ok)
+        tl.store(v_ptr + offsets, v.to(P_DTYPE), mask=ok)
+        if HAS_COPY:
+            tl.store(copy_ptr + offsets, p.to(COPY_DTYPE), mask=ok)
+    else:
+        tl.store(p_ptr + offsets, p.to(P_DTYPE))
+        tl.store(m_ptr + offsets, m.to(P_DTYPE))
+        tl.store(v_ptr + offsets, v.to(P_DTYPE))
+        if HAS_COPY:
+            tl.store(copy_ptr + offsets, p.to(COPY_DTYPE))
+
+
+@triton.jit
 def _adamw_kernel(addresses_ptr, sizes_ptr, program_tensor_ptr, program_start_ptr,
                   decay, step_size, bias2_sqrt, beta1, beta2, eps,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr,
-                  HAS_COPY: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_COPY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Program i: elements [start, start + BLOCK) of tensor t = program_tensor[i]; the addresses
-    of t's parameter, gradient, moments and copy are addresses[t, 0..4]."""
+    of t's parameter, gradient, moments and copy are addresses[t, 0..4]. A block inside the
+    tensor runs without a mask, so that (with ALIGNED: every address a multiple of 16 bytes) its
+    accesses are 16-byte vectors: a pointer read from memory and a mask against a runtime size
+    give Triton no alignment to prove, and it emitted one scalar access per element (PTX for
+    sm_90, checked offline)."""
     pid = tl.program_id(0)
     t = tl.load(program_tensor_ptr + pid).to(tl.int64)
     start = tl.load(program_start_ptr + pid)
@@ -107,22 +142,22 @@ def _adamw_kernel(addresses_ptr, sizes_ptr, program_tensor_ptr, program_start_pt
     g_ptr = tl.load(addresses_ptr + 5 * t + 1).to(tl.pointer_type(G_DTYPE))
     m_ptr = tl.load(addresses_ptr + 5 * t + 2).to(tl.pointer_type(P_DTYPE))
     v_ptr = tl.load(addresses_ptr + 5 * t + 3).to(tl.pointer_type(P_DTYPE))
+    copy_ptr = tl.load(addresses_ptr + 5 * t + 4).to(tl.pointer_type(COPY_DTYPE))
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        copy_ptr = tl.multiple_of(copy_ptr, 16)
+        start = tl.multiple_of(start, BLOCK)
     offsets = start + tl.arange(0, BLOCK)
     ok = offsets < n
-    p = tl.load(p_ptr + offsets, mask=ok).to(tl.float32)
-    g = tl.load(g_ptr + offsets, mask=ok).to(tl.float32)
-    m = tl.load(m_ptr + offsets, mask=ok).to(tl.float32)
-    v = tl.load(v_ptr + offsets, mask=ok).to(tl.float32)
-    p = p - decay * p
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * g * g
-    p = p - step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
-    tl.store(p_ptr + offsets, p.to(P_DTYPE), mask=ok)
-    tl.store(m_ptr + offsets, m.to(P_DTYPE), mask=ok)
-    tl.store(v_ptr + offsets, v.to(P_DTYPE), mask=ok)
-    if HAS_COPY:
-        copy_ptr = tl.load(addresses_ptr + 5 * t + 4).to(tl.pointer_type(COPY_DTYPE))
-        tl.store(copy_ptr + offsets, p.to(COPY_DTYPE), mask=ok)
+    if start + BLOCK <= n:
+        _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step_size, bias2_sqrt, beta1, beta2,
+                      eps, P_DTYPE, COPY_DTYPE, HAS_COPY, False)
+    else:
+        _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step_size, bias2_sqrt, beta1, beta2,
+                      eps, P_DTYPE, COPY_DTYPE, HAS_COPY, True)
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -163,10 +198,11 @@ def _program_map(sizes: tuple[int, ...], device: torch.device):
 def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2, eps, weight_decay):
     decay, step_size, bias2_sqrt = _coefficients(step, lr, beta1, beta2, weight_decay)
     groups: dict[tuple, list[int]] = {}
-    for i, (p, g, c) in enumerate(zip(params, grads, copies)):
+    for i, (p, g, m, v, c) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, copies)):
         if p.numel():
-            groups.setdefault((p.dtype, g.dtype, None if c is None else c.dtype), []).append(i)
-    for (p_dtype, g_dtype, copy_dtype), members in groups.items():
+            aligned = all(t.data_ptr() % 16 == 0 for t in (p, g, m, v, c) if t is not None)
+            groups.setdefault((p.dtype, g.dtype, None if c is None else c.dtype, aligned), []).append(i)
+    for (p_dtype, g_dtype, copy_dtype, aligned), members in groups.items():
         device = params[members[0]].device
         addresses = tuple(t.data_ptr() if t is not None else 0 for i in members
                           for t in (params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], copies[i]))
@@ -175,7 +211,7 @@ def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2
         _adamw_kernel[(program_tensor.numel(),)](
             table, sizes, program_tensor, program_start, decay, step_size, bias2_sqrt, beta1, beta2, eps,
             P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
-            COPY_DTYPE=_TL_DTYPES[copy_dtype or p_dtype], HAS_COPY=copy_dtype is not None,
+            COPY_DTYPE=_TL_DTYPES[copy_dtype or p_dtype], HAS_COPY=copy_dtype is not None, ALIGNED=aligned,
             BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 

@@ -325,10 +325,11 @@ def _tune(run, count: int, seconds_of=_median_cuda_seconds) -> tuple[int, list[f
     return min(timed)[1], seconds
 
 
-def _gemm_epilogue(trans_a, trans_b, m, n, k, a, b, d, epilogue, bias=None, aux=None, algo=None) -> int:
-    """One engine._C.gemm_epilogue call; a, b, d, aux row-major 2-D tensors with unit column
-    stride, bias a vector. On the GPU with the signature's tuned candidate (tuned on first use),
-    or candidate ``algo`` when given. Returns the number of candidates."""
+def _gemm_epilogue(trans_a, trans_b, m, n, k, a, b, d, epilogue, bias=None, aux=None, algo=None, c=None) -> int:
+    """One engine._C.gemm_epilogue call; a, b, d, aux, c row-major 2-D tensors with unit column
+    stride (c: added before the epilogue, d's dtype and row stride), bias a vector. On the GPU with
+    the signature's tuned candidate (tuned on first use), or candidate ``algo`` when given. Returns
+    the number of candidates."""
     gemm = extension_function("gemm_epilogue")
     on_gpu = d.is_cuda
     device = d.device.index if d.device.index is not None else torch.cuda.current_device() if on_gpu else -1
@@ -340,13 +341,14 @@ def _gemm_epilogue(trans_a, trans_b, m, n, k, a, b, d, epilogue, bias=None, aux=
                     0 if aux is None else aux.data_ptr(), 0 if aux is None else _leading_dim(aux), dtype_code(a),
                     dtype_code(d), dtype_code(bias) if bias is not None else dtype_code(d),
                     0 if workspace is None else workspace.data_ptr(),
-                    0 if workspace is None else CUBLASLT_WORKSPACE_BYTES, device, cuda_stream(d), algo)
+                    0 if workspace is None else CUBLASLT_WORKSPACE_BYTES, device, cuda_stream(d), algo,
+                    0 if c is None else c.data_ptr())
 
     if not on_gpu or algo is not None:
         return run(algo or 0)
     key = (trans_a, trans_b, m, n, k, _EPILOGUE_CODES[epilogue],
            (a.dtype, d.dtype, None if bias is None else bias.dtype), _leading_dim(a), _leading_dim(b), _leading_dim(d), 0 if aux is None else _leading_dim(aux),
-           _alignment(a), _alignment(b), _alignment(d), _alignment(aux), device)
+           _alignment(a), _alignment(b), _alignment(d), _alignment(aux), device, c is not None, _alignment(c))
     tuned = _TUNED_ALGOS.get(key)
     if tuned is not None:
         return run(tuned)
@@ -384,13 +386,14 @@ def _cublaslt_weight_grad(dy2, x2, grad_dtype):
     return dw
 
 
-def _cublaslt_input_grad(dy2, weight):
-    """dx (M, K) = dy2 (M, N) W (N, K): column-major dx^T (K x M) = W^T (K x N, W as stored) times
-    dy2^T (N x M, as stored)."""
+def _cublaslt_input_grad(dy2, weight, add=None):
+    """dx (M, K) = dy2 (M, N) W (N, K) [+ add (M, K), contiguous, dy2's dtype, summed in the GEMM's
+    fp32 accumulator]: column-major dx^T (K x M) = W^T (K x N, W as stored) times dy2^T (N x M, as
+    stored) [+ add^T]."""
     M, N = dy2.shape
     K = weight.shape[1]
     dx = _new_output((M, K), dy2.dtype, dy2.device)
-    _gemm_epilogue(False, False, K, M, N, weight, dy2, dx, "none")
+    _gemm_epilogue(False, False, K, M, N, weight, dy2, dx, "none", c=add)
     return dx
 
 
@@ -430,16 +433,22 @@ def _backward_impl(dy, x, weight, pre, gelu, has_bias, need_dx, need_dw, grad_dt
     return (dx.view(*dy.shape[:-1], K) if need_dx else dx), dw, db
 
 
-def _gemm_grads(dpre, x2, weight, need_dx, need_dw, grad_dtype, cublaslt):
+def _gemm_grads(dpre, x2, weight, need_dx, need_dw, grad_dtype, cublaslt, dx_add=None):
     """(dx (M, K), dW (N, K) in grad_dtype) of y = x2 W^T from dpre = dL/d(x2 W^T) (M, N); an
-    output that is not needed comes back empty."""
+    output that is not needed comes back empty. ``dx_add`` (M, K), when given, is added to dx: by
+    the GEMM itself where it has dx's dtype (cuBLASLt's C on cuda, addmm elsewhere)."""
     dw = weight.new_empty(0, dtype=grad_dtype)
     if need_dw:
         dw = (_cublaslt_weight_grad(_row_major(dpre), _row_major(x2), grad_dtype) if cublaslt
               else _matmul_into(dpre.t(), x2, grad_dtype))
     if not need_dx:
         return x2.new_empty(0), dw
-    return (_cublaslt_input_grad(_row_major(dpre), _row_major(weight)) if cublaslt else dpre @ weight), dw
+    if dx_add is not None and dx_add.dtype == dpre.dtype:
+        if cublaslt:
+            return _cublaslt_input_grad(_row_major(dpre), _row_major(weight), add=dx_add.contiguous()), dw
+        return torch.addmm(dx_add, dpre, weight), dw
+    dx = _cublaslt_input_grad(_row_major(dpre), _row_major(weight)) if cublaslt else dpre @ weight
+    return (dx if dx_add is None else dx.to(dx_add.dtype) + dx_add), dw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,15 +532,21 @@ class _LinearChunksFunction(torch.autograd.Function):
     step at 9522df4: the concatenations 2.8 ms, 56 a step). Measured on the whole step (H100,
     commit 862d842, engine+graph at 256 px / 64, two alternating pairs in one process, the pass
     on the column sum's tiling): 483.6 / 480.7 img/s against 479.2 / 479.8 with linear(...)
-    .chunk(...), i.e. +0.2-0.9%."""
+    .chunk(...), i.e. +0.2-0.9%.
+
+    With ``branch`` the input comes back too, as a last output, for the caller's other uses of x
+    (linear_branch): the gradient those uses send back is added to dx by the input-gradient GEMM
+    (cuBLASLt's C) instead of by autograd's separate add of the two."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, chunks, dtype, backend):
+    def forward(ctx, x, weight, bias, chunks, branch, dtype, backend):
         x_low, w_low, b_low = _cast_operands(x, weight, bias, dtype)
         y, _ = _forward_impl(x_low, w_low, b_low, False, backend)
         ctx.save_for_backward(x_low, w_low)
         ctx.has_bias, ctx.grad_dtype, ctx.backend, ctx.chunks = bias is not None, weight.dtype, backend, chunks
-        return tuple(y.chunk(chunks, dim=-1))
+        ctx.x_dtype = x.dtype
+        parts = tuple(y.chunk(chunks, dim=-1))
+        return (*parts, x) if branch else parts  # x itself: autograd hands the caller a view of it
 
     @staticmethod
     def backward(ctx, *grads):
@@ -539,13 +554,19 @@ class _LinearChunksFunction(torch.autograd.Function):
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         N, K = weight.shape
         lead = x.shape[:-1]
+        grads, dx_branch = grads[:ctx.chunks], (grads[ctx.chunks] if len(grads) > ctx.chunks else None)
         parts = [(g if g is not None else x.new_zeros((*lead, N // ctx.chunks))).reshape(-1, N // ctx.chunks)
                  for g in grads]
-        dy2, db = _pack_bias_grad_triton([_row_major(g) for g in parts], ctx.grad_dtype)
+        if ctx.chunks == 1:  # nothing to pack: the column sum reads the one gradient
+            dy2 = _row_major(parts[0])
+            db = _bias_grad_triton(dy2, None, ctx.grad_dtype)[1] if ctx.has_bias and need_db else None
+        else:
+            dy2, db = _pack_bias_grad_triton([_row_major(g) for g in parts], ctx.grad_dtype)
         cublaslt = ctx.backend == "cuda" and dy2.shape[0] > 0
-        dx, dw = _gemm_grads(dy2, x.reshape(-1, K), weight, need_dx, need_dw, ctx.grad_dtype, cublaslt)
-        return (dx.view(*lead, K) if need_dx else None, dw if need_dw else None,
-                db if ctx.has_bias and need_db else None, None, None, None)
+        dx_add = dx_branch.reshape(-1, K) if dx_branch is not None else None
+        dx, dw = _gemm_grads(dy2, x.reshape(-1, K), weight, need_dx, need_dw, ctx.grad_dtype, cublaslt, dx_add)
+        return (dx.view(*lead, K).to(ctx.x_dtype) if need_dx else None, dw if need_dw else None,
+                db if ctx.has_bias and need_db else None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,4 +667,25 @@ def linear_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     name = _backend_name(x, backend, "linear_chunks")
     if name == "eager":
         return tuple(linear_ref(x, weight, bias).chunk(chunks, dim=-1))
-    return _LinearChunksFunction.apply(x, weight, bias, chunks, _compute_dtype(x, weight, bias), name)
+    return _LinearChunksFunction.apply(x, weight, bias, chunks, False, _compute_dtype(x, weight, bias), name)
+
+
+def linear_branch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int = 1,
+                  backend: str | None = None) -> tuple[torch.Tensor, ...]:
+    """``(*linear_chunks(x, weight, bias, chunks), x)``: a projection of x and x itself, for an x
+    that is also used elsewhere (the residual stream that feeds a query projection, the caption
+    that feeds every block's key / value projection). Use the returned x for those other uses:
+    on triton and cuda the gradient they send back is added to the projection's input gradient
+    inside its GEMM (cuBLASLt's C input; addmm on triton), which saves autograd's separate add
+    of the two (a read of both and a write, B x N x D elements each). Values are those of
+    linear_chunks and x; under torch.compile and on eager it is that expression."""
+    _check_inputs(x, weight, bias, None)
+    if not 1 <= chunks <= MAX_CHUNKS or weight.shape[0] % chunks:
+        raise ValueError(f"linear_branch: chunks must be 1..{MAX_CHUNKS} and divide the output size "
+                         f"{weight.shape[0]}; got {chunks}")
+    if torch.compiler.is_compiling():
+        return (*linear_chunks(x, weight, bias, chunks, backend=backend), x)
+    name = _backend_name(x, backend, "linear_branch")
+    if name == "eager":
+        return (*linear_ref(x, weight, bias).chunk(chunks, dim=-1), x)
+    return _LinearChunksFunction.apply(x, weight, bias, chunks, True, _compute_dtype(x, weight, bias), name)

@@ -121,7 +121,7 @@ def test_resume_measures_only_the_missing_rows(monkeypatch, tmp_path):
 
     measured = []
 
-    def fake_measure(name, preset_name, resolution, batch, device, steps, warmup):
+    def fake_measure(name, preset_name, resolution, batch, device, steps, warmup, optimizer):
         measured.append(name)
         return dict(img_per_s=123.0, step_ms=2e3 / 123.0, first_step_s=1.0, peak_mem_gib=None, graph_breaks=None)
 

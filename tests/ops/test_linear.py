@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine.ops.backend import extension
-from engine.ops.linear import linear, linear_chunks, linear_ref
+from engine.ops.linear import linear, linear_branch, linear_chunks, linear_ref
 from tests.ops.design_rule import assert_rule
 
 # The module (engine.ops re-exports the function under the module's name).
@@ -362,7 +362,7 @@ def test_cuda_backend_without_cublaslt_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gemm", ["bias", "gelu_aux_bias", "weight_grad", "input_grad"])
+@pytest.mark.parametrize("gemm", ["bias", "gelu_aux_bias", "weight_grad", "input_grad", "input_grad_add"])
 def test_every_cublaslt_candidate_is_correct_and_tuning_keeps_the_fastest(gemm, seed):
     """The tuner may pick any of cuBLASLt's candidates, so each one must compute the GEMM and its
     epilogue: every candidate's outputs against fp64 (bf16 operands, fp32 accumulation: relative
@@ -387,9 +387,14 @@ def test_every_cublaslt_candidate_is_correct_and_tuning_keeps_the_fastest(gemm, 
     elif gemm == "weight_grad":  # dW (N, K) = dy^T x, fp32 as for fp32 parameters
         outputs["dw"], expected = torch.empty(N, K, device="cuda"), dict(dw=dy64.t() @ x64)
         call = lambda algo: lm._gemm_epilogue(False, True, K, N, M, x, dy, outputs["dw"], "none", algo=algo)
-    else:  # dx (M, K) = dy W
+    elif gemm == "input_grad":  # dx (M, K) = dy W
         outputs["dx"], expected = torch.empty(M, K, device="cuda", dtype=torch.bfloat16), dict(dx=dy64 @ w64)
         call = lambda algo: lm._gemm_epilogue(False, False, K, M, N, w, dy, outputs["dx"], "none", algo=algo)
+    else:  # dx (M, K) = dy W + add (linear_branch): cuBLASLt's C input
+        add = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+        outputs["dx"] = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
+        expected = dict(dx=dy64 @ w64 + add.double())
+        call = lambda algo: lm._gemm_epilogue(False, False, K, M, N, w, dy, outputs["dx"], "none", algo=algo, c=add)
     count = call(0)
     assert count >= 1
     for algo in range(count):
@@ -525,6 +530,110 @@ def test_chunks_compile_fullgraph_matches_eager_call():
         return (q * k).sum() + v.square().sum()
 
     x, weight, bias = make_inputs((2, 9), 16, 24, torch.float32, "cpu")
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    want = torch.autograd.grad(f(*leaves), leaves)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_branch: a projection of x and x itself, whose two gradients the input-gradient GEMM sums.
+# ---------------------------------------------------------------------------------------------
+
+def run_branch(x, weight, bias, douts, dbranch, chunks, backend, cast=None, forward_context=contextlib.nullcontext):
+    """[part_0, ..., x out, dx, dw, (db)] with the loss sum(part_i * douts_i) + sum(x_out * dbranch)."""
+    leaves = [None if t is None else (t.to(cast) if cast else t.detach().clone()).requires_grad_()
+              for t in (x, weight, bias)]
+    with forward_context():
+        if backend == "reference":
+            outputs = (*linear_ref(*leaves).chunk(chunks, dim=-1), leaves[0])
+        else:
+            outputs = linear_branch(*leaves, chunks, backend=backend)
+    present = [t for t in leaves if t is not None]
+    dys = [d.to(o.dtype) for o, d in zip(outputs, [*douts, dbranch])]
+    return [*outputs, *torch.autograd.grad(outputs, present, dys)]
+
+
+# (tokens, K, chunks, part width, bias, dtype)
+BRANCH_CASES = [
+    ((3, 37), 40, 1, 48, True, torch.bfloat16),
+    ((3, 257), 16, 2, 65, True, torch.float32),
+    ((2, 37), 40, 2, 56, False, torch.float16),
+    ((20,), 24, 3, 50, True, torch.float32),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("case", BRANCH_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}x{c[1]}-{c[2]}x{c[3]}-"
+                         f"{'bias' if c[4] else 'nobias'}-{str(c[5])[6:]}")
+def test_branch_matches_reference(case, backend, device, monkeypatch, seed):
+    """Outputs and gradients within the rule, x comes back unchanged, and dx is one GEMM with the
+    branch's gradient as its added input (cuBLASLt's C on cuda)."""
+    tokens, K, chunks, width, with_bias, dtype = case
+    if backend == "cuda" and extension() is None:
+        pytest.skip("engine._C is not built")
+    if device == "cuda" and backend == "cuda" and dtype != torch.float32:
+        width = 56  # cuBLASLt wants 16-byte-aligned rows for 16-bit operands
+    x, weight, bias = make_inputs(tokens, K, chunks * width, dtype, device, with_bias)
+    douts = [torch.randn(*tokens, width, device=device).to(dtype) for _ in range(chunks)]
+    dbranch = torch.randn(*tokens, K, device=device).to(dtype)
+    added = []
+    input_grad = lm._cublaslt_input_grad
+    monkeypatch.setattr(lm, "_cublaslt_input_grad", lambda dy2, w, add=None: added.append(add) or input_grad(dy2, w, add))
+    kernel = run_branch(x, weight, bias, douts, dbranch, chunks, backend)
+    eager = run_branch(x, weight, bias, douts, dbranch, chunks, "eager")
+    ref = run_branch(x, weight, bias, douts, dbranch, chunks, "reference", cast=torch.float64)
+    assert torch.equal(kernel[chunks], x), "x must come back unchanged"
+    names = [f"part{i}" for i in range(chunks)] + ["x", "dx", "dw", "db"][:len(ref) - chunks]
+    assert_rule(names, kernel, eager, ref, seed)
+    if backend == "cuda":
+        assert len(added) == 1 and torch.equal(added[0], dbranch.reshape(-1, K)), "dx: not one GEMM with C"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_branch_autocast_with_fp32_input(device, backend, seed):
+    """Under bf16 autocast an fp32 x gets an fp32 dx: the bf16 GEMM's result, cast, plus the fp32
+    branch gradient (no C input of another dtype)."""
+    if backend == "cuda" and extension() is None:
+        pytest.skip("engine._C is not built")
+    tokens, K, chunks, width = (3, 37), 40, 2, 56
+    x, weight, bias = make_inputs(tokens, K, chunks * width, torch.float32, device)
+    douts = [torch.randn(*tokens, width, device=device) for _ in range(chunks)]
+    dbranch = torch.randn(*tokens, K, device=device)
+    autocast = functools.partial(torch.autocast, device, dtype=torch.bfloat16)
+    kernel = run_branch(x, weight, bias, douts, dbranch, chunks, backend, forward_context=autocast)
+    eager = run_branch(x, weight, bias, douts, dbranch, chunks, "eager", forward_context=autocast)
+    ref = run_branch(x, weight, bias, douts, dbranch, chunks, "reference", cast=torch.float64)
+    assert [t.dtype for t in kernel[chunks:]] == [torch.float32] * 4, [t.dtype for t in kernel]
+    assert_rule(["part0", "part1", "x", "dx", "dw", "db"], kernel, eager, ref, seed)
+
+
+def test_branch_without_a_gradient_on_x_or_the_parts():
+    """x's other uses may send no gradient (the last block's caption), and a part may be unused."""
+    x, weight, bias = make_inputs((2, 9), 16, 24, torch.float32, "cpu")
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    k, v, _ = linear_branch(*leaves, 2, backend="triton")
+    got = torch.autograd.grad(k.square().sum(), leaves)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    k, v = linear_ref(*leaves).chunk(2, dim=-1)
+    want = torch.autograd.grad(k.square().sum(), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_branch_bad_inputs_and_compile():
+    x, weight, bias = make_inputs((2, 9), 16, 24, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="linear_branch: chunks must be 1..3 and divide the output size 24; got 5"):
+        linear_branch(x, weight, bias, 5, backend="triton")
+
+    def f(x, w, b):
+        k, v, x = linear_branch(x, w, b, 2, backend="triton")
+        return (k * v).sum() + x.square().sum()
+
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     want = torch.autograd.grad(f(*leaves), leaves)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
