@@ -66,6 +66,11 @@ def _coefficients(step: int, lr: float, beta1: float, beta2: float, weight_decay
     return lr * weight_decay, lr / (1 - beta1**step), math.sqrt(1 - beta2**step)
 
 
+# 1 - beta is passed from the host, computed in double: 1 - fp32(0.999) in fp32 is 1.3e-5 off
+# relative, which moved exp_avg_sq by ~200 ulps (GPU test at d1179c4; torch's fused AdamW also
+# forms it in double).
+
+
 def _eager(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2, eps, weight_decay):
     """Tensor by tensor with torch ops, in fp32 (rounded once to the parameter's dtype, as the kernel)."""
     decay, step_size, bias2_sqrt = _coefficients(step, lr, beta1, beta2, weight_decay)
@@ -93,8 +98,8 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 @triton.jit
-def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step_size, bias2_sqrt, beta1, beta2, eps,
-                  P_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, MASKED: tl.constexpr):
+def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step_size, bias2_sqrt, beta1, beta2,
+                  one_minus_beta1, one_minus_beta2, eps, P_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, MASKED: tl.constexpr):
     if MASKED:
         p = tl.load(p_ptr + offsets, mask=ok).to(tl.float32)
         g = tl.load(g_ptr + offsets, mask=ok).to(tl.float32)
@@ -106,8 +111,8 @@ def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step
         m = tl.load(m_ptr + offsets).to(tl.float32)
         v = tl.load(v_ptr + offsets).to(tl.float32)
     p = p - decay * p
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * g * g
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
     p = p - step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
     if MASKED:
         tl.store(p_ptr + offsets, p.to(P_DTYPE), mask=ok)
@@ -125,7 +130,7 @@ def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step
 
 @triton.jit
 def _adamw_kernel(addresses_ptr, sizes_ptr, program_tensor_ptr, program_start_ptr,
-                  decay, step_size, bias2_sqrt, beta1, beta2, eps,
+                  decay, step_size, bias2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr,
                   HAS_COPY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Program i: elements [start, start + BLOCK) of tensor t = program_tensor[i]; the addresses
@@ -154,10 +159,10 @@ def _adamw_kernel(addresses_ptr, sizes_ptr, program_tensor_ptr, program_start_pt
     ok = offsets < n
     if start + BLOCK <= n:
         _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step_size, bias2_sqrt, beta1, beta2,
-                      eps, P_DTYPE, COPY_DTYPE, HAS_COPY, False)
+                      one_minus_beta1, one_minus_beta2, eps, P_DTYPE, COPY_DTYPE, HAS_COPY, False)
     else:
         _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step_size, bias2_sqrt, beta1, beta2,
-                      eps, P_DTYPE, COPY_DTYPE, HAS_COPY, True)
+                      one_minus_beta1, one_minus_beta2, eps, P_DTYPE, COPY_DTYPE, HAS_COPY, True)
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -209,7 +214,8 @@ def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2
         table = _cached(_ADDRESS_TABLES, (addresses, device), lambda: _to_device(list(addresses), device))
         sizes, program_tensor, program_start = _program_map(tuple(params[i].numel() for i in members), device)
         _adamw_kernel[(program_tensor.numel(),)](
-            table, sizes, program_tensor, program_start, decay, step_size, bias2_sqrt, beta1, beta2, eps,
+            table, sizes, program_tensor, program_start, decay, step_size, bias2_sqrt, beta1, beta2, 1 - beta1,
+            1 - beta2, eps,
             P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
             COPY_DTYPE=_TL_DTYPES[copy_dtype or p_dtype], HAS_COPY=copy_dtype is not None, ALIGNED=aligned,
             BLOCK=BLOCK, num_warps=NUM_WARPS)

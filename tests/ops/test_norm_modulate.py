@@ -264,3 +264,27 @@ def test_kernel_backends_reject_float64_with_a_pointer_to_eager():
     x = torch.randn(2, 3, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match="backend='eager'"):
         norm_modulate(x, torch.randn(2, 8), torch.randn(2, 8), backend="triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modulation_rows_of_a_wider_tensor(backend, device, seed):
+    """shift, scale, gate as the model passes them: (B, D) views with row stride 6 D into one
+    (B, 6, D) tensor (read in place by the Triton kernels). Outputs and the gradient reaching the
+    (B, 6, D) tensor equal those of the same values passed as separate contiguous tensors."""
+    B, N, D = 2, 37, 96
+    x, y, _, _, _ = make_inputs(B, N, D, torch.bfloat16, torch.float32, True, device)
+    mod = 0.5 * torch.randn(B, 6, D, device=device)
+    dr, dh = torch.randn(B, N, D, device=device).bfloat16(), torch.randn(B, N, D, device=device).bfloat16()
+
+    def outputs_and_mod_grad(split):
+        leaf = mod.clone().requires_grad_()
+        gate, shift, scale = (m.contiguous() if not split else m for m in leaf.unbind(1)[:3])
+        assert split or gate.is_contiguous()
+        assert not split or gate.stride(0) == 6 * D
+        r, h = add_norm_modulate(x, y, gate, shift, scale, backend=backend)
+        (grad,) = torch.autograd.grad((r, h), leaf, (dr, dh))
+        return r, h, grad
+
+    for name, got, want in zip(("r", "h", "dmod"), outputs_and_mod_grad(True), outputs_and_mod_grad(False)):
+        assert torch.equal(got, want), f"{name} (seed {seed})"
