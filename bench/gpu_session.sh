@@ -96,11 +96,11 @@ ab_gemm() {
     done
   done
 }
-# The tests of this session's changes: the optimizer, linear (+ linear_branch), the model's
-# backends, the graphed step and train's CUDA-graph run.
+# The tests of this session's changes: the optimizer, linear (+ linear_branch), split sums,
+# norm_modulate, gated_add, the model's backends, the graphed step and train's CUDA-graph run.
 tests_step() {
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_adamw.py tests/ops/test_linear.py tests/ops/test_mlp.py \
-    tests/model/test_backends.py tests/test_step_graph.py "tests/train/test_gpu.py::test_cuda_graph_run_matches_eager" \
+    tests/ops/test_split_sums.py tests/ops/test_norm_modulate.py tests/ops/test_gated_add.py tests/model/test_backends.py tests/test_step_graph.py "tests/train/test_gpu.py::test_cuda_graph_run_matches_eager" \
     >"$out/pytest_gpu_step.log" 2>&1
   tail -15 "$out/pytest_gpu_step.log"
 }

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from engine.ops.backend import multiprocessors, requested, resolve
+from engine.ops.split_sums import arrival_counters, last_to_arrive, sum_splits
 
 
 def gated_add_ref(r: torch.Tensor, a: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -63,12 +64,13 @@ def _gated_add_fwd_kernel(r_ptr, a_ptr, gate_ptr, out_ptr, N, D, tokens_per_prog
 
 
 @triton.jit
-def _gated_add_bwd_kernel(dout_ptr, a_ptr, gate_ptr, da_ptr, partial_ptr, N, D, tokens_per_program,
-                          stride_dob, stride_don, stride_ab, stride_an, stride_gb, stride_dab, stride_dan,
-                          stride_ps, stride_pb,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gated_add_bwd_kernel(dout_ptr, a_ptr, gate_ptr, da_ptr, partial_ptr, dgate_ptr, counter_ptr, N, D,
+                          tokens_per_program, stride_dob, stride_don, stride_ab, stride_an, stride_gb, stride_dab,
+                          stride_dan, stride_ps, stride_pb,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_TILE: tl.constexpr):
     """Program (d, s, b): d_a = d_out * gate for its tokens, and partial[s, b, cols] = the fp32
-    sum over its tokens of d_out * a (the d_gate contribution of token range s)."""
+    sum over its tokens of d_out * a (the d_gate contribution of token range s); the last of a
+    (d, b)'s token ranges to finish sums them into d_gate[b, cols] (engine.ops.split_sums)."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -89,6 +91,9 @@ def _gated_add_bwd_kernel(dout_ptr, a_ptr, gate_ptr, da_ptr, partial_ptr, N, D, 
                  (g * gate[None, :]).to(da_ptr.dtype.element_ty), mask=ok)
         acc += g * a
     tl.store(partial_ptr + pid_s * stride_ps + b * stride_pb + cols, tl.sum(acc, axis=0), mask=col_ok)
+    if last_to_arrive(counter_ptr, b * tl.num_programs(0) + pid_d, tl.num_programs(1)):
+        sum_splits(partial_ptr + b * stride_pb, dgate_ptr + b * D, cols, col_ok, tl.num_programs(1), stride_ps,
+                   BLOCK_D, SPLIT_TILE)
 
 
 # (BLOCK_N, BLOCK_D, num_warps, programs per multiprocessor the token split aims for).
@@ -96,6 +101,7 @@ def _gated_add_bwd_kernel(dout_ptr, a_ptr, gate_ptr, da_ptr, partial_ptr, N, D, 
 # flight); not swept for this op yet.
 FWD_CONFIG = (16, 128, 4, 8)
 BWD_CONFIG = (16, 128, 4, 8)
+SPLIT_TILE = 8  # token ranges the finishing program sums at once (2 per sample at 256 px / 64)
 
 
 def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -142,11 +148,14 @@ def _backward_impl(dout: torch.Tensor, a: torch.Tensor, gate: torch.Tensor) -> t
     block_n, block_d, num_warps, _ = BWD_CONFIG
     splits, tokens = _token_split(B, N, D, BWD_CONFIG, a.device)
     partial = _new_output((splits, B, D), torch.float32, a.device)
-    _gated_add_bwd_kernel[(triton.cdiv(D, block_d), splits, B)](
-        dout, a, gate, da, partial, N, D, tokens, dout.stride(0), dout.stride(1), a.stride(0), a.stride(1),
-        gate.stride(0), da.stride(0), da.stride(1), partial.stride(0), partial.stride(1),
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
-    return da, partial.sum(0).to(gate.dtype)  # fixed-order sum over the token ranges: deterministic
+    dgate = _new_output((B, D), gate.dtype, a.device)
+    column_blocks = triton.cdiv(D, block_d)
+    _gated_add_bwd_kernel[(column_blocks, splits, B)](
+        dout, a, gate, da, partial, dgate, arrival_counters(B * column_blocks, a.device), N, D, tokens,
+        dout.stride(0), dout.stride(1), a.stride(0), a.stride(1), gate.stride(0), da.stride(0), da.stride(1),
+        partial.stride(0), partial.stride(1), BLOCK_N=block_n, BLOCK_D=block_d, SPLIT_TILE=SPLIT_TILE,
+        num_warps=num_warps)
+    return da, dgate
 
 
 # ---------------------------------------------------------------------------------------------

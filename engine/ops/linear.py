@@ -53,6 +53,7 @@ import triton.language as tl
 from engine.ops.adamw import low_precision
 from engine.ops.backend import (cuda_stream, dtype_code, extension_function, in_graph_step, multiprocessors,
                                 requested, resolve)
+from engine.ops.split_sums import arrival_counters, last_to_arrive, sum_splits
 
 ACTIVATIONS = (None, "gelu_tanh")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -80,32 +81,12 @@ def _gelu_tanh_grad(p):
 
 
 @triton.jit
-def _finish_column_sums(partial_ptr, db_ptr, counter_ptr, counter, cols, col_ok, splits, stride_partial,
-                        BLOCK_N: tl.constexpr, SPLIT_TILE: tl.constexpr):
-    """Called by each of the ``splits`` programs of one column block once it has stored its row of
-    partial sums: the program that arrives last (counted by an atomic) sums the block's rows in a
-    fixed order (deterministic) into db and resets the counter for the next launch. This replaces
-    a second kernel launch per bias gradient (_bias_grad_sum_kernel, 199 launches of ~3 us a step
-    in the H100 profile at b119fd7)."""
-    tl.debug_barrier()  # every thread's partial store comes before this program's count
-    arrived = tl.atomic_add(counter_ptr + counter, 1, sem="acq_rel", scope="gpu")
-    if arrived == splits - 1:
-        acc = tl.zeros((SPLIT_TILE, BLOCK_N), dtype=tl.float32)
-        for s0 in range(0, splits, SPLIT_TILE):  # tiles of rows, not one row per step: the loads overlap
-            rows = s0 + tl.arange(0, SPLIT_TILE)
-            acc += tl.load(partial_ptr + rows[:, None] * stride_partial + cols[None, :],
-                           mask=(rows < splits)[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg")
-        tl.store(db_ptr + cols, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=col_ok)
-        tl.atomic_xchg(counter_ptr + counter, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
 def _bias_grad_kernel(dy_ptr, pre_ptr, dpre_ptr, partial_ptr, db_ptr, counter_ptr, M, N, rows_per_program, splits,
                       stride_dy, stride_pre, stride_dpre,
                       GELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TILE: tl.constexpr):
     """Program (n, s): columns [n BLOCK_N, (n+1) BLOCK_N) of rows [s rows_per_program, ...).
     Writes the fp32 column sums of its rows to partial[s]; the column block's last program sums
-    those into db (_finish_column_sums). With GELU, the gradient summed is dy * GELU'(pre), which
+    those into db (engine.ops.split_sums), without a second launch. With GELU, the gradient summed is dy * GELU'(pre), which
     it also stores to dpre."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -126,7 +107,8 @@ def _bias_grad_kernel(dy_ptr, pre_ptr, dpre_ptr, partial_ptr, db_ptr, counter_pt
                      g.to(dpre_ptr.dtype.element_ty), mask=ok)
         acc += g
     tl.store(partial_ptr + pid_s * N + cols, tl.sum(acc, axis=0), mask=col_ok)
-    _finish_column_sums(partial_ptr, db_ptr, counter_ptr, pid_n, cols, col_ok, splits, N, BLOCK_N, SPLIT_TILE)
+    if last_to_arrive(counter_ptr, pid_n, splits):
+        sum_splits(partial_ptr, db_ptr, cols, col_ok, splits, N, BLOCK_N, SPLIT_TILE)
 
 
 @triton.jit
@@ -137,7 +119,7 @@ def _pack_bias_grad_kernel(g0_ptr, g1_ptr, g2_ptr, out_ptr, partial_ptr, db_ptr,
     """Program (n, s, c): columns [n BLOCK_N, (n+1) BLOCK_N) of chunk c's gradient g_c (M, N_CHUNK),
     rows [s rows_per_program, ...). Copies them into columns c N_CHUNK + ... of the packed
     (M, CHUNKS N_CHUNK) gradient and writes their fp32 column sums to partial[s]; the column
-    block's last program sums those into db (_finish_column_sums)."""
+    block's last program sums those into db (engine.ops.split_sums)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     chunk = tl.program_id(2)
@@ -161,8 +143,8 @@ def _pack_bias_grad_kernel(g0_ptr, g1_ptr, g2_ptr, out_ptr, partial_ptr, db_ptr,
         acc += g.to(tl.float32)
     packed_cols = chunk * N_CHUNK + cols
     tl.store(partial_ptr + pid_s * (CHUNKS * N_CHUNK) + packed_cols, tl.sum(acc, axis=0), mask=col_ok)
-    _finish_column_sums(partial_ptr, db_ptr, counter_ptr, chunk * tl.num_programs(0) + pid_n, packed_cols, col_ok,
-                        splits, CHUNKS * N_CHUNK, BLOCK_N, SPLIT_TILE)
+    if last_to_arrive(counter_ptr, chunk * tl.num_programs(0) + pid_n, splits):
+        sum_splits(partial_ptr, db_ptr, packed_cols, col_ok, splits, CHUNKS * N_CHUNK, BLOCK_N, SPLIT_TILE)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, programs per multiprocessor the token split aims for), without
@@ -185,19 +167,7 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-SPLIT_TILE = 32  # rows of partial sums the finishing program loads at once
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _column_counters(count: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 arrival counters, at least ``count``, shared by every column-sum launch on the
-    device: each launch leaves them at zero (_finish_column_sums), and the engine issues its
-    kernels on one stream, so launches never overlap. Allocated generously on first use, which is
-    an eager warm-up step before any CUDA-graph capture (engine.step_graph)."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < count:
-        counters = _COUNTERS[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-    return counters
+SPLIT_TILE = 32  # rows of partial sums the finishing program loads at once (engine.ops.split_sums)
 
 
 def _token_splits(M: int, column_blocks: int, block_m: int, programs_per_sm: int, device: torch.device) -> int:
@@ -223,7 +193,7 @@ def _bias_grad_triton(dy: torch.Tensor, pre: torch.Tensor | None, bias_dtype: to
     dpre = _new_output((M, N), dy.dtype, dy.device) if gelu else dy
     db = _new_output((N,), bias_dtype, dy.device)
     _bias_grad_kernel[(column_blocks, splits)](
-        dy, pre if gelu else dy, dpre, partial, db, _column_counters(column_blocks, dy.device), M, N,
+        dy, pre if gelu else dy, dpre, partial, db, arrival_counters(column_blocks, dy.device), M, N,
         rows_per_program, splits, dy.stride(0), (pre if gelu else dy).stride(0), dpre.stride(0),
         GELU=gelu, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_TILE=SPLIT_TILE, num_warps=num_warps)
     return dpre, db
@@ -257,7 +227,7 @@ def _pack_bias_grad_triton(grads: list[torch.Tensor], bias_dtype: torch.dtype):
     db = _new_output((N,), bias_dtype, packed.device)
     pointers = grads + grads[:1] * (MAX_CHUNKS - chunks)  # unused slots: never read
     _pack_bias_grad_kernel[(column_blocks, splits, chunks)](
-        *pointers, packed, partial, db, _column_counters(column_blocks * chunks, packed.device), M, n_chunk,
+        *pointers, packed, partial, db, arrival_counters(column_blocks * chunks, packed.device), M, n_chunk,
         rows_per_program, splits, *(g.stride(0) for g in pointers), packed.stride(0),
         CHUNKS=chunks, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_TILE=SPLIT_TILE, num_warps=num_warps)
     return packed, db

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from engine.ops.backend import cuda_stream, dtype_code, extension_function, resolve
+from engine.ops.split_sums import arrival_counters, last_to_arrive, sum_splits
 
 EPS = 1e-6
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,9 +99,10 @@ def _norm_modulate_fwd_kernel(X, Y, GATE, SHIFT, SCALE, R, H, MEAN, RSTD, N, D, 
 
 
 @triton.jit
-def _norm_modulate_bwd_kernel(DH, DR, R, Y, GATE, SCALE, MEAN, RSTD, DX, DY, PARTIALS, N, D, P,
+def _norm_modulate_bwd_kernel(DH, DR, R, Y, GATE, SCALE, MEAN, RSTD, DX, DY, PARTIALS, DMOD, COUNTERS, N, D, P,
                               stride_gate, stride_scale, HAS_GATE: tl.constexpr, HAS_DR: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_D: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr):
+                              BLOCK_D: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
+                              SPLIT_TILE: tl.constexpr):
     b = tl.program_id(0)
     p = tl.program_id(1)
     cols = tl.arange(0, BLOCK_D)
@@ -141,13 +143,21 @@ def _norm_modulate_bwd_kernel(DH, DR, R, Y, GATE, SCALE, MEAN, RSTD, DX, DY, PAR
         if HAS_GATE:
             dgate += tl.sum(dr * y, axis=0)
             tl.store(DY + offs, (dr * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
-    # PARTIALS: (2 or 3, B, P, D) fp32 = d_shift, d_scale[, d_gate] partial sums of this program's rows.
+    # PARTIALS: (2 or 3, B, P, D) fp32 = d_shift, d_scale[, d_gate] partial sums of this program's rows;
+    # the last of sample b's P programs sums them into DMOD (2 or 3, B, D) (engine.ops.split_sums).
     part = (b * P + p) * D + cols
     plane = tl.num_programs(0) * P * D
     tl.store(PARTIALS + part, dshift, mask=col_ok)
     tl.store(PARTIALS + plane + part, dscale, mask=col_ok)
     if HAS_GATE:
         tl.store(PARTIALS + 2 * plane + part, dgate, mask=col_ok)
+    if last_to_arrive(COUNTERS, b, P):
+        out_plane = tl.num_programs(0) * D
+        sum_splits(PARTIALS + b * P * D, DMOD + b * D, cols, col_ok, P, D, BLOCK_D, SPLIT_TILE)
+        sum_splits(PARTIALS + plane + b * P * D, DMOD + out_plane + b * D, cols, col_ok, P, D, BLOCK_D, SPLIT_TILE)
+        if HAS_GATE:
+            sum_splits(PARTIALS + 2 * plane + b * P * D, DMOD + 2 * out_plane + b * D, cols, col_ok, P, D, BLOCK_D,
+                       SPLIT_TILE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,14 +216,16 @@ def _norm_modulate_bwd_triton(dh, dr, r, y, gate, scale, mean, rstd, config=None
     P = triton.cdiv(N, block_n * tiles)
     dx = _new_output((B, N, D), r.dtype, r.device)
     dy = _new_output((B, N, D), r.dtype, r.device) if gate is not None else None
-    partials = _new_output((3 if gate is not None else 2, B, P, D), torch.float32, r.device)
+    planes = 3 if gate is not None else 2
+    partials = _new_output((planes, B, P, D), torch.float32, r.device)
+    dmod = _new_output((planes, B, D), torch.float32, r.device)
     _norm_modulate_bwd_kernel[(B, P)](
         dh, dh if dr is None else dr, r, r if y is None else y, scale if gate is None else gate,
-        scale, mean, rstd, dx, dx if dy is None else dy, partials, N, D, P,
+        scale, mean, rstd, dx, dx if dy is None else dy, partials, dmod, arrival_counters(B, r.device), N, D, P,
         (scale if gate is None else gate).stride(0), scale.stride(0), HAS_GATE=gate is not None, HAS_DR=dr is not None,
-        BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D), TILES=tiles, STAGES=stages,
+        BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D), TILES=tiles, STAGES=stages, SPLIT_TILE=2,
         num_warps=num_warps)
-    return dx, dy, partials.sum(dim=2)                                                   # dmod (2|3, B, D)
+    return dx, dy, dmod                                                                  # (2|3, B, D)
 
 
 def _ptr(t: torch.Tensor | None) -> int:

@@ -99,8 +99,9 @@ def test_token_ranges_are_split_over_programs(allocations, seed):
     r, a, gate = make_inputs(1, 300, 130, torch.float32, torch.float32, "cpu")
     dout = torch.randn(1, 300, 130)
     got = run(r, a, gate, dout, "triton")
-    partial_shape, dtype = allocations[-1]
+    (partial_shape, dtype), dgate_allocation = allocations[-2:]  # the last program sums the partials into d_gate
     assert partial_shape[0] > 1 and partial_shape[1:] == (1, 130) and dtype == torch.float32, allocations
+    assert dgate_allocation == ((1, 130), torch.float32), allocations
     want = run(r, a, gate, dout, "reference", cast=torch.float64)
     for name, g, w in zip(NAMES, got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name} (seed {seed}): {m}")
