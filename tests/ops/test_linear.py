@@ -523,6 +523,16 @@ def test_chunks_bad_inputs_raise_clear_errors():
         linear_chunks(x, weight, bias[:6], 3, backend="triton")
 
 
+def assert_compiled_grads_match(f, inputs):
+    """Gradients of f(*inputs) through torch.compile(fullgraph=True, aot_eager) equal the eager call's."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    want = torch.autograd.grad(f(*leaves), leaves)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_chunks_compile_fullgraph_matches_eager_call():
     """Under torch.compile linear_chunks is linear(...).chunk(...): traced without a graph break."""
     def f(x, w, b):
@@ -530,12 +540,7 @@ def test_chunks_compile_fullgraph_matches_eager_call():
         return (q * k).sum() + v.square().sum()
 
     x, weight, bias = make_inputs((2, 9), 16, 24, torch.float32, "cpu")
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    want = torch.autograd.grad(f(*leaves), leaves)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves), leaves)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert_compiled_grads_match(f, (x, weight, bias))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,9 +639,4 @@ def test_branch_bad_inputs_and_compile():
         k, v, x = linear_branch(x, w, b, 2, backend="triton")
         return (k * v).sum() + x.square().sum()
 
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    want = torch.autograd.grad(f(*leaves), leaves)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves), leaves)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert_compiled_grads_match(f, (x, weight, bias))
