@@ -656,6 +656,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _LinearFunction.apply(x, weight, bias, activation == "gelu_tanh", _compute_dtype(x, weight, bias), name)
 
 
+def _projection_parts(x, weight, bias, chunks, backend, branch, caller):
+    """linear_chunks (branch False) and linear_branch (branch True): checks, then the backend."""
+    _check_inputs(x, weight, bias, None)
+    if not 1 <= chunks <= MAX_CHUNKS or weight.shape[0] % chunks:
+        raise ValueError(f"{caller}: chunks must be 1..{MAX_CHUNKS} and divide the output size "
+                         f"{weight.shape[0]}; got {chunks}")
+    tail = (x,) if branch else ()
+    if torch.compiler.is_compiling():
+        return (*linear(x, weight, bias, backend=backend).chunk(chunks, dim=-1), *tail)
+    name = _backend_name(x, backend, caller)
+    if name == "eager":
+        return (*linear_ref(x, weight, bias).chunk(chunks, dim=-1), *tail)
+    return _LinearChunksFunction.apply(x, weight, bias, chunks, branch, _compute_dtype(x, weight, bias), name)
+
+
 def linear_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int,
                   backend: str | None = None) -> tuple[torch.Tensor, ...]:
     """``linear(x, weight, bias).chunk(chunks, dim=-1)``: the fused projection of several
@@ -663,16 +678,7 @@ def linear_chunks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ``linear`` (no activation). On triton and cuda the backward packs the parts' gradients and
     sums them for the bias gradient in one pass; under torch.compile (and on eager) it is the
     plain expression, which Inductor fuses itself."""
-    _check_inputs(x, weight, bias, None)
-    if not 1 <= chunks <= MAX_CHUNKS or weight.shape[0] % chunks:
-        raise ValueError(f"linear_chunks: chunks must be 1..{MAX_CHUNKS} and divide the output size "
-                         f"{weight.shape[0]}; got {chunks}")
-    if torch.compiler.is_compiling():
-        return tuple(linear(x, weight, bias, backend=backend).chunk(chunks, dim=-1))
-    name = _backend_name(x, backend, "linear_chunks")
-    if name == "eager":
-        return tuple(linear_ref(x, weight, bias).chunk(chunks, dim=-1))
-    return _LinearChunksFunction.apply(x, weight, bias, chunks, False, _compute_dtype(x, weight, bias), name)
+    return _projection_parts(x, weight, bias, chunks, backend, False, "linear_chunks")
 
 
 def linear_branch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int = 1,
@@ -684,13 +690,4 @@ def linear_branch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     inside its GEMM (cuBLASLt's C input; addmm on triton), which saves autograd's separate add
     of the two (a read of both and a write, B x N x D elements each). Values are those of
     linear_chunks and x; under torch.compile and on eager it is that expression."""
-    _check_inputs(x, weight, bias, None)
-    if not 1 <= chunks <= MAX_CHUNKS or weight.shape[0] % chunks:
-        raise ValueError(f"linear_branch: chunks must be 1..{MAX_CHUNKS} and divide the output size "
-                         f"{weight.shape[0]}; got {chunks}")
-    if torch.compiler.is_compiling():
-        return (*linear_chunks(x, weight, bias, chunks, backend=backend), x)
-    name = _backend_name(x, backend, "linear_branch")
-    if name == "eager":
-        return (*linear_ref(x, weight, bias).chunk(chunks, dim=-1), x)
-    return _LinearChunksFunction.apply(x, weight, bias, chunks, True, _compute_dtype(x, weight, bias), name)
+    return _projection_parts(x, weight, bias, chunks, backend, True, "linear_branch")
