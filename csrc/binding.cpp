@@ -301,7 +301,7 @@ int gemm_epilogue(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, st
                   std::uintptr_t stream, int algo, std::uintptr_t c_ptr) {
   if (!engine::is_gemm_epilogue_code(epilogue)) {
     throw py::value_error("epilogue: unknown code " + std::to_string(epilogue) +
-                          "; expected 0 (none), 1 (bias) or 2 (gelu_aux_bias)");
+                          "; expected 0 (none), 1 (bias), 2 (gelu_aux_bias) or 3 (dgelu)");
   }
   engine::GemmCall call{};
   call.trans_a = trans_a;
@@ -328,14 +328,17 @@ int gemm_epilogue(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, st
   call.d_dtype = checked_dtype(d_dtype);
   call.bias_dtype = checked_dtype(bias_dtype);
   call.epilogue = static_cast<engine::GemmEpilogue>(epilogue);
-  const bool with_aux = call.epilogue == engine::GemmEpilogue::GeluAuxBias;
-  if (call.epilogue == engine::GemmEpilogue::None) {
-    check_absent(bias_ptr, "bias", "without an epilogue");
+  const bool with_aux = call.epilogue == engine::GemmEpilogue::GeluAuxBias ||
+                        call.epilogue == engine::GemmEpilogue::DGelu;
+  const bool with_bias = call.epilogue == engine::GemmEpilogue::Bias ||
+                         call.epilogue == engine::GemmEpilogue::GeluAuxBias;
+  if (with_bias) {
+    call.bias = checked_pointer_when(bias_ptr, "bias", "bias and gelu_aux_bias add a bias vector");
   } else {
-    call.bias = checked_pointer_when(bias_ptr, "bias", "every epilogue reads or writes a bias vector");
+    check_absent(bias_ptr, "bias", "for this epilogue");
   }
   if (with_aux) {
-    call.aux = checked_pointer_when(aux_ptr, "aux", "gelu_aux_bias writes the GELU input there");
+    call.aux = checked_pointer_when(aux_ptr, "aux", "gelu_aux_bias writes the GELU input there, dgelu reads it");
     call.ld_aux = checked_ld(ld_aux, m, "ld_aux");
   } else {
     check_absent(aux_ptr, "aux", "for this epilogue");
@@ -415,7 +418,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("gemm_epilogue", &gemm_epilogue,
         "cuBLASLt's column-major D (m x n) = op(A) op(B) with one fused epilogue (csrc/common.h): 0 none, 1 bias, "
-        "2 gelu_aux_bias (aux = pre-activation, D = GELU(acc + bias)); c: a matrix added to acc before the "
+        "2 gelu_aux_bias (aux = pre-activation, D = GELU(acc + bias)), 3 dgelu (D = acc * GELU'(aux)); c: a matrix added to acc before the "
         "epilogue (D's dtype and ldd; 0 = none). Pointers as ints, 0 = absent; workspace: "
         "device bytes for cuBLASLt. "
         "algo picks one of cuBLASLt's candidate kernels for this call (0 = its heuristic's first choice); returns "

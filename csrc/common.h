@@ -277,14 +277,15 @@ void norm_modulate_bwd_cuda(const NormModulateBackward& io, const NormModulateSh
 //   None        D = acc
 //   Bias        D = acc + bias[i]                                   (bias read, length m)
 //   GeluAuxBias aux[i, j] = acc + bias[i] (in D's dtype); D = GELU_tanh(acc + bias[i])
+//   DGelu       D = acc * GELU_tanh'(aux[i, j])                    (aux read: GeluAuxBias's output)
 // aux has D's dtype and leading dimension ld_aux; bias has its own dtype.
 // On the GPU cuBLASLt offers several candidate kernels (algorithms) for one call signature;
 // `algo` picks one (0 = its heuristic's first choice) and the call returns how many there are,
 // so the caller can time each and keep the fastest (engine/ops/linear.py does).
 
-enum class GemmEpilogue : int { None = 0, Bias = 1, GeluAuxBias = 2 };
+enum class GemmEpilogue : int { None = 0, Bias = 1, GeluAuxBias = 2, DGelu = 3 };
 
-inline bool is_gemm_epilogue_code(int code) { return code >= 0 && code <= 2; }
+inline bool is_gemm_epilogue_code(int code) { return code >= 0 && code <= 3; }
 
 struct GemmCall {
   bool trans_a, trans_b;
@@ -293,8 +294,8 @@ struct GemmCall {
   const void* b;
   void* d;
   const void* c;  // nullptr: nothing added
-  void* bias;  // nullptr for None
-  void* aux;   // GeluAuxBias only (written)
+  void* bias;  // nullptr for None and DGelu
+  void* aux;   // GeluAuxBias (written) and DGelu (read) only
   DType ab_dtype, d_dtype, bias_dtype;
   GemmEpilogue epilogue;
 };

@@ -1,9 +1,9 @@
 // gemm_epilogue on the GPU: one cuBLASLt matmul with a fused epilogue (common.h states the
 // contract). cuBLASLt, not a kernel of our own: its Hopper GEMMs are what torch runs for
 // F.linear (the nvjet kernels of the step profile, ~87% of the measured matmul rate), and the
-// epilogues fold the work after them (bias, GELU and its saved input) into the GEMM's output
-// pass. Its backward epilogues (DGELU_BGRAD, BGRADB) measured slower than a plain GEMM plus a
-// Triton pass (engine/ops/mlp.py), so they are not offered.
+// epilogues fold the work after them (bias, GELU and its saved input, GELU's backward) into the
+// GEMM's output pass. The bias-gradient epilogues (DGELU_BGRAD, BGRADB) measured slower than a
+// plain GEMM plus a Triton pass (engine/ops/mlp.py), so they are not offered.
 #include <cublasLt.h>
 
 #include <array>
@@ -40,6 +40,7 @@ cublasLtEpilogue_t cublas_epilogue(GemmEpilogue epilogue) {
     case GemmEpilogue::None: return CUBLASLT_EPILOGUE_DEFAULT;
     case GemmEpilogue::Bias: return CUBLASLT_EPILOGUE_BIAS;
     case GemmEpilogue::GeluAuxBias: return CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+    case GemmEpilogue::DGelu: return CUBLASLT_EPILOGUE_DGELU;
   }
   throw std::invalid_argument("gemm_epilogue: unknown epilogue");
 }
@@ -128,11 +129,11 @@ int gemm_epilogue_cuda(const GemmCall& c, int algo, void* workspace, std::int64_
   op.set(CUBLASLT_MATMUL_DESC_TRANSA, c.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N);
   op.set(CUBLASLT_MATMUL_DESC_TRANSB, c.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
   op.set(CUBLASLT_MATMUL_DESC_EPILOGUE, cublas_epilogue(c.epilogue));
-  if (c.epilogue != GemmEpilogue::None) {
+  if (c.epilogue == GemmEpilogue::Bias || c.epilogue == GemmEpilogue::GeluAuxBias) {
     op.set(CUBLASLT_MATMUL_DESC_BIAS_POINTER, c.bias);
     op.set(CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, cuda_type(c.bias_dtype));
   }
-  if (c.epilogue == GemmEpilogue::GeluAuxBias) {
+  if (c.epilogue == GemmEpilogue::GeluAuxBias || c.epilogue == GemmEpilogue::DGelu) {
     op.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, c.aux);
     op.set(CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, c.ld_aux);
   }

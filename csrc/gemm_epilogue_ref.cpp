@@ -38,6 +38,14 @@ T gelu_tanh(T x) {
 }
 
 template <class T>
+T gelu_tanh_grad(T x) {
+  const T u = T(0.7978845608028654) * (x + T(0.044715) * x * x * x);
+  const T t = std::tanh(u);
+  const T du = T(0.7978845608028654) * (T(1) + T(3) * T(0.044715) * x * x);
+  return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * du;
+}
+
+template <class T>
 void gemm(const GemmCall& c) {
   // op(A)[i, p] and op(B)[p, j] of the column-major operands
   auto a_at = [&](std::int64_t i, std::int64_t p) {
@@ -61,6 +69,9 @@ void gemm(const GemmCall& c) {
           acc += static_cast<T>(load_any(c.bias, c.bias_dtype, i));
           store_any(c.aux, c.d_dtype, i + j * c.ld_aux, acc);
           acc = gelu_tanh(acc);
+          break;
+        case GemmEpilogue::DGelu:
+          acc *= gelu_tanh_grad(static_cast<T>(load_any(c.aux, c.d_dtype, i + j * c.ld_aux)));
           break;
       }
       store_any(c.d, c.d_dtype, i + j * c.ldd, acc);

@@ -99,6 +99,8 @@ def test_gemm_epilogue_refuses_bad_arguments():
                             (dict(epilogue=2, bias=bias.data_ptr()), "aux: null pointer"),
                             (dict(epilogue=2, bias=bias.data_ptr(), aux=aux.data_ptr(), ld_aux=3), "ld_aux: 3 is below"),
                             (dict(epilogue=1, bias=bias.data_ptr(), aux=aux.data_ptr()), "aux: must be 0"),
+                            (dict(epilogue=3), "aux: null pointer"),
+                            (dict(epilogue=3, aux=aux.data_ptr(), ld_aux=4, bias=bias.data_ptr()), "bias: must be 0"),
                             (dict(m=0), "m: must be positive"),
                             (dict(algo=-1), "algo: -1 is negative"),
                             (dict(algo=1), "algo: the C\\+\\+ reference has one algorithm")]:

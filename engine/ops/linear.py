@@ -26,9 +26,9 @@ Backends:
   csrc/gemm_epilogue.cu) with the kernel chosen per GEMM shape by timing cuBLASLt's candidates on
   first use (``_gemm_epilogue``); the forward GEMM adds the bias, and for GELU writes the
   activation and its saved input, in its epilogue, so GELU's forward pass goes. On CPU tensors
-  the same calls run engine._C's C++ reference (tests). cuBLASLt's backward epilogues (the bias
-  gradient in the weight-gradient GEMM, GELU's backward in the next Linear's input-gradient GEMM)
-  measured slower than the plain GEMM plus the Triton pass (engine.ops.mlp), so none is used.
+  the same calls run engine._C's C++ reference (tests). cuBLASLt's bias-gradient epilogues
+  measured slower than the plain GEMM plus the Triton pass, so none is used; GELU's backward in
+  the next Linear's input-gradient GEMM (DGELU) is used by engine.ops.mlp, which sees both Linears.
 
 Under ``torch.compile`` ``auto`` resolves to ``eager``: Inductor then fuses the bias sum and the
 GELU with their neighbours itself, which an opaque custom op would prevent.
@@ -242,7 +242,7 @@ def _pack_bias_grad_triton(grads: list[torch.Tensor], bias_dtype: torch.dtype):
 # those terms.
 # ---------------------------------------------------------------------------------------------
 
-_EPILOGUE_CODES = dict(none=0, bias=1, gelu_aux_bias=2)
+_EPILOGUE_CODES = dict(none=0, bias=1, gelu_aux_bias=2, dgelu=3)
 CUBLASLT_WORKSPACE_BYTES = 32 * 2**20  # what torch gives cuBLASLt on Hopper
 
 
@@ -391,14 +391,18 @@ def _cublaslt_weight_grad(dy2, x2, grad_dtype):
     return dw
 
 
-def _cublaslt_input_grad(dy2, weight, add=None):
+def _cublaslt_input_grad(dy2, weight, add=None, dgelu_of=None):
     """dx (M, K) = dy2 (M, N) W (N, K) [+ add (M, K), contiguous, dy2's dtype, summed in the GEMM's
-    fp32 accumulator]: column-major dx^T (K x M) = W^T (K x N, W as stored) times dy2^T (N x M, as
-    stored) [+ add^T]."""
+    fp32 accumulator] [times GELU'(dgelu_of) (M, K), row-major, dy2's dtype: the input gradient of
+    a Linear whose input was GELU(dgelu_of), carried through GELU's backward by the epilogue]:
+    column-major dx^T (K x M) = W^T (K x N, W as stored) times dy2^T (N x M, as stored) [+ add^T]."""
     M, N = dy2.shape
     K = weight.shape[1]
     dx = _new_output((M, K), dy2.dtype, dy2.device)
-    _gemm_epilogue(False, False, K, M, N, weight, dy2, dx, "none", c=add)
+    if dgelu_of is not None:
+        _gemm_epilogue(False, False, K, M, N, weight, dy2, dx, "dgelu", aux=dgelu_of, c=add)
+    else:
+        _gemm_epilogue(False, False, K, M, N, weight, dy2, dx, "none", c=add)
     return dx
 
 

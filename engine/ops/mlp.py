@@ -2,21 +2,32 @@
 
 y = GELU_tanh(x W1^T + b1) W2^T + b2: x (..., K), w1 (H, K), b1 (H,), w2 (N, H), b2 (N,).
 
-One op so that the model names the MLP once and a backend is chosen for the pair. Both kernel
-backends are two ``engine.ops.linear`` calls on that backend: ``triton`` (cuBLAS GEMMs, the bias
-gradient and GELU's backward in one Triton pass) and ``cuda`` (the same Triton passes around
-cuBLASLt GEMMs chosen per shape by timing, with the bias, and for fc1 GELU and its saved input,
-in the forward GEMMs' epilogues; see engine.ops.linear). ``eager``: F.linear -> F.gelu ->
-F.linear with autograd, the reference.
+One op so that the model names the MLP once and a backend is chosen for the pair.
 
-Tried and measured, not kept: one autograd Function for the pair whose backward ran GELU's
-backward and fc1's bias gradient in the epilogue of fc2's input-gradient GEMM (cuBLASLt's
-DGELU_BGRAD) and fc2's bias gradient in its weight-gradient GEMM (BGRADB). The fastest of
-cuBLASLt's 8 DGELU_BGRAD candidates for PixArt-XL/2's 16384 x 1152 -> 4608 took 861 us against
-237 us for the plain GEMM of that shape, and the block MLP forward + backward took 2166 us
-against 1891 us as two Triton-backed linears (H100, bench/kernels.py --ops linear,mlp --timer
-cudagraph at commit 140441d, with its GEMM tuning report; on the H200 at 5e7f6c8, untuned: 2115
-against 1818).
+Backends:
+- ``eager``: F.linear -> F.gelu -> F.linear with autograd, the reference;
+- ``triton``: two ``engine.ops.linear`` calls (cuBLAS GEMMs; fc1's bias gradient and GELU's
+  backward in one Triton pass, see engine.ops.linear);
+- ``cuda``: one autograd Function over cuBLASLt GEMMs chosen per shape by timing
+  (engine.ops.linear's ``_gemm_epilogue``). Forward: fc1's GEMM adds b1 and writes GELU's output
+  and its input (the pre-activation) in its epilogue, fc2's adds b2. Backward: fc2's
+  input-gradient GEMM applies GELU's backward in its epilogue (cuBLASLt's DGELU, reading the
+  saved pre-activation), so the GEMM writes d_pre directly and the Triton pass that read d_act
+  and the pre-activation to write d_pre becomes a read-only column sum for b1's gradient.
+  Measured on an H100 (bf16, CUDA-graph timer, commit dbbb8d9 + this change;
+  bench/results/h100_mlp_dgelu_ab_dbbb8d9.txt): at 16384 x 1152 -> 4608 the plain input-gradient
+  GEMM 232 us + the GELU pass 136 us, against the DGELU GEMM 269 us + the column sum 52 us; the
+  whole engine+graph step at 256 px / 64, alternating runs in one call: 501.2 / 503.5 img/s
+  against 494.4 / 494.4 with the two-linear pair. Under torch.compile with backend="cuda" the
+  pair runs as two cuda-backend ``linear`` calls (registered custom ops), as it does for zero
+  tokens.
+
+Tried and measured, not kept: fc1's bias gradient in the same epilogue (cuBLASLt's DGELU_BGRAD)
+and fc2's in its weight-gradient GEMM (BGRADB). The fastest of cuBLASLt's 8 DGELU_BGRAD
+candidates for PixArt-XL/2's 16384 x 1152 -> 4608 took 861 us against 237 us for the plain GEMM
+of that shape, and the block MLP forward + backward took 2166 us against 1891 us as two
+Triton-backed linears (H100, bench/kernels.py --ops linear,mlp --timer cudagraph at commit
+140441d, with its GEMM tuning report; on the H200 at 5e7f6c8, untuned: 2115 against 1818).
 """
 
 from __future__ import annotations
@@ -35,6 +46,38 @@ _linear = importlib.import_module("engine.ops.linear")
 def mlp_ref(x, w1, b1, w2, b2):
     """The definition: F.linear -> tanh-GELU -> F.linear in x's dtype."""
     return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+
+
+class _MlpFunction(torch.autograd.Function):
+    """The cuda backend's pair (module docstring). Casts to the compute dtype itself, as
+    linear's Functions do, so fp32 parameters get fp32 gradients from the GEMMs and column sums."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, dtype):
+        x_low, w1_low, b1_low = _linear._cast_operands(x, w1, b1, dtype)
+        _, w2_low, b2_low = _linear._cast_operands(x_low, w2, b2, dtype)
+        x2 = _linear._row_major(x_low.reshape(-1, w1.shape[1]))                      # (M, K)
+        w1_low, w2_low = _linear._row_major(w1_low), _linear._row_major(w2_low)
+        act, pre = _linear._cublaslt_forward(x2, w1_low, b1_low, gelu=True)          # (M, H) each
+        y, _ = _linear._cublaslt_forward(act, w2_low, b2_low, gelu=False)           # (M, N)
+        ctx.save_for_backward(x2, w1_low, act, pre, w2_low)
+        ctx.grad_dtypes, ctx.x_shape = (w1.dtype, w2.dtype), x.shape
+        return y.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w1, act, pre, w2 = ctx.saved_tensors
+        need_dx, need_dw1, need_db1, need_dw2, need_db2 = ctx.needs_input_grad[:5]
+        grad1, grad2 = ctx.grad_dtypes
+        dy2 = _linear._row_major(dy.reshape(-1, w2.shape[0]))                        # (M, N)
+        db2 = _linear._bias_grad_triton(dy2, None, grad2)[1] if need_db2 else None
+        dw2 = _linear._cublaslt_weight_grad(dy2, act, grad2) if need_dw2 else None
+        if not (need_dx or need_dw1 or need_db1):
+            return None, None, None, dw2, db2, None
+        dpre = _linear._cublaslt_input_grad(dy2, w2, dgelu_of=pre)                    # (M, H) = (dy W2) * GELU'(pre)
+        db1 = _linear._bias_grad_triton(dpre, None, grad1)[1] if need_db1 else None
+        dx, dw1 = _linear._gemm_grads(dpre, x2, w1, need_dx, need_dw1, grad1, cublaslt=True)
+        return (dx.view(ctx.x_shape) if need_dx else None, dw1 if need_dw1 else None, db1, dw2, db2, None)
 
 
 def _check_inputs(x, w1, b1, w2, b2) -> None:
@@ -58,5 +101,11 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
         name = resolve(backend, x.device, "mlp", prefer=_linear.auto_preference(x.device.type))
     if name == "eager":
         return mlp_ref(x, w1, b1, w2, b2)
+    if name == "cuda" and x.numel() > 0 and not torch.compiler.is_compiling():
+        if _linear.cublaslt_missing(x.device.type):
+            raise RuntimeError("mlp: the cuda backend runs cuBLASLt epilogues, and engine._C was built without "
+                               "cuBLASLt; use 'triton', or rebuild with it found (ENGINE_CUBLAS_ROOT, see setup.py)")
+        _linear._compute_dtype(x, w2, b2)  # fc2's operands must share x's dtype too (outside autocast)
+        return _MlpFunction.apply(x, w1, b1, w2, b2, _linear._compute_dtype(x, w1, b1))
     h = _linear.linear(x, w1, b1, "gelu_tanh", backend=name)
     return _linear.linear(h, w2, b2, backend=name)

@@ -362,7 +362,8 @@ def test_cuda_backend_without_cublaslt_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gemm", ["bias", "gelu_aux_bias", "weight_grad", "input_grad", "input_grad_add"])
+@pytest.mark.parametrize("gemm", ["bias", "gelu_aux_bias", "weight_grad", "input_grad", "input_grad_add",
+                                  "input_grad_dgelu"])
 def test_every_cublaslt_candidate_is_correct_and_tuning_keeps_the_fastest(gemm, seed):
     """The tuner may pick any of cuBLASLt's candidates, so each one must compute the GEMM and its
     epilogue: every candidate's outputs against fp64 (bf16 operands, fp32 accumulation: relative
@@ -390,6 +391,13 @@ def test_every_cublaslt_candidate_is_correct_and_tuning_keeps_the_fastest(gemm, 
     elif gemm == "input_grad":  # dx (M, K) = dy W
         outputs["dx"], expected = torch.empty(M, K, device="cuda", dtype=torch.bfloat16), dict(dx=dy64 @ w64)
         call = lambda algo: lm._gemm_epilogue(False, False, K, M, N, w, dy, outputs["dx"], "none", algo=algo)
+    elif gemm == "input_grad_dgelu":  # d_pre (M, K) = (dy W) * GELU'(pre) (engine.ops.mlp's backward)
+        pre = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+        pre64 = pre.double().requires_grad_()
+        (gelu_grad,) = torch.autograd.grad(gelu(pre64).sum(), pre64)
+        outputs["dx"] = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
+        expected = dict(dx=(dy64 @ w64) * gelu_grad)
+        call = lambda algo: lm._gemm_epilogue(False, False, K, M, N, w, dy, outputs["dx"], "dgelu", aux=pre, algo=algo)
     else:  # dx (M, K) = dy W + add (linear_branch): cuBLASLt's C input
         add = torch.randn(M, K, device="cuda").to(torch.bfloat16)
         outputs["dx"] = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
