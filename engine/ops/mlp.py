@@ -69,7 +69,7 @@ class _MlpFunction(torch.autograd.Function):
         x2, w1, act, pre, w2 = ctx.saved_tensors
         need_dx, need_dw1, need_db1, need_dw2, need_db2 = ctx.needs_input_grad[:5]
         grad1, grad2 = ctx.grad_dtypes
-        dy2 = _linear._row_major(dy.reshape(-1, w2.shape[0]))                        # (M, N)
+        dy2 = dy.contiguous().view(-1, w2.shape[0])  # (M, N); autograd may hand a broadcast (stride 0) view
         db2 = _linear._bias_grad_triton(dy2, None, grad2)[1] if need_db2 else None
         dw2 = _linear._cublaslt_weight_grad(dy2, act, grad2) if need_dw2 else None
         if not (need_dx or need_dw1 or need_db1):

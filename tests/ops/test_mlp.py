@@ -171,6 +171,21 @@ def test_one_token_and_strided_input(backend, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_output_gradient(backend, seed):
+    """A loss of y's feature sums gives autograd's gradient of y as a broadcast view of one
+    (N,) row (strides 0, 0, 1), which is not a valid GEMM operand as it stands."""
+    inputs = make_inputs((3, 7), 16, 40, 8, torch.float32, "cpu")
+    weights = torch.randn(8)
+    grads = []
+    for fn in (functools.partial(mlp, backend=backend), mlp_ref):
+        leaves = [t.clone().double().requires_grad_() if fn is mlp_ref else t.clone().requires_grad_() for t in inputs]
+        (fn(*leaves).sum(dim=(0, 1)) * weights.to(leaves[0].dtype)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, got, want in zip(NAMES[1:], *grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} (seed {seed}): {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_tokens_gives_zero_gradients(backend):
     leaves = [t.requires_grad_() for t in make_inputs((0,), 8, 16, 4, torch.float32, "cpu")]
     y = mlp(*leaves, backend=backend)
