@@ -399,10 +399,8 @@ def _cublaslt_input_grad(dy2, weight, add=None, dgelu_of=None):
     M, N = dy2.shape
     K = weight.shape[1]
     dx = _new_output((M, K), dy2.dtype, dy2.device)
-    if dgelu_of is not None:
-        _gemm_epilogue(False, False, K, M, N, weight, dy2, dx, "dgelu", aux=dgelu_of, c=add)
-    else:
-        _gemm_epilogue(False, False, K, M, N, weight, dy2, dx, "none", c=add)
+    _gemm_epilogue(False, False, K, M, N, weight, dy2, dx, "none" if dgelu_of is None else "dgelu", aux=dgelu_of,
+                   c=add)
     return dx
 
 
@@ -642,10 +640,16 @@ def _backend_name(x: torch.Tensor, backend: str | None, caller: str) -> str:
     if torch.compiler.is_compiling() and requested(backend, "linear") == "auto":
         return "eager"
     name = resolve(backend, x.device, "linear", prefer=auto_preference(x.device.type))
-    if name == "cuda" and cublaslt_missing(x.device.type):
+    if name == "cuda":
+        require_cublaslt(x.device.type, caller)
+    return name
+
+
+def require_cublaslt(device_type: str, caller: str) -> None:
+    """The cuda backend's error where engine._C has no cuBLASLt path for the device."""
+    if cublaslt_missing(device_type):
         raise RuntimeError(f"{caller}: the cuda backend runs cuBLASLt epilogues, and engine._C was built without "
                            "cuBLASLt; use 'triton', or rebuild with it found (ENGINE_CUBLAS_ROOT, see setup.py)")
-    return name
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -102,9 +102,7 @@ def mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b
     if name == "eager":
         return mlp_ref(x, w1, b1, w2, b2)
     if name == "cuda" and x.numel() > 0 and not torch.compiler.is_compiling():
-        if _linear.cublaslt_missing(x.device.type):
-            raise RuntimeError("mlp: the cuda backend runs cuBLASLt epilogues, and engine._C was built without "
-                               "cuBLASLt; use 'triton', or rebuild with it found (ENGINE_CUBLAS_ROOT, see setup.py)")
+        _linear.require_cublaslt(x.device.type, "mlp")
         _linear._compute_dtype(x, w2, b2)  # fc2's operands must share x's dtype too (outside autocast)
         return _MlpFunction.apply(x, w1, b1, w2, b2, _linear._compute_dtype(x, w1, b1))
     h = _linear.linear(x, w1, b1, "gelu_tanh", backend=name)
