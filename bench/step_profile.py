@@ -52,11 +52,12 @@ CATEGORY_LABELS = dict(gemm="GEMM", attention="attention", fused="fused ops (eng
 # nvjet_*, cutlass; cuDNN SDPA: cudnn_generated_fort_native_sdpa_*; PyTorch's flash and memory-efficient
 # attention: pytorch_flash::flash_*, fmha_cutlass*; ATen: at::native::*_kernel<functor>; Inductor:
 # triton_{poi,red,per,tem}_*; the profiler's own Memcpy / Memset rows; examples in
-# tests/bench/test_profile.py), from the engine's kernel names (`def _*_kernel` in engine/ops/*.py,
-# `__global__` in csrc/*.cu) and, for the CPU smoke run, from aten op names. Order matters: attention
-# kernels carry "cutlass" / "gemm"-like words, Inductor kernels the names of the aten ops they fused
-# ("_to_copy", "layer_norm"), the engine's norm_modulate_reduce_kernel "reduce". A trace of a step
-# with names no rule knows lists the costliest of them under "top_other": extend the table from there.
+# tests/bench/test_profile.py), from the engine's kernel names (`def _*_kernel` in engine/ops/*.py
+# and engine/optim/*.py, `__global__` in csrc/*.cu) and, for the CPU smoke run, from aten op names.
+# Order matters: attention kernels carry "cutlass" / "gemm"-like words, Inductor kernels the names
+# of the aten ops they fused ("_to_copy", "layer_norm"), the engine's norm_modulate_reduce_kernel
+# "reduce". A trace of a step with names no rule knows lists the costliest of them under
+# "top_other": extend the table from there.
 CATEGORY_RULES = (
     (r"^Memcpy|^Memset", "copy"),
     (r"^triton_tem_", "gemm"),  # Inductor's matmul templates

@@ -28,7 +28,7 @@ free. A variant that fails (out of memory, compile error, crash) shows its error
 run goes on; the JSON and CSV are rewritten after every row, so a run cut short keeps what it
 measured.
 
-FLOPs per image are the engine model's ``flops_per_sample`` (DESIGN §6) at the padded text length,
+FLOPs per image are the engine model's ``flops_per_sample`` (docs/design.md §10) at the padded text length,
 used for the diffusers rows too (same architecture). MFU is reported against the bf16 matmul rate
 measured in the same run (8192^3) and against the datasheet dense peak.
 
@@ -201,10 +201,12 @@ _HYPER = dict(lr=2e-5, weight_decay=0.03, eps=1e-10)
 
 
 def make_optimizer(name: str, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """``name`` "engine": engine.optim.AdamW with bf16 copies (the step's autocast dtype); "torch":
-    torch's AdamW, fused on CUDA. Same hyperparameters."""
+    """``name`` "engine": engine.optim.AdamW with bf16 copies (the step's autocast dtype) attached to
+    the model's Linears; "torch": torch's AdamW, fused on CUDA. Same hyperparameters."""
     if name == "engine":
-        return AdamW(model.parameters(), copy_dtype=torch.bfloat16, **_HYPER)
+        optimizer = AdamW(model.parameters(), **_HYPER)
+        optimizer.attach_copies(model, torch.bfloat16)
+        return optimizer
     return torch.optim.AdamW(model.parameters(), fused=device.type == "cuda", **_HYPER)
 
 

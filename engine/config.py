@@ -1,16 +1,7 @@
-"""Typed model configs and named presets.
-
-Sources of the numbers:
-- PixArt-XL/2: PixArt-α paper (arXiv 2310.00426) and its official code: DiT-XL/2 backbone
-  (28 blocks, width 1152, 16 heads, patch 2, MLP ratio 4), T5-XXL features (4096 wide,
-  120 tokens), position-embedding interpolation scale ("lewei_scale") 1.0 in the base config
-  (256 and 512 px) and 2.0 in the 1024 px configs.
-- DiT-XL/2: Peebles & Xie, "Scalable Diffusion Models with Transformers" (arXiv 2212.09748).
-"""
+"""Typed model configs; named presets of them come from the model families (engine.family)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 VAE_DOWNSAMPLE = 8  # sd-vae-ft-ema: 8x spatial downsampling, 4 latent channels
@@ -91,41 +82,18 @@ def latent_size(resolution: int) -> int:
     return resolution // VAE_DOWNSAMPLE
 
 
-_XL2 = dict(patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0)
-
-# name -> (config class, fixed fields, default resolution in pixels)
-_PRESETS = {
-    # tests: every code path (micro-conditions included) in a model that runs in milliseconds on a CPU
-    "tiny": (PixArtConfig, dict(patch_size=2, in_channels=4, hidden_size=96, depth=2, num_heads=4,
-                                caption_channels=32, text_len=8), 64),
-    "tiny-ms": (PixArtConfig, dict(patch_size=2, in_channels=4, hidden_size=96, depth=2, num_heads=4,
-                                   caption_channels=32, text_len=8, micro_conditions=True), 64),
-    "tiny-dit": (DiTConfig, dict(patch_size=2, in_channels=4, hidden_size=96, depth=2, num_heads=4,
-                                 num_classes=10), 64),
-    "pixart-xl2": (PixArtConfig, dict(_XL2, caption_channels=4096, text_len=120), 256),
-    "pixart-xl2-ms": (PixArtConfig, dict(_XL2, caption_channels=4096, text_len=120, micro_conditions=True), 1024),
-    "dit-xl2": (DiTConfig, dict(_XL2, num_classes=1000), 256),
-}
-
-
 def preset_names() -> list[str]:
-    return sorted(_PRESETS)
+    """Every registered family's presets (engine.family)."""
+    from engine import family
+
+    return family.preset_names()
 
 
 def preset(name: str, resolution: int | None = None, **overrides):
-    """A named config at ``resolution`` pixels (the preset's own default when None).
+    """A named config at ``resolution`` pixels (the preset's own default when None); the preset's
+    family (engine.family) makes it, e.g. PixArt sets the position-embedding interpolation scale
+    as the official PixArt-α configs do."""
+    from engine import family
 
-    PixArt presets set the position-embedding interpolation scale as the official PixArt-α
-    configs do: 1 at 256 and 512 px, 2 at 1024 px, i.e. max(1, resolution / 512).
-    """
-    if name not in _PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {preset_names()}")
-    cls, fields, default_res = _PRESETS[name]
-    resolution = default_res if resolution is None else resolution
-    fields = dict(fields, input_size=latent_size(resolution))
-    if cls is PixArtConfig:
-        fields["pe_interpolation"] = max(1.0, resolution / 512)
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}")
-    return cls(**{**fields, **overrides})
+    owner = family.of_preset(name)
+    return owner.make_config(name, owner.presets[name].resolution if resolution is None else resolution, overrides)

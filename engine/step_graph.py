@@ -1,10 +1,12 @@
 """The forward and backward of a training step, captured once as a CUDA graph and replayed.
 
 Why: a PixArt-XL/2 step launches ~3,500 kernels; the GPU waits on the host between them (5.5 ms
-of idle in the 130.9 ms engine step on the H200 at 3c3cbcd), and linear's cuBLASLt path costs
-more host time per GEMM than the GPU time it saves unless the launches are replayed (H100,
-1cd16bc: 313.6 img/s eager against 406.4 for the Triton path; docs/performance.md). A replay
-launches the whole forward and backward at once.
+of idle in the 130.9 ms engine step on the H200:
+bench/results/h200_profile_256_b64_engine_3c3cbcd.md), and linear's cuBLASLt path costs more
+host time per GEMM than the GPU time it saves unless the launches are replayed (H100: 313.6
+img/s eager against 406.4 for the Triton path;
+bench/results/h100_throughput_256_b64_1cd16bc_linear_{cuda,triton}.json). A replay launches the
+whole forward and backward at once.
 
 What is captured is ``fn(inputs) -> outputs``: the step's forward and backward, and whatever else
 should run before the host decides on the update (the gradient norm, say). The optimizer step
@@ -18,7 +20,7 @@ host whether to apply it (non-finite skip), which a captured update could not.
         optimizer.step()
 
 The first ``warmup_steps`` calls run ``fn`` eagerly on the capture stream: Triton compilation and
-autotuning, the GEMM candidate tuning of engine.ops.linear, cuDNN's plans and the optimizer's
+autotuning, the GEMM candidate tuning of engine.ops._gemm, cuDNN's plans and the optimizer's
 state must be initialised outside a capture. The next call captures and replays; every later
 call copies its inputs into the captured ones and replays. Warm-up and capture run inside
 ``engine.ops.backend.graph_step()``: ops whose ``auto`` choice depends on launch cost pick their
@@ -34,6 +36,11 @@ Gradients: before each eager call and before the capture every parameter's ``gra
 None, so the captured backward writes the gradients into the graph's own memory; every replay
 rewrites them there. From then on nothing else may replace or release them (no
 ``zero_grad(set_to_none=True)``; checked after each replay).
+
+Low-precision parameter copies (engine.optim.ParameterCopy): the capture records a read of each
+copy that is current then, and engine.optim.AdamW rewrites the copies in place after every step,
+so each replay reads the updated weights. A parameter changed outside the optimizer after the
+capture would leave its copy stale in the graph: load or edit parameters before the first call.
 
 ``outputs`` of a replay are the captured tensors themselves: read or copy them before the next
 call. Only CUDA; nothing here is used on the CPU.

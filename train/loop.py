@@ -1,7 +1,7 @@
 """The training loop: one optimizer step per global batch, with accumulation, EMA, skipping of
 non-finite steps, logs, sample grids and checkpoints.
 
-Randomness. Every micro-batch draws its caption / label dropout, timesteps (or EDM σ) and noise,
+Randomness. Every micro-batch draws its condition dropout, noise level (timesteps or EDM σ) and noise,
 in that order, from a generator seeded with (seed, step, global micro-batch index), where the
 index is ``micro * world + rank``. The draws therefore depend only on the position in the run,
 not on the number of ranks or on where the run was resumed: one process with accumulation 2 and
@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.family import Family
 from engine.optim import AdamW
 from train.checkpoint import debug_kill, load_training_state, load_weights, save_checkpoint
 from train.config import OptimSection, RunConfig
@@ -65,12 +66,15 @@ def optimizer_name(optim: OptimSection, device: torch.device, parallel: str, com
 
 def build_optimizer(module: nn.Module, optim: OptimSection, lr: float, device: torch.device, name: str,
                     copy_dtype: torch.dtype | None = None):
-    """The optimizer ``name`` (optimizer_name's choice); engine's keeps copies of the parameters in
-    ``copy_dtype`` (the step's autocast dtype)."""
+    """The optimizer ``name`` (optimizer_name's choice); engine's gives the module's engine Linears
+    copies of their parameters in ``copy_dtype`` (the step's autocast dtype; AdamW.attach_copies)."""
     params = [p for p in module.parameters() if p.requires_grad]
     kwargs = dict(lr=lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if name == "engine":
-        return AdamW(params, copy_dtype=copy_dtype, **kwargs)
+        optimizer = AdamW(params, **kwargs)
+        if copy_dtype is not None:
+            optimizer.attach_copies(module, copy_dtype)
+        return optimizer
     if name == "apex":
         from apex.optimizers import FusedAdam  # importability is checked before the run starts
         return FusedAdam(params, adam_w_mode=True, **kwargs)
@@ -109,21 +113,6 @@ class EMA:
         for name, s in zip(self.names, self.shadow):
             full = state[name].to(device=s.device, dtype=torch.float32)
             s.copy_(distribute_tensor(full, s.device_mesh, s.placements) if isinstance(s, DTensor) else full)
-
-
-def _drop_captions_hook(module, args, kwargs):
-    drop = kwargs.pop("drop_caption", None)
-    if drop is not None:
-        caption, lens = module.drop_captions(kwargs["caption"], kwargs["caption_lens"], drop)
-        kwargs.update(caption=caption, caption_lens=lens)
-    return args, kwargs
-
-
-def install_caption_dropout(module: nn.Module) -> None:
-    """Let the PixArt forward take ``drop_caption=`` (B,) bool and swap those captions for the
-    learned null caption inside the call. Inside, because under FSDP2 the null caption is only
-    unsharded during the root module's forward (its pre-forward hook runs before this one)."""
-    module.register_forward_pre_hook(_drop_captions_hook, with_kwargs=True)
 
 
 @contextlib.contextmanager
@@ -173,10 +162,11 @@ class Trainer:
 
     config: RunConfig
     model: nn.Module              # what the forward is called on: DDP / FSDP2 / plain
-    module: nn.Module             # the PixArt or DiT itself (same parameters)
+    module: nn.Module             # the model itself (same parameters)
+    family: Family                # what the model is: conditioning, FLOPs (engine.family)
     optimizer: torch.optim.Optimizer
     ema: EMA
-    objective: object             # GaussianDiffusion or EDM
+    objective: object             # engine.diffusion: GaussianDiffusion or EDM, one interface
     loader: object                # engine.data.Loader
     device: torch.device
     rank: int
@@ -195,37 +185,17 @@ class Trainer:
 
 
 def _micro_batch_loss(tr: Trainer, batch: dict, generator: torch.Generator) -> torch.Tensor:
-    cfg, device = tr.config, tr.device
+    """The micro-batch's mean loss; draws, in order: the family's condition dropout, the noise
+    level, the noise (the module docstring's randomness contract)."""
     x0 = batch["latent"]  # (B, C, h, w)
-    B = x0.shape[0]
-    if cfg.stage_kind == 1:
-        drop = torch.rand(B, generator=generator, device=device) < cfg.train.label_dropout  # (B,)
-        kwargs = {"labels": torch.where(drop, tr.module.null_class, batch["label"])}
-    else:
-        drop = torch.rand(B, generator=generator, device=device) < cfg.train.caption_dropout  # (B,)
-        kwargs = {"caption": batch["caption"].float(), "caption_lens": batch["caption_lens"], "drop_caption": drop}
-        if tr.module.config.micro_conditions:
-            kwargs.update(resolution=batch["resolution"], aspect_ratio=batch["aspect_ratio"])
-    autocast = torch.autocast(device.type, dtype=tr.autocast_dtype, enabled=tr.autocast_dtype is not None)
-    if cfg.train.objective == "edm":
-        sigma = tr.objective.sample_sigma(B, generator, device)  # (B,)
-        noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, h, w)
-        with autocast:
-            losses = tr.objective.training_losses(tr.model, x0, kwargs, noise=noise, sigma=sigma)
-    else:
-        t = tr.objective.sample_timesteps(B, generator, device)  # (B,)
-        noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, h, w)
-        with autocast:
-            losses = tr.objective.training_losses(tr.model, x0, t, kwargs, noise=noise)
+    kwargs = tr.family.training_conditions(tr.module, batch, generator, tr.config.train)
+    mask = kwargs.pop("loss_mask", None)
+    level = tr.objective.sample_noise_level(x0.shape[0], generator, tr.device)  # (B,): t or σ
+    noise = torch.randn(x0.shape, generator=generator, device=tr.device)  # (B, C, h, w)
+    autocast = torch.autocast(tr.device.type, dtype=tr.autocast_dtype, enabled=tr.autocast_dtype is not None)
+    with autocast:
+        losses = tr.objective.training_losses(tr.model, x0, level, kwargs, noise=noise, mask=mask)
     return losses["loss"].mean()
-
-
-def _flops(tr: Trainer, batch: dict) -> float:
-    """Training FLOPs of this micro-batch; latent sides are given in VAE pixels (x8), as
-    flops_per_sample expects, so pixel caches count their true token grid."""
-    B, _, h, w = batch["latent"].shape
-    text_len = batch["caption"].shape[1] if tr.config.stage_kind > 1 else None
-    return B * tr.module.flops_per_sample(h * 8, w * 8, text_len)
 
 
 def save(tr: Trainer) -> Path | None:
@@ -356,7 +326,7 @@ def train(tr: Trainer) -> int:
                                                                  params, max_norm),
                                 _graph_inputs(step_batches))
             images = sum(batch["latent"].shape[0] for batch in step_batches) * tr.world
-            flops = sum(_flops(tr, batch) for batch in step_batches) * tr.world
+            flops = sum(tr.family.flops(tr.module, batch) for batch in step_batches) * tr.world
             applied, loss_value, norm_value = _step_outcome(tr, out["loss_sum"], out["grad_norm"])
             if applied:
                 tr.optimizer.step()

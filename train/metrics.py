@@ -4,7 +4,7 @@ Each line of OUT/metrics.jsonl (rank 0 writes it)::
 
     step, loss, grad_norm, lr        loss and grad norm: means over the interval's applied steps
     img_per_s, img_per_s_per_gpu     images of the global batch per second of step time
-    tflops_per_gpu, mfu              model.flops_per_sample (3 x forward, DESIGN §6) x images/s;
+    tflops_per_gpu, mfu              model.flops_per_sample (3 x forward, docs/design.md §10) x images/s;
                                      mfu against the GPU's datasheet dense bf16 peak, null on CPU
     mem_gib                          torch.cuda.max_memory_allocated, null on CPU
     data_wait                        share of step time spent waiting for the loader
@@ -22,17 +22,7 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, never the sparsity figure (DESIGN §6).
-# Matched against torch.cuda.get_device_name in this order (the PCIe H100 first: it is slower).
-DATASHEET_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
-
-
-def datasheet_peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in DATASHEET_BF16_TFLOPS if key in name), None)
-
+from engine.hardware import datasheet_peak_tflops
 
 class Interval:
     """Sums over the steps since the last log line."""

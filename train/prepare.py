@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-encoder", metavar="PATH",
                         help="local transformers text encoder + tokenizer folder (optional with --labels)")
     parser.add_argument("--resolution", type=int, default=256,
-                        help="square side, or with --multi-aspect the PixArt bucket table (256, 512, 1024)")
-    parser.add_argument("--multi-aspect", action="store_true", help="resize to the nearest PixArt aspect bucket")
+                        help="square side, or with --multi-aspect the aspect-ratio bucket table (256, 512, 1024)")
+    parser.add_argument("--multi-aspect", action="store_true", help="resize to the nearest aspect-ratio bucket")
     parser.add_argument("--labels", action="store_true", help="class labels from folder names (SRC/<class>/<image>)")
     parser.add_argument("--max-tokens", type=int, default=120, help="longest caption kept, in tokens")
     parser.add_argument("--device", help="encoder device (default: cuda when available, else cpu)")

@@ -7,15 +7,13 @@ Under torchrun (WORLD_SIZE > 1) it trains data-parallel: DDP, or FSDP2 with
 ``train.parallel = "fsdp2"``; gloo on CPU, nccl on CUDA. Everything that can be wrong with the
 arguments, the config or the cache is reported before any model is built.
 
-``--init`` takes a stage-1 engine checkpoint (re-parameterised into PixArt for stage 2), a
-facebookresearch/DiT ``.pt``, an official PixArt-α ``.pth``, a diffusers PixArt transformer
-folder, or an engine checkpoint of a PixArt (stage 3 from stage 2).
+``--init`` takes an engine checkpoint or run folder (of this model family, or of one the
+family converts from), or a file in a format the model's family reads (engine.family).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -27,11 +25,21 @@ from pathlib import Path
 _RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "log.", "data.workers", "data.backend", "train.cuda_graph")
 
 
+def _run_presets() -> list[str]:
+    from train.config import CONFIG_DIR
+
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine import family
+
+    parser.epilog = f"model families and their presets (model.preset):\n{family.catalogue()}"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", metavar="FILE", help="run config (.toml or .json)")
-    source.add_argument("--preset", metavar="NAME", help="a config in train/configs (pixart-alpha, tiny, demo)")
-    parser.add_argument("--stage", required=True, help="stage of the config: 1, 2, 3 (pixart-alpha: 3a, 3b, 3c)")
+    source.add_argument("--preset", metavar="NAME", help=f"a run config in train/configs: {', '.join(_run_presets())}")
+    parser.add_argument("--stage", required=True, help="a stage of the config (its [stages.NAME] tables)")
     parser.add_argument("--data", required=True, metavar="CACHE", help="latent cache from `python -m train prepare`")
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, metrics.jsonl, samples")
     parser.add_argument("--init", metavar="CKPT", help="initial weights (see the module docstring)")
@@ -47,7 +55,8 @@ class Plan:
     """A checked run: nothing here touched a GPU."""
 
     config: object        # RunConfig
-    model_config: object  # PixArtConfig | DiTConfig
+    family: object        # engine.family.Family of the model preset
+    model_config: object  # the family's config
     cache: object         # engine.data.LatentCache
     out: Path
     world: int
@@ -69,10 +78,8 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_cache(config, model_config, cache) -> None:
+def check_cache(config, model_family, model_config, cache) -> None:
     """Reject a cache built for other settings, naming the field."""
-    from engine.config import DiTConfig
-
     vae = (cache.meta.get("vae") or {}).get("path")
     if config.data.pixels != (vae == "pixels"):
         built = "pixels (--vae pixels)" if vae == "pixels" else f"VAE latents ({vae})"
@@ -84,18 +91,7 @@ def check_cache(config, model_config, cache) -> None:
         raise ValueError(f"latent cache {cache.path} downsamples by {downsample}: {config.model.resolution}px images "
                          f"give {config.model.resolution // downsample}-pixel latents, the model expects "
                          f"input_size = {model_config.input_size}")
-    if isinstance(model_config, DiTConfig):
-        if not cache.has_labels:
-            raise ValueError(f"latent cache {cache.path} has no class labels: stage 1 needs a cache made with "
-                             f"`prepare --labels`")
-        if len(cache.classes) > model_config.num_classes:
-            raise ValueError(f"latent cache {cache.path} has {len(cache.classes)} classes, the model "
-                             f"num_classes = {model_config.num_classes}")
-    elif cache.text_width == 0:
-        raise ValueError(f"latent cache {cache.path} has no text features (built without --text-encoder); "
-                         f"stage {config.stage} trains on captions")
-    else:
-        cache.require(text_width=model_config.caption_channels)
+    model_family.check_cache(model_config, cache)
 
 
 def _dali_importable() -> bool:
@@ -110,6 +106,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     import numpy as np
     import torch
 
+    from engine import family
     from engine.data import open_cache
     from train.checkpoint import complete_checkpoints, read_run_info
     from train.config import ConfigError, load_run_config, preset_path
@@ -122,6 +119,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     path = Path(args.config) if args.config else preset_path(args.preset)
     config = load_run_config(path, str(args.stage), settings)
     model_config = config.model_config()
+    model_family = family.of_config(model_config)
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     t = config.train
@@ -162,11 +160,11 @@ def plan_run(args: argparse.Namespace) -> Plan:
     if init is not None and not init.exists():
         raise FileNotFoundError(f"--init {init} does not exist")
     cache = open_cache(args.data)
-    check_cache(config, model_config, cache)
+    check_cache(config, model_family, model_config, cache)
     bucket_sizes = np.unique(cache.sample_buckets, return_counts=True)[1]
     cuda_graph = use_cuda_graph(t.cuda_graph, torch.cuda.is_available(), world, t.compile, t.activation_checkpointing,
                                 batch_shapes=int((bucket_sizes >= micro).sum()))  # the loader drops partial batches
-    return Plan(config, model_config, cache, out, world, micro, init, resume_from, cuda_graph)
+    return Plan(config, model_family, model_config, cache, out, world, micro, init, resume_from, cuda_graph)
 
 
 def init_distributed(world: int):
@@ -221,61 +219,88 @@ def use_cuda_graph(setting: str, cuda: bool, world: int, compile: bool, activati
     return not obstacles
 
 
-def build_trainer(plan: Plan, rank: int, device):
-    """Loader, model (+ init weights, parallelism), optimizer, EMA and objective."""
+def build_objective(plan: Plan):
+    """The diffusion objective train.objective names (engine.diffusion; one interface for all)."""
+    from engine.diffusion import EDM, GaussianDiffusion
+
+    t = plan.config.train
+    if t.objective == "edm":
+        return EDM(p_mean=t.edm_p_mean, p_std=t.edm_p_std)
+    return GaussianDiffusion(learn_sigma=plan.family.learns_variance(plan.model_config))
+
+
+def _parallel_layout(plan: Plan, device) -> tuple[str, torch.dtype | None]:
+    """(data-parallel layout, compute dtype: bf16 or None for fp32) from train.parallel and
+    train.precision."""
     import torch
 
-    from engine.config import DiTConfig
-    from engine.data import make_loader
-    from engine.diffusion import EDM, GaussianDiffusion
-    from engine.model import build_model
+    t = plan.config.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+    parallel = t.parallel if t.parallel != "auto" else ("ddp" if plan.world > 1 else "none")
+    if plan.world == 1:
+        parallel = "none"  # one process: nothing to shard or reduce
+    return parallel, torch.bfloat16 if bf16 else None
+
+
+def build_model(plan: Plan, device, objective, parallel: str, compute_dtype) -> tuple:
+    """(what the forward is called on, the model itself, messages): the family's model seeded by
+    train.seed (the same initial weights on every rank), --init loaded, then recompute, compile
+    and data parallelism applied from outside."""
+    import torch
+
     from engine.parallel import apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp2
-    from train import loop
-    from train.checkpoint import load_init
-    from train.config import ConfigError
+    from train.checkpoint import load_init, read_init
 
-    cfg, model_config = plan.config, plan.model_config
-    text_len = 1 if isinstance(model_config, DiTConfig) else model_config.text_len
-    backend = cfg.data.backend if cfg.data.backend != "auto" else ("dali" if device.type == "cuda" else "torch")
-    loader = make_loader(plan.cache, plan.micro_batch, rank=rank, world=plan.world, seed=cfg.train.seed,
-                         backend=backend, text_len=text_len, drop_last=True, device=device, workers=cfg.data.workers)
-
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    module = build_model(model_config)
+    cfg = plan.config
+    torch.manual_seed(cfg.train.seed)
+    initialise = plan.init is not None and plan.resume_from is None
+    # --init is read before the model is built: a checkpoint that does not load fails before a
+    # large model is allocated
+    source = read_init(plan.init, cfg.train.init_ema) if initialise else None
+    module = plan.family.build(plan.model_config)
     messages = []
-    if plan.init is not None and plan.resume_from is None:
-        messages.append(load_init(module, plan.init, cfg.train.init_ema))
+    if initialise:
+        messages.append(load_init(module, plan.init, objective=objective, source=source))
     module.to(device)
-    if not isinstance(model_config, DiTConfig):
-        loop.install_caption_dropout(module)
+    plan.family.prepare_training(module)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(module, every=cfg.train.activation_checkpointing)
     if cfg.train.compile:
         apply_compile(module)
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    parallel = cfg.train.parallel if cfg.train.parallel != "auto" else ("ddp" if plan.world > 1 else "none")
-    if parallel != "none" and plan.world == 1:
-        parallel = "none"  # one process: nothing to shard or reduce
-    autocast_dtype = torch.bfloat16 if bf16 else None
     if parallel == "fsdp2":
-        apply_fsdp2(module, mixed_precision=bf16)
-        model, autocast_dtype = module, None  # FSDP2's MixedPrecisionPolicy casts instead of autocast
-    elif parallel == "ddp":
-        model = apply_ddp(module, device)
-    else:
-        model = module
+        apply_fsdp2(module, mixed_precision=compute_dtype is not None)
+        return module, module, messages
+    if parallel == "ddp":
+        return apply_ddp(module, device), module, messages
+    return module, module, messages
+
+
+def build_trainer(plan: Plan, rank: int, device):
+    """Loader, model (+ init weights, parallelism), optimizer, EMA and objective; returns the
+    trainer and the lines to print before training."""
+    from engine.data import make_loader
+    from train import loop
+    from train.checkpoint import model_info
+    from train.config import ConfigError
+
+    cfg = plan.config
+    backend = cfg.data.backend if cfg.data.backend != "auto" else ("dali" if device.type == "cuda" else "torch")
+    loader = make_loader(plan.cache, plan.micro_batch, rank=rank, world=plan.world, seed=cfg.train.seed,
+                         backend=backend, text_len=plan.family.text_len(plan.model_config), drop_last=True,
+                         device=device, workers=cfg.data.workers)
+    objective = build_objective(plan)
+    parallel, compute_dtype = _parallel_layout(plan, device)
+    model, module, messages = build_model(plan, device, objective, parallel, compute_dtype)
+    autocast_dtype = None if parallel == "fsdp2" else compute_dtype  # FSDP2's MixedPrecisionPolicy casts instead
 
     optimizer_name = loop.optimizer_name(cfg.optim, device, parallel, cfg.train.compile)
     if optimizer_name == "engine" and parallel == "fsdp2":
         raise ConfigError("optim.name = 'engine' keeps plain parameter tensors, and train.parallel = 'fsdp2' shards "
                           "them: use optim.name = 'adamw' or 'auto' with FSDP2")
-    objective = (EDM(p_mean=cfg.train.edm_p_mean, p_std=cfg.train.edm_p_std) if cfg.train.objective == "edm"
-                 else GaussianDiffusion(learn_sigma=model_config.learn_sigma))
-    run_info = {"config": cfg.to_dict(),
-                "model": {"class": type(model_config).__name__, "config": dataclasses.asdict(model_config)},
+    run_info = {"config": cfg.to_dict(), "model": model_info(plan.family, plan.model_config),
                 "cache": _cache_identity(plan.cache), "world": plan.world, "parallel": parallel}
     trainer = loop.Trainer(
-        config=cfg, model=model, module=module,
+        config=cfg, model=model, module=module, family=plan.family,
         optimizer=loop.build_optimizer(module, cfg.optim, cfg.lr(), device, optimizer_name,
                                        copy_dtype=autocast_dtype if optimizer_name == "engine" else None),
         ema=loop.EMA(module, cfg.train.ema_decay), objective=objective, loader=loader, device=device, rank=rank,
@@ -291,36 +316,27 @@ def build_trainer(plan: Plan, rank: int, device):
         else:
             messages.append(f"sample grids off: the cache's VAE {vae} is not on this machine")
     params = sum(p.numel() for p in module.parameters()) / 1e6
-    settings = (f"stage {cfg.stage}: {type(model_config).__name__.removesuffix('Config')} {params:.2f}M "
+    settings = (f"stage {cfg.stage}: {plan.family.describe(plan.model_config)} {params:.2f}M "
                 f"params, {plan.world} rank(s) x {plan.micro_batch} x {trainer.accumulation} accumulation = "
-                f"{cfg.train.global_batch} per step, lr {cfg.lr():.3g}, {'bf16' if bf16 else 'fp32'}, "
+                f"{cfg.train.global_batch} per step, lr {cfg.lr():.3g}, {'bf16' if compute_dtype else 'fp32'}, "
                 f"parallel {parallel}, {backend} loader, {device}{', CUDA graph' if plan.cuda_graph else ''}")
     return trainer, [settings, *messages]
 
 
 def _grid_writer(plan: Plan, vae: str, device):
-    """The sample-grid callback: fixed class labels (stage 1) or the caption features of the
-    cache's first samples (their texts go to samples/prompts.txt), decoded with the cache's VAE."""
-    import torch
-
-    from engine.config import DiTConfig
+    """The sample-grid callback: the family's fixed preview conditions (caption features of the
+    cache's first samples, or class ids; their names go to samples/prompts.txt), decoded with the
+    cache's VAE."""
     from train import sample
 
-    cfg, model_config = plan.config, plan.model_config
-    count = cfg.log.sample_count
-    if isinstance(model_config, DiTConfig):
-        conditions = {"labels": torch.arange(count, device=device) % model_config.num_classes}
-        names = [f"class {i % model_config.num_classes}" for i in range(count)]
-    else:
-        features, names = sample.cache_prompts(plan.cache, count, model_config.text_len)
-        conditions = sample.pad_captions(features, model_config.text_len, device)
-        count = len(features)
+    cfg = plan.config
+    condition, names = plan.family.preview_conditions(plan.model_config, plan.cache, cfg.log.sample_count)
     samples = plan.out / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     (samples / "prompts.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
-    return sample.training_grid_writer(model_config, conditions, count, sample.Decoder(vae, device), samples,
-                                       cfg.log.sample_steps, cfg.log.sample_cfg, device,
-                                       plan.cache.meta["latent_downsample"])
+    return sample.training_grid_writer(plan.family, plan.model_config, condition, sample.Decoder(vae, device),
+                                       samples, cfg.log.sample_steps, cfg.log.sample_cfg, device,
+                                       plan.cache.meta["latent_downsample"], cfg.train.objective)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
     python -m train sample --ckpt CKPT --prompt TEXT [--steps 20] [--cfg 4.5]
         [--text-encoder PATH] [--vae PATH|pixels] [--out PNG] [--count N] [--seed S]
-    python -m train sample --ckpt CKPT --label N ...          (a stage-1 class-conditional DiT)
+    python -m train sample --ckpt CKPT --label N ...          (a class-conditional model)
 
 The prompt is encoded with the text encoder the training cache was built with (its path is in
 the checkpoint's run.json; --text-encoder overrides it), and latents are decoded with the
@@ -20,8 +20,8 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, metavar="CKPT", help="checkpoint folder, or a run folder (newest)")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", metavar="TEXT", help="caption (text-to-image checkpoints)")
-    what.add_argument("--label", type=int, metavar="N", help="class id (stage-1 class-conditional checkpoints)")
+    what.add_argument("--prompt", metavar="TEXT", help="caption (text-conditioned checkpoints)")
+    what.add_argument("--label", type=int, metavar="N", help="class id (class-conditional checkpoints)")
     parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
     parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
     parser.add_argument("--text-encoder", metavar="PATH", help="default: the one the training cache was built with")
@@ -33,60 +33,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="default: cuda when available, else cpu")
 
 
-# ------------------------------------------------------------------------------ conditions
-
-def pad_captions(features: list, text_len: int, device) -> dict:
-    """Caption features (L_i, Ct) of true length -> caption (B, text_len, Ct) fp32 zero-padded + caption_lens (B,)."""
-    import numpy as np
-    import torch
-
-    lens = [min(f.shape[0], text_len) for f in features]
-    width = features[0].shape[1]
-    caption = torch.zeros(len(features), text_len, width)  # (B, L, Ct)
-    for i, (f, n) in enumerate(zip(features, lens)):
-        caption[i, :n] = torch.from_numpy(np.asarray(f[:n], dtype=np.float32))
-    return {"caption": caption.to(device), "caption_lens": torch.tensor(lens, dtype=torch.int64, device=device)}
-
-
-def cache_prompts(cache, count: int, text_len: int) -> tuple[list, list[str]]:
-    """Fixed prompts for training grids: the caption features and texts of the cache's first
-    ``count`` samples of sample 0's bucket (so the grid needs no text encoder)."""
-    import numpy as np
-
-    same_bucket = np.flatnonzero(cache.sample_buckets == cache.sample_buckets[0])[:count]
-    arrays = cache.read(same_bucket, text_len)
-    return arrays["text"], [cache.caption(int(i)) for i in same_bucket]
-
-
 # ------------------------------------------------------------------------------ generation
 
-def generate(model, conditions: dict, count: int, steps: int, guidance: float, seed: int,
-             device, downsample: int = 8):
-    """Latents (count, C, h, w) at the model's configured size, by DPM-Solver++ with CFG.
-
-    conditions: {"labels": (count,)} for a DiT, {"caption", "caption_lens"} for PixArt.
-    downsample: image pixels per latent pixel (8 for sd-vae, 1 for pixel caches), for the
-    size micro-condition.
-    """
+def generate(model, cond: dict, uncond: dict, count: int, steps: int, guidance: float, seed: int, device,
+             objective: str = "iddpm"):
+    """Latents (count, C, h, w) at the model's configured size with classifier-free guidance
+    between ``cond`` and ``uncond`` (the family's sampling and null conditions), by DPM-Solver++
+    for the objective the model was trained with (train.objective: "iddpm" or "edm")."""
     import torch
 
-    from engine.diffusion import null_caption_kwargs, null_class_kwargs, sample
-    from engine.model import DiT
+    from engine.diffusion import sample, sample_edm
 
     c = model.config
-    side = c.input_size
-    if isinstance(model, DiT):
-        cond, uncond = dict(conditions), null_class_kwargs(model, count)
-    else:
-        cond, uncond = dict(conditions), null_caption_kwargs(model, count)
-        if c.micro_conditions:  # a square image of the configured size; micro-conditions in pixels
-            pixels = float(side * downsample)
-            cond["resolution"] = torch.tensor([[pixels, pixels]] * count, device=device)  # (count, 2)
-            cond["aspect_ratio"] = torch.ones(count, 1, device=device)  # (count, 1)
+    shape = (count, c.in_channels, c.input_size, c.input_size)
     generator = torch.Generator(device)
     generator.manual_seed(seed)
-    return sample(model, (count, c.in_channels, side, side), cond, uncond, guidance_scale=guidance, steps=steps,
-                  generator=generator, device=device)
+    solve = sample_edm if objective == "edm" else sample
+    return solve(model, shape, cond, uncond, guidance_scale=guidance, steps=steps, generator=generator, device=device)
+
+
+def draw(model_family, model, condition: list, steps: int, guidance: float, seed: int, device,
+         downsample: int = 8, objective: str = "iddpm"):
+    """Latents for one image per entry of ``condition`` (caption features or class ids, as the
+    family conditions). downsample: image pixels per latent pixel (8 for sd-vae, 1 for pixel
+    caches), for conditions given in pixels."""
+    count = len(condition)
+    cond = model_family.sampling_conditions(model, count, condition, downsample, device)
+    return generate(model, cond, model_family.null_conditions(model, count), count, steps, guidance, seed, device,
+                    objective)
 
 
 class Decoder:
@@ -128,16 +102,16 @@ def save_grid(images: list, path: Path) -> None:
     grid.save(path)
 
 
-def training_grid_writer(model_config, conditions: dict, count: int, decoder: Decoder, out: Path, steps: int,
-                         guidance: float, device, downsample: int):
+def training_grid_writer(model_family, model_config, condition: list, decoder: Decoder, out: Path, steps: int,
+                         guidance: float, device, downsample: int, objective: str):
     """The callback the training loop calls with (step, EMA state) to write OUT/samples/step-N.png."""
-    from engine.model import build_model
 
     def write(step: int, ema_state: dict) -> None:
-        model = build_model(model_config)
+        model = model_family.build(model_config)
         model.load_state_dict(ema_state)
         model.to(device).eval()
-        latents = generate(model, conditions, count, steps, guidance, seed=0, device=device, downsample=downsample)
+        latents = draw(model_family, model, condition, steps, guidance, seed=0, device=device, downsample=downsample,
+                       objective=objective)
         save_grid(decoder(latents), out / f"step-{step:07d}.png")
 
     return write
@@ -154,10 +128,26 @@ def _default(value: str | None, run_info: dict, key: str, flag: str) -> str:
     return identity["path"]
 
 
+def _condition(model_family, model, args, run_info: dict, folder: Path, device) -> list:
+    """One condition per image from --prompt (encoded with the cache's text encoder) or --label."""
+    if model_family.condition == "label":
+        if args.label is None:
+            raise ValueError(f"{folder} holds a class-conditional model: pass --label N, not --prompt")
+        return [args.label] * args.count
+    if args.prompt is None:
+        raise ValueError(f"{folder} holds a text-conditioned model: pass --prompt TEXT, not --label")
+    from engine.data.encode import TextEncoder
+
+    encoder_path = _default(args.text_encoder, run_info, "text_encoder", "--text-encoder PATH")
+    max_tokens = run_info.get("cache", {}).get("max_tokens", model_family.text_len(model.config))
+    features = TextEncoder(encoder_path, device, max_tokens).encode([args.prompt])[0]
+    return [features] * args.count
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from engine.model import DiT
+    from engine import family
     from train.checkpoint import find_checkpoint, load_model, read_run_info
 
     try:
@@ -165,27 +155,12 @@ def main(args: argparse.Namespace) -> int:
         run_info = read_run_info(folder)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_model(folder, ema=not args.raw).to(device).eval()
-        if isinstance(model, DiT):
-            if args.label is None:
-                raise ValueError(f"{folder} holds a class-conditional DiT: pass --label N, not --prompt")
-            if not 0 <= args.label < model.config.num_classes:
-                raise ValueError(f"--label {args.label} is outside [0, {model.config.num_classes})")
-            conditions = {"labels": torch.full((args.count,), args.label, dtype=torch.int64, device=device)}
-        else:
-            if args.prompt is None:
-                raise ValueError(f"{folder} holds a text-to-image PixArt: pass --prompt TEXT, not --label")
-            from engine.data.encode import TextEncoder
-
-            encoder_path = _default(args.text_encoder, run_info, "text_encoder", "--text-encoder PATH")
-            max_tokens = run_info.get("cache", {}).get("max_tokens", model.config.text_len)
-            features = TextEncoder(encoder_path, device, max_tokens).encode([args.prompt])[0]
-            if features.shape[1] != model.config.caption_channels:
-                raise ValueError(f"text encoder {encoder_path} gives {features.shape[1]}-wide features, the model "
-                                 f"takes {model.config.caption_channels}")
-            conditions = pad_captions([features] * args.count, model.config.text_len, device)
+        model_family = family.of_model(model)
+        condition = _condition(model_family, model, args, run_info, folder, device)
         decoder = Decoder(_default(args.vae, run_info, "vae", "--vae PATH|pixels"), device)
         downsample = run_info.get("cache", {}).get("latent_downsample", 8)
-        latents = generate(model, conditions, args.count, args.steps, args.cfg, args.seed, device, downsample)
+        objective = run_info.get("config", {}).get("train", {}).get("objective", "iddpm")
+        latents = draw(model_family, model, condition, args.steps, args.cfg, args.seed, device, downsample, objective)
         save_grid(decoder(latents), Path(args.out))
     except (FileNotFoundError, ValueError) as error:
         print(f"sample: {error}", file=sys.stderr)

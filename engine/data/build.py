@@ -192,6 +192,73 @@ def merge_cache(out: str | os.PathLike) -> dict | None:
     return write_index(out, meta, entries)
 
 
+def _load_encoders(vae: str, text_encoder: str | None, device: torch.device, max_tokens: int,
+                   text_dtype: torch.dtype | None, table: list) -> tuple:
+    """(image encoder, text encoder or None), checked to divide every bucket into whole latents."""
+    image_encoder = load_vae(vae, device)
+    text = TextEncoder(text_encoder, device, max_tokens, text_dtype) if text_encoder is not None else None
+    for _, height, width in table:
+        if height % image_encoder.downsample or width % image_encoder.downsample:
+            raise ValueError(f"bucket {height}x{width} is not divisible by the VAE's downsampling "
+                             f"factor {image_encoder.downsample}")
+    return image_encoder, text
+
+
+def _settings(src: str | os.PathLike, source: Source, table: list, image_encoder, text: TextEncoder | None, *,
+              resolution: int, multi_aspect: bool, max_tokens: int, labels: bool, shard_size: int) -> dict:
+    """What the cache is built from and how (settings.json): every rank of every run must agree on it."""
+    return {
+        "engine_version": engine.__version__,
+        "source": {"path": str(Path(src).resolve()), "kind": source.kind, "num_items": len(source.items),
+                   "fingerprint": source.fingerprint()},
+        "resolution": resolution,
+        "multi_aspect": multi_aspect,
+        "buckets": [[height, width] for _, height, width in table],
+        "latent_channels": image_encoder.channels,
+        "latent_downsample": image_encoder.downsample,
+        "vae": image_encoder.identity,
+        "text_encoder": text.identity if text is not None else None,
+        "text_width": text.width if text is not None else 0,
+        "max_tokens": max_tokens,
+        "labels": labels,
+        "classes": source.classes,
+        "shard_size": shard_size,
+        "num_shards": -(-len(source.items) // shard_size),
+    }
+
+
+def _shard_is_done(folder: Path, bar) -> bool:
+    """Whether the shard in ``folder`` is complete and matches its checksums (a re-run reuses
+    it); a damaged shard is named on ``bar`` with what is wrong."""
+    entry = read_shard_entry(folder)
+    if entry is None:
+        return False
+    problem = shard_problem(folder, entry)
+    if problem is not None:
+        bar.write(f"shard {folder.name}: {problem}; encoding it again")
+    return problem is None
+
+
+def _encode_shards(shards_dir: Path, shards: dict[int, list[SourceItem]], decode, image_encoder,
+                   text: TextEncoder | None, text_width: int, *, batch_size: int, strict: bool, root: str,
+                   workers: int | None, bar) -> tuple[int, int, int]:
+    """Encode and write the shards (number -> items) not already done: (images encoded, inputs
+    skipped, shards reused)."""
+    encoded = skipped_count = reused = 0
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        for number, items in shards.items():
+            folder = shards_dir / shard_name(number)
+            if _shard_is_done(folder, bar):
+                reused += 1
+                bar.update(len(items))
+                continue
+            samples, skipped = _encode_shard(items, pool, decode, image_encoder, text, batch_size, strict, root, bar)
+            write_shard(shards_dir, folder.name, samples, skipped, text_width)
+            encoded += len(samples)
+            skipped_count += len(skipped)
+    return encoded, skipped_count, reused
+
+
 def build_cache(src: str | os.PathLike, out: str | os.PathLike, vae: str, text_encoder: str | None = None, *,
                 resolution: int = 256, multi_aspect: bool = False, labels: bool = False, max_tokens: int = 120,
                 device: str | torch.device | None = None, batch_size: int = 32, shard_size: int = 512,
@@ -215,60 +282,19 @@ def build_cache(src: str | os.PathLike, out: str | os.PathLike, vae: str, text_e
     table = bucket_table(resolution, multi_aspect)
     source = open_source(src, labels=labels)
     device = _default_device() if device is None else torch.device(device)
-    image_encoder = load_vae(vae, device)
-    text = TextEncoder(text_encoder, device, max_tokens, text_dtype) if text_encoder is not None else None
-    text_width = text.width if text is not None else 0
-    for _, height, width in table:
-        if height % image_encoder.downsample or width % image_encoder.downsample:
-            raise ValueError(f"bucket {height}x{width} is not divisible by the VAE's downsampling "
-                             f"factor {image_encoder.downsample}")
-
-    num_shards = -(-len(source.items) // shard_size)
-    settings = {
-        "engine_version": engine.__version__,
-        "source": {"path": str(Path(src).resolve()), "kind": source.kind, "num_items": len(source.items),
-                   "fingerprint": source.fingerprint()},
-        "resolution": resolution,
-        "multi_aspect": multi_aspect,
-        "buckets": [[height, width] for _, height, width in table],
-        "latent_channels": image_encoder.channels,
-        "latent_downsample": image_encoder.downsample,
-        "vae": image_encoder.identity,
-        "text_encoder": text.identity if text is not None else None,
-        "text_width": text_width,
-        "max_tokens": max_tokens,
-        "labels": labels,
-        "classes": source.classes,
-        "shard_size": shard_size,
-        "num_shards": num_shards,
-    }
+    image_encoder, text = _load_encoders(vae, text_encoder, device, max_tokens, text_dtype, table)
+    settings = _settings(src, source, table, image_encoder, text, resolution=resolution, multi_aspect=multi_aspect,
+                         max_tokens=max_tokens, labels=labels, shard_size=shard_size)
     _claim_settings(out, settings)
 
-    shards_dir = out / SHARDS_DIR
-    mine = list(range(rank, num_shards, world))
-    total = sum(len(source.items[j * shard_size:(j + 1) * shard_size]) for j in mine)
-    bar = tqdm(total=total, desc=f"prepare rank {rank}/{world}", unit="img", disable=not progress)
-    workers = workers or min(8, os.cpu_count() or 1)
-    encoded = skipped_count = reused = 0
+    mine = {number: source.items[number * shard_size:(number + 1) * shard_size]
+            for number in range(rank, settings["num_shards"], world)}  # shard number -> items
+    bar = tqdm(total=sum(map(len, mine.values())), desc=f"prepare rank {rank}/{world}", unit="img",
+               disable=not progress)
     start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        for number in mine:
-            items = source.items[number * shard_size:(number + 1) * shard_size]
-            folder = shards_dir / shard_name(number)
-            entry = read_shard_entry(folder)
-            if entry is not None:
-                problem = shard_problem(folder, entry)
-                if problem is None:
-                    reused += 1
-                    bar.update(len(items))
-                    continue
-                bar.write(f"shard {folder.name}: {problem}; encoding it again")
-
-            samples, skipped = _encode_shard(items, pool, lambda item: _decode(item, source, table, labels),
-                                             image_encoder, text, batch_size, strict, source.root, bar)
-            write_shard(shards_dir, folder.name, samples, skipped, text_width)
-            encoded += len(samples)
-            skipped_count += len(skipped)
+    encoded, skipped_count, reused = _encode_shards(
+        out / SHARDS_DIR, mine, lambda item: _decode(item, source, table, labels), image_encoder, text,
+        settings["text_width"], batch_size=batch_size, strict=strict, root=source.root, workers=workers, bar=bar)
     bar.close()
     seconds = time.perf_counter() - start
     print(f"rank {rank}/{world}: encoded {encoded} images into {len(mine) - reused} shards, reused {reused} "

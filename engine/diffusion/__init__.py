@@ -1,8 +1,16 @@
-"""Diffusion objectives (IDDPM for PixArt-α, EDM for MicroDiT) and sampling through diffusers."""
+"""Diffusion objectives and sampling through diffusers.
+
+The objectives (IDDPM, as PixArt-α trains; EDM, as MicroDiT does) share one interface:
+``sample_noise_level(batch, generator, device)`` draws a training noise level per sample (IDDPM's
+timestep t, EDM's σ), ``training_losses(model, x0, level, model_kwargs, noise, mask)`` returns
+per-sample losses (``loss``, (B,)) with an optional loss mask (engine.diffusion.loss_mask), and
+``midpoint_timestep()`` is the model's timestep input in the middle of the noise range.
+"""
 
 from engine.diffusion.edm import EDM
 from engine.diffusion.iddpm import GaussianDiffusion
-from engine.diffusion.sampling import guided_eps, make_scheduler, null_caption_kwargs, null_class_kwargs, sample
+from engine.diffusion.sampling import (guided_eps, make_scheduler, null_caption_kwargs, null_class_kwargs, sample,
+                                      sample_edm)
 
 __all__ = [
     "EDM",
@@ -12,4 +20,5 @@ __all__ = [
     "null_caption_kwargs",
     "null_class_kwargs",
     "sample",
+    "sample_edm",
 ]

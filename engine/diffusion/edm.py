@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from engine.diffusion.loss_mask import per_sample_mean
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
@@ -33,8 +35,8 @@ class EDM:
         self.p_mean = p_mean
         self.p_std = p_std
 
-    def sample_sigma(self, batch: int, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> torch.Tensor:
+    def sample_noise_level(self, batch: int, generator: torch.Generator | None = None,
+                           device: torch.device | str | None = None) -> torch.Tensor:
         """σ = exp(p_mean + p_std · n), n ~ N(0, 1): (batch,) float32 on ``device``."""
         draw_on = generator.device if generator is not None else device
         normal = torch.randn(batch, generator=generator, device=draw_on)
@@ -81,20 +83,23 @@ class EDM:
         network_output = model_output[:, :channels].to(dtype)  # (B, C, ...)
         return c_skip.view(to_x) * x_noisy + c_out.view(to_x) * network_output
 
-    def training_losses(self, model, x0: torch.Tensor, model_kwargs: dict | None = None,
-                        noise: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
+    def midpoint_timestep(self) -> float:
+        """The model's timestep input at σ = σ_data, the middle of the training noise range:
+        c_noise(σ_data) = ln(σ_data) / 4."""
+        return math.log(self.sigma_data) / 4.0
+
+    def training_losses(self, model, x0: torch.Tensor, level: torch.Tensor | None = None,
+                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None,
                         mask: torch.Tensor | None = None) -> dict:
         """Per-sample EDM loss, dict(loss=(B,)).
 
-        x0: (B, C, H, W). mask, 1 = counted, 0 = ignored: (B, 1 or C, H, W) over latent pixels, or
-        (B, N) over patch tokens in row-major patch order (N = (H/p)(W/p), p inferred). The loss of
-        each sample is averaged over its counted elements only, as MicroDiT counts only the
-        patches its backbone kept; each sample must keep at least one element.
+        x0: (B, C, H, W); level: σ (B,), drawn by sample_noise_level when None. mask: which
+        elements count (engine.diffusion.loss_mask), e.g. the patch tokens MicroDiT's backbone kept.
         """
         dtype = _compute_dtype(x0)
         x0 = x0.to(dtype)
         batch = x0.shape[0]
-        sigma = self.sample_sigma(batch, device=x0.device) if sigma is None else sigma
+        sigma = self.sample_noise_level(batch, device=x0.device) if level is None else level
         sigma = sigma.to(device=x0.device, dtype=dtype)
         if sigma.shape != (batch,):
             raise ValueError(f"sigma must have shape ({batch},), got {tuple(sigma.shape)}")
@@ -103,33 +108,4 @@ class EDM:
         x_noisy = x0 + sigma.view(to_x) * noise  # (B, C, H, W)
         denoised = self.denoise(model, x_noisy, sigma, model_kwargs)  # (B, C, H, W)
         weighted_error = self.loss_weight(sigma).view(to_x) * (denoised - x0) ** 2  # (B, C, H, W)
-        dims = tuple(range(1, x0.dim()))
-        if mask is None:
-            return dict(loss=weighted_error.mean(dim=dims))
-        counted = _mask_over_elements(mask, x0).to(dtype)  # (B, C, H, W)
-        return dict(loss=(weighted_error * counted).sum(dim=dims) / counted.sum(dim=dims))
-
-
-def _mask_over_elements(mask: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Expand a pixel mask (B, 1|C, H, W) or token mask (B, N) to x0's shape (B, C, H, W)."""
-    if x0.dim() != 4:
-        raise ValueError(f"a loss mask needs x0 of shape (B, C, H, W), got {tuple(x0.shape)}")
-    batch, channels, height, width = x0.shape
-    if mask.dim() == 4:
-        if mask.shape[0] != batch or mask.shape[1] not in (1, channels) or mask.shape[2:] != x0.shape[2:]:
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not fit x0 of shape {tuple(x0.shape)}; "
-                f"expected ({batch}, 1 or {channels}, {height}, {width})"
-            )
-        return mask.expand(batch, channels, height, width)
-    if mask.dim() == 2 and mask.shape[0] == batch:
-        tokens = mask.shape[1]
-        patch = math.isqrt(height * width // tokens) if tokens > 0 else 0
-        if patch == 0 or patch * patch * tokens != height * width or height % patch or width % patch:
-            raise ValueError(
-                f"token mask with N={tokens} does not tile a {height}x{width} latent with square patches"
-            )
-        rows, cols = height // patch, width // patch
-        per_patch = mask.view(batch, 1, rows, 1, cols, 1)
-        return per_patch.expand(batch, channels, rows, patch, cols, patch).reshape(batch, channels, height, width)
-    raise ValueError(f"mask must be (B, 1|C, H, W) or (B, N) with B={batch}, got shape {tuple(mask.shape)}")
+        return dict(loss=per_sample_mean(weighted_error, mask))

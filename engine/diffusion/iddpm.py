@@ -17,11 +17,9 @@ import math
 
 import torch
 
+from engine.diffusion.loss_mask import per_sample_mean
+
 _LN2 = math.log(2.0)
-
-
-def _mean_over_non_batch(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=tuple(range(1, x.dim())))  # (B,)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -128,12 +126,16 @@ class GaussianDiffusion:
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},) to match the batch, got {tuple(t.shape)}")
 
-    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
-                         device: torch.device | str | None = None) -> torch.Tensor:
+    def sample_noise_level(self, batch: int, generator: torch.Generator | None = None,
+                           device: torch.device | str | None = None) -> torch.Tensor:
         """Uniform timesteps in [0, num_timesteps), (batch,) int64 on ``device``."""
         draw_on = generator.device if generator is not None else device
         t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=draw_on)
         return t.to(device) if device is not None else t
+
+    def midpoint_timestep(self) -> int:
+        """The timestep in the middle of the schedule (500 of 1000)."""
+        return self.num_timesteps // 2
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε."""
@@ -186,22 +188,26 @@ class GaussianDiffusion:
         return dict(mean=mean, variance=torch.exp(log_variance), log_variance=log_variance, pred_x0=pred_x0)
 
     def _vlb_bits(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
-                  t: torch.Tensor) -> torch.Tensor:
-        """One term of the variational bound per sample, in bits per dimension, (B,)."""
+                  t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One term of the variational bound per sample, in bits per (counted) dimension, (B,)."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
         pred = self.p_mean_variance(model_output, x_t, t)
-        kl = _mean_over_non_batch(normal_kl(true_mean, true_log_variance, pred["mean"], pred["log_variance"])) / _LN2
-        decoder_nll = -_mean_over_non_batch(
-            discretized_gaussian_log_likelihood(x0, pred["mean"], 0.5 * pred["log_variance"])
+        kl = per_sample_mean(normal_kl(true_mean, true_log_variance, pred["mean"], pred["log_variance"]), mask) / _LN2
+        decoder_nll = -per_sample_mean(
+            discretized_gaussian_log_likelihood(x0, pred["mean"], 0.5 * pred["log_variance"]), mask
         ) / _LN2
         return torch.where(t == 0, decoder_nll, kl)  # (B,)
 
-    def training_losses(self, model, x0: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None,
-                        noise: torch.Tensor | None = None) -> dict:
+    def training_losses(self, model, x0: torch.Tensor, level: torch.Tensor | None = None,
+                        model_kwargs: dict | None = None, noise: torch.Tensor | None = None,
+                        mask: torch.Tensor | None = None) -> dict:
         """Per-sample losses: ``loss`` = ``mse`` (+ ``vb`` when the variance is learned), each (B,).
 
-        The model is called as ``model(x_t, t, **model_kwargs)`` with x_t in fp32 (fp64 for fp64 x0).
+        level: timesteps t (B,) int, drawn by sample_noise_level when None. The model is called as
+        ``model(x_t, t, **model_kwargs)`` with x_t in fp32 (fp64 for fp64 x0). mask: which elements
+        count (engine.diffusion.loss_mask); both terms average over those only.
         """
+        t = self.sample_noise_level(x0.shape[0], device=x0.device) if level is None else level
         self._check_timesteps(t, x0)
         x0 = x0.to(_compute_dtype(x0))
         noise = torch.randn_like(x0) if noise is None else noise.to(x0.dtype)
@@ -216,11 +222,11 @@ class GaussianDiffusion:
             )
         model_output = model_output.to(x0.dtype)
         eps_pred = model_output[:, :channels]  # (B, C, H, W)
-        mse = _mean_over_non_batch((noise - eps_pred) ** 2)  # (B,)
+        mse = per_sample_mean((noise - eps_pred) ** 2, mask)  # (B,)
         if not self.learn_sigma:
             return dict(loss=mse, mse=mse)
         # The bound sees the mean through a detached ε̂: the mean is trained by the MSE alone and
         # the bound only shapes the variance (improved DDPM's L_hybrid).
         frozen_mean_output = torch.cat([eps_pred.detach(), model_output[:, channels:]], dim=1)
-        vb = self._vlb_bits(frozen_mean_output, x0, x_t, t) * self.vlb_scale  # (B,)
+        vb = self._vlb_bits(frozen_mean_output, x0, x_t, t, mask) * self.vlb_scale  # (B,)
         return dict(loss=mse + vb, mse=mse, vb=vb)

@@ -1,8 +1,9 @@
-"""Sampling an IDDPM-trained model with diffusers' schedulers and classifier-free guidance.
+"""Sampling with diffusers' schedulers and classifier-free guidance.
 
-The solvers are diffusers' own (DPM-Solver++ 2M, as PixArt-α samples, or DDIM), configured
-with the training schedule; this file only drives them and combines the conditional and
-unconditional predictions.
+The solvers are diffusers' own: for IDDPM-trained models DPM-Solver++ 2M (as PixArt-α samples)
+or DDIM, configured with the training schedule; for EDM-trained models DPM-Solver++ in the EDM
+parametrisation. This file only drives them and combines the conditional and unconditional
+predictions.
 """
 
 from __future__ import annotations
@@ -115,6 +116,26 @@ def sample(model, shape, cond_kwargs: dict, uncond_kwargs: dict, guidance_scale:
         model_input = solver.scale_model_input(x, t)
         eps = guided_eps(model, model_input, t, cond_kwargs, uncond_kwargs, guidance_scale)
         x = solver.step(eps, t, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def sample_edm(model, shape, cond_kwargs: dict, uncond_kwargs: dict, guidance_scale: float = 4.5,
+               steps: int = 20, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None, sigma_data: float = 0.5) -> torch.Tensor:
+    """Draw x0 of ``shape`` from an EDM-trained network F (engine.diffusion.EDM's preconditioning)
+    with diffusers' EDM DPM-Solver++, σ from 80 down to 0.002. diffusers' scheduler applies the
+    same c_in, c_noise = ln(σ)/4, c_skip and c_out as EDM trains with, so F's output is what the
+    scheduler expects."""
+    from diffusers import EDMDPMSolverMultistepScheduler
+
+    device = torch.device(device) if device is not None else _first_parameter_device(model)
+    scheduler = EDMDPMSolverMultistepScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=sigma_data)
+    scheduler.set_timesteps(steps, device=device)
+    x = torch.randn(shape, generator=generator, device=device) * scheduler.init_noise_sigma  # (B, C, H, W)
+    for t in scheduler.timesteps:  # t = c_noise(σ)
+        network = guided_eps(model, scheduler.scale_model_input(x, t), t, cond_kwargs, uncond_kwargs, guidance_scale)
+        x = scheduler.step(network, t, x).prev_sample
     return x
 
 

@@ -47,22 +47,28 @@ def default_pixart_config(dit_config: DiTConfig) -> PixArtConfig:
 
 
 @torch.no_grad()
-def dit_to_pixart(dit: DiT, pixart_config: PixArtConfig | None = None, t_ref: int = 500) -> PixArt:
+def dit_to_pixart(dit: DiT, pixart_config: PixArtConfig | None = None, t_ref: float = 500,
+                  into: PixArt | None = None) -> PixArt:
     """A PixArt that reproduces ``dit`` at timestep ``t_ref`` with the null class, for any caption.
 
-    pixart_config: None uses default_pixart_config(dit.config); a given one must match the DiT's
-    backbone fields. The tables are computed in float64 and stored in the DiT's dtype; the result
-    is on the DiT's device.
+    pixart_config: None uses default_pixart_config(dit.config) (or ``into``'s config); a given one
+    must match the DiT's backbone fields. The tables are computed in float64 and stored in the
+    DiT's dtype; the result is on the DiT's device. ``into``: a PixArt to write into (its own
+    fresh weights stay where the DiT has no counterpart) instead of a newly built one.
     """
     if not isinstance(dit, DiT):
         raise TypeError(f"expected an engine DiT, got {type(dit).__name__}")
-    config = default_pixart_config(dit.config) if pixart_config is None else pixart_config
+    if pixart_config is None:
+        pixart_config = into.config if into is not None else default_pixart_config(dit.config)
+    config = pixart_config
+    if into is not None and into.config != config:
+        raise ValueError(f"into's config {into.config} differs from pixart_config {config}")
     for field in _BACKBONE_FIELDS:
         if getattr(config, field) != getattr(dit.config, field):
             raise ValueError(f"pixart_config.{field}={getattr(config, field)} differs from the DiT's "
                              f"{getattr(dit.config, field)}")
     reference = dit.patch_embed.weight
-    pixart = PixArt(config).to(device=reference.device, dtype=reference.dtype)
+    pixart = (into if into is not None else PixArt(config)).to(device=reference.device, dtype=reference.dtype)
 
     # patch_embed, time_embed, blocks.i.attn / .mlp and final.linear: the keys the two models share
     shared = {k: v for k, v in dit.state_dict().items() if k in pixart.state_dict()}

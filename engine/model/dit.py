@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import ops
 from engine.config import VAE_DOWNSAMPLE, DiTConfig
 from engine.model.layers import FREQ_DIM, Mlp, PositionEmbedding, SelfAttention, TimestepEmbedder
 from engine.model.pixart import modulated_block
+from engine.ops.norm_modulate import add_norm_modulate
+from engine.ops.patchify import patchify, unpatchify
 
 
 class DiTBlock(nn.Module):
@@ -38,7 +39,7 @@ class DiTFinalLayer(nn.Module):
 
     def forward(self, x, pending, pending_gate, cond):
         shift, scale = self.adaln(cond).chunk(2, dim=1)  # (B, D) each
-        _, h = ops.add_norm_modulate(x, pending, pending_gate, shift, scale)
+        _, h = add_norm_modulate(x, pending, pending_gate, shift, scale)
         return self.linear(h)  # (B, N, p*p*out)
 
 
@@ -83,14 +84,14 @@ class DiT(nn.Module):
         B, C, H, W = x.shape
         if C != c.in_channels or H % p or W % p:
             raise ValueError(f"DiT expects latents (B, {c.in_channels}, H, W) with H, W multiples of {p}; got {tuple(x.shape)}")
-        tokens = self.patch_embed(ops.patchify(x, p))  # (B, N, D)
+        tokens = self.patch_embed(patchify(x, p))  # (B, N, D)
         x = tokens + self.pos_embed(H // p, W // p, tokens.dtype)  # (B, N, D)
         cond = F.silu(self.condition(t, labels))  # (B, D)
         pending, gate = None, None
         for block in self.blocks:
             x, pending, gate = block(x, pending, gate, cond)
         out = self.final(x, pending, gate, cond)
-        return ops.unpatchify(out, c.out_channels, H, W, p)
+        return unpatchify(out, c.out_channels, H, W, p)
 
     def flops_per_sample(self, height: int, width: int, text_len: int | None = None) -> float:
         """Training FLOPs per image (3 x forward, 2 per multiply-add), counted as PixArt.flops_per_sample

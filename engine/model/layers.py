@@ -9,7 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import ops
+from engine.ops.cross_attention import cross_attention
+from engine.ops.linear import linear, linear_branch, linear_chunks
+from engine.ops.mlp import mlp
+from engine.ops.self_attention import self_attention
 
 FREQ_DIM = 256  # sinusoidal features fed to the timestep and size embedders
 
@@ -93,8 +96,12 @@ class Linear(nn.Linear):
     ``engine.ops.linear``: its backward sums the bias gradient, and for GELU runs GELU's backward,
     in one fused pass instead of autograd's separate ones (used for the token-wide layers, where
     that sum reads B x N x D). With ``chunks`` > 1 (a fused QKV or KV projection) the output comes
-    as that many equal parts of the last dimension, through ``engine.ops.linear_chunks``, whose
-    backward packs the parts' gradients and sums them in one pass."""
+    as that many equal parts of the last dimension, through ``engine.ops.linear.linear_chunks``,
+    whose backward packs the parts' gradients and sums them in one pass.
+
+    ``weight_copy`` / ``bias_copy``: the optimizer's low-precision copies of the parameters
+    (engine.optim.ParameterCopy, set by engine.optim.AdamW.attach_copies; None without), handed to
+    the op while they hold the parameters' values, so that it reads them instead of casting."""
 
     def __init__(self, in_features: int, out_features: int, activation: str | None = None, chunks: int = 1):
         super().__init__(in_features, out_features)
@@ -102,19 +109,26 @@ class Linear(nn.Linear):
             raise ValueError(f"Linear: chunks = {chunks} takes no activation, got {activation!r}")
         self.activation = activation
         self.chunks = chunks
+        self.weight_copy = self.bias_copy = None
+
+    def low_precision(self) -> dict[str, torch.Tensor | None]:
+        """The ops' ``weight_lp`` and ``bias_lp``: each copy while it holds its parameter's value, else None."""
+        return dict(weight_lp=self.weight_copy.current() if self.weight_copy is not None else None,
+                    bias_lp=self.bias_copy.current() if self.bias_copy is not None else None)
 
     def forward(self, x: torch.Tensor, branch: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The output (``chunks`` parts of it when chunks > 1). With ``branch``: (part(s)..., x),
         for an x that is used elsewhere too, which should then use the returned x: the gradients
-        of both uses are summed by this Linear's input-gradient GEMM (``engine.ops.linear_branch``)
+        of both uses are summed by this Linear's input-gradient GEMM (``engine.ops.linear.linear_branch``)
         instead of by a separate add."""
         if branch:
             if self.activation is not None:
                 raise ValueError(f"Linear: branch=True takes no activation, this Linear has {self.activation!r}")
-            return ops.linear_branch(x, self.weight, self.bias, self.chunks)  # (part(s)..., x)
+            return linear_branch(x, self.weight, self.bias, self.chunks, **self.low_precision())  # (part(s)..., x)
         if self.chunks > 1:
-            return ops.linear_chunks(x, self.weight, self.bias, self.chunks)  # chunks x (..., out / chunks)
-        return ops.linear(x, self.weight, self.bias, self.activation)
+            # chunks x (..., out / chunks)
+            return linear_chunks(x, self.weight, self.bias, self.chunks, **self.low_precision())
+        return linear(x, self.weight, self.bias, self.activation, **self.low_precision())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation}" if self.activation else "") + (
@@ -123,7 +137,7 @@ class Linear(nn.Linear):
 
 class Mlp(nn.Module):
     """Linear -> tanh-GELU -> Linear (the transformer MLP and PixArt's caption projection), as
-    one ``engine.ops.mlp`` call, so one backend choice covers both Linears."""
+    one ``engine.ops.mlp`` call, so one backend choice covers both Linears (and their copies)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
         super().__init__()
@@ -131,7 +145,9 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        fc1, fc2 = self.fc1.low_precision(), self.fc2.low_precision()
+        return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                   w1_lp=fc1["weight_lp"], b1_lp=fc1["bias_lp"], w2_lp=fc2["weight_lp"], b2_lp=fc2["bias_lp"])
 
 
 class SelfAttention(nn.Module):
@@ -146,7 +162,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = (t.view(B, N, self.num_heads, D // self.num_heads) for t in self.qkv(x))  # (B, N, H, d) each
-        out = ops.self_attention(q, k, v)  # (B, N, H, d)
+        out = self_attention(q, k, v)  # (B, N, H, d)
         return self.proj(out.reshape(B, N, D))
 
 
@@ -170,5 +186,5 @@ class CrossAttention(nn.Module):
         q, x = self.q(x, branch=True)
         k, v, context = self.kv(context, branch=True)
         q, k, v = q.view(B, N, H, d), k.view(B, L, H, d), v.view(B, L, H, d)  # (B, N|L, H, d)
-        out = ops.cross_attention(q, k, v, context_lens)  # (B, N, H, d)
+        out = cross_attention(q, k, v, context_lens)  # (B, N, H, d)
         return self.proj(out.reshape(B, N, D)), x, context

@@ -1,7 +1,7 @@
 """PixArt-α: a DiT backbone with text cross-attention and adaLN-single (Chen et al., arXiv 2310.00426).
 
 The residual stream is fused across sub-blocks: each LayerNorm is computed together with the
-residual add that precedes it (``ops.add_norm_modulate``), so a block hands the next one its
+residual add that precedes it (``add_norm_modulate``), so a block hands the next one its
 MLP output and gate instead of an updated residual:
 
     r, h = add_norm_modulate(x, mlp_prev, gate_mlp_prev, shift_msa, scale_msa)   # residual + norm1
@@ -22,9 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import ops
 from engine.config import VAE_DOWNSAMPLE, PixArtConfig
 from engine.model.layers import FREQ_DIM, CrossAttention, Linear, Mlp, PositionEmbedding, SelfAttention, TimestepEmbedder
+from engine.ops.gated_add import gated_add
+from engine.ops.norm_modulate import add_norm_modulate, norm_modulate
+from engine.ops.patchify import patchify, unpatchify
 
 
 class PixArtBlock(nn.Module):
@@ -51,16 +53,16 @@ def modulated_block(block, x, pending, pending_gate, shift_msa, scale_msa, gate_
     """The fused-residual block body shared by PixArt (with cross-attention) and DiT (without):
     -> (x, the MLP output and gate still to be added, the caption for the next block)."""
     if pending is None:  # first block: nothing to add yet
-        r, h = x, ops.norm_modulate(x, shift_msa, scale_msa)
+        r, h = x, norm_modulate(x, shift_msa, scale_msa)
     else:
-        r, h = ops.add_norm_modulate(x, pending, pending_gate, shift_msa, scale_msa)  # (B, N, D) each
+        r, h = add_norm_modulate(x, pending, pending_gate, shift_msa, scale_msa)  # (B, N, D) each
     a = block.attn(h)  # (B, N, D)
-    x = ops.gated_add(r, a, gate_msa)  # r + a * gate_msa[:, None]
+    x = gated_add(r, a, gate_msa)  # r + a * gate_msa[:, None]
     if caption is None:
-        h = ops.norm_modulate(x, shift_mlp, scale_mlp)
+        h = norm_modulate(x, shift_mlp, scale_mlp)
     else:
         cross, x, caption = block.cross_attn(x, caption, caption_lens)  # (B, N, D); x, caption: their branches (Linear's branch)
-        x, h = ops.add_norm_modulate(x, cross, None, shift_mlp, scale_mlp)
+        x, h = add_norm_modulate(x, cross, None, shift_mlp, scale_mlp)
     return x, block.mlp(h), gate_mlp, caption
 
 
@@ -74,7 +76,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, pending, pending_gate, t_emb):
         shift, scale = (self.modulation[None] + t_emb[:, None]).unbind(1)  # (B, D) each
-        _, h = ops.add_norm_modulate(x, pending, pending_gate, shift, scale)  # (B, N, D)
+        _, h = add_norm_modulate(x, pending, pending_gate, shift, scale)  # (B, N, D)
         return self.linear(h)  # (B, N, p*p*out)
 
 
@@ -134,7 +136,7 @@ class PixArt(nn.Module):
         B, C, H, W = x.shape
         if C != c.in_channels or H % p or W % p:
             raise ValueError(f"PixArt expects latents (B, {c.in_channels}, H, W) with H, W multiples of {p}; got {tuple(x.shape)}")
-        tokens = self.patch_embed(ops.patchify(x, p))  # (B, N, D)
+        tokens = self.patch_embed(patchify(x, p))  # (B, N, D)
         x = tokens + self.pos_embed(H // p, W // p, tokens.dtype)  # (B, N, D)
         t_emb = self.embed_timestep(t, resolution, aspect_ratio)  # (B, D)
         t_mod = self.time_modulation(F.silu(t_emb))  # (B, 6D)
@@ -143,7 +145,7 @@ class PixArt(nn.Module):
         for block in self.blocks:
             x, pending, gate, y = block(x, pending, gate, t_mod, y, caption_lens)
         out = self.final(x, pending, gate, t_emb)  # (B, N, p*p*out)
-        return ops.unpatchify(out, c.out_channels, H, W, p)  # (B, out, H, W)
+        return unpatchify(out, c.out_channels, H, W, p)  # (B, out, H, W)
 
     def drop_captions(self, caption: torch.Tensor, caption_lens: torch.Tensor, drop: torch.Tensor):
         """Replace the captions of samples where ``drop`` (B,) is True by the learned null caption (full length)."""

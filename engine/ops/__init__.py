@@ -1,9 +1,11 @@
-"""Engine ops: one op per module (see DESIGN.md §3); each public function takes ``backend=``."""
+"""Engine ops: one op per module (see docs/design.md §3); each public function takes ``backend=``.
 
-from engine.ops.patchify import patchify, unpatchify
-from engine.ops.norm_modulate import norm_modulate, add_norm_modulate
-from engine.ops.cross_attention import cross_attention
-from engine.ops.self_attention import self_attention
-from engine.ops.linear import linear, linear_branch, linear_chunks
-from engine.ops.gated_add import gated_add
-from engine.ops.mlp import mlp
+``engine.ops.<op>`` is the op's module and ``engine.ops.<op>.<op>`` its function (``from
+engine.ops.linear import linear``); ``_gemm`` holds the GEMM plumbing linear and mlp share.
+"""
+
+from engine.ops import (backend, cross_attention, gated_add, linear, mlp, norm_modulate, patchify, self_attention,
+                        split_sums)
+
+__all__ = ["backend", "cross_attention", "gated_add", "linear", "mlp", "norm_modulate", "patchify", "self_attention",
+           "split_sums"]

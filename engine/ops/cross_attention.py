@@ -343,17 +343,19 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 # (32, 8) 345 / 609, (64, 4) 612 / 1126 (spills), (128, 8) 1835. A backward split in two passes
 # (dq over query blocks, then dk/dv over 64-key blocks, flash-attention 2's layout) was slower
 # at every tiling tried: 444 us at best for B64 N256.
-# The backward after it stopped reading O (delta from P and dP; H200, commit 919055b, B64 N256 /
-# B32 N1024, full 120-key captions): (64, 8) 220 / 367 us against 284 / 489 before; with 2
-# software-pipeline stages 215 / 360 (1 stage 251 / 435, 4 stages 222 / 370, Triton's default 3
-# is the 220); (128, 8) 278 / 439, (32, 8) 307 / 537, (64, 4) 350 / 601, (32, 4) 453 / 831.
-# With 16-byte vector loads and stores (_offset_alignment; H100, commit 9522df4, same shapes;
-# in brackets the same config with scalar accesses, ALIGN forced to 1): forward (64, 4) 63.6 /
-# 91.2 us [79.7 / 137.3], 2 stages 64.3 / 114.8, (128, 8) 78.4 / 105.2, (64, 8) 98.9 / 148.7,
-# (32, 4) 117.7 / 197.6; backward (64, 8) with 3 stages 152.2 / 229.1, 2 stages 159.1 / 261.1
-# [216.6 / 363.7], 1 stage 224.8 / 391.5, (128, 8) 167.1 / 260.8, (32, 4) 229.0 / 390.8,
-# (64, 4) 248.8 / 418.0, (32, 8) 252.2 / 443.7. The eager backend (mask built per call) on
-# cuDNN, forward + backward, in the same run: 498.1 / 883.0 us.
+# The backward without reading O (delta from P and dP; H200, B64 N256 / B32 N1024, full 120-key
+# captions; bench/results/h200_cross_attention_bwd_sweep_919055b.txt): (64, 8) 220 / 367 us
+# against 284 / 489 reading O; with 2 software-pipeline stages 215 / 360 (1 stage 251 / 435, 4
+# stages 222 / 370, Triton's default 3 is the 220); (128, 8) 278 / 439, (32, 8) 307 / 537, (64, 4)
+# 350 / 601, (32, 4) 453 / 831.
+# With 16-byte vector loads and stores (_offset_alignment; H100, same shapes;
+# bench/results/h100_cross_attention_vectorised_sweep_9522df4.txt; in brackets the same config
+# with scalar accesses, ALIGN forced to 1): forward (64, 4) 63.6 / 91.2 us [79.7 / 137.3], 2
+# stages 64.3 / 114.8, (128, 8) 78.4 / 105.2, (64, 8) 98.9 / 148.7, (32, 4) 117.7 / 197.6;
+# backward (64, 8) with 3 stages 152.2 / 229.1, 2 stages 159.1 / 261.1 [216.6 / 363.7], 1 stage
+# 224.8 / 391.5, (128, 8) 167.1 / 260.8, (32, 4) 229.0 / 390.8, (64, 4) 248.8 / 418.0, (32, 8)
+# 252.2 / 443.7. The eager backend (mask built per call) on cuDNN, forward + backward, in the
+# same run: 498.1 / 883.0 us.
 FWD_CONFIG = (64, 4)
 FWD_STAGES = 3  # Triton's default
 BWD_CONFIG = (64, 8)
@@ -552,9 +554,8 @@ def _check_kernel_limits(q, k, backend) -> None:
 
 # auto's order on CUDA. Triton first: forward + backward 241.7 us against masked SDPA's fastest
 # kernel (cuDNN) 416.4 us at B64 N256 (1.72x), 330.9 against 701.2 at B32 N1024 (2.12x), full
-# 120-key captions; 1.98x / 2.23x with random caption lengths (H100, commit 15a2a11,
-# bench/kernels.py --ops cross_attention --timer cudagraph; before the vector accesses: 1.17-1.29x
-# on an H200 at 3c3cbcd).
+# 120-key captions; 1.98x / 2.23x with random caption lengths (H100, bench/kernels.py --ops
+# cross_attention --timer cudagraph; bench/results/h100_kernels_cross_attention_15a2a11.json).
 AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
 

@@ -7,8 +7,8 @@ returns (B, N, D) in the promoted dtype of r and a, as eager's. PixArt adds its 
 Why an op. Eager runs the forward as a broadcast multiply and an add (two passes, the multiply
 on TensorIterator's non-vectorised broadcast path), and the backward as another broadcast
 multiply for d_a, a multiply and a reduction over tokens for d_gate: on the H200 profile of the
-PixArt-XL/2 step (256px, batch 64, commit 919055b) the two broadcast multiplies alone took 3.1
-ms a step, 56 us a call, about twice their bytes at copy bandwidth. Here the forward is one pass
+PixArt-XL/2 step (256px, batch 64; docs/performance.md) the two broadcast multiplies alone took
+3.1 ms a step, 56 us a call, about twice their bytes at copy bandwidth. Here the forward is one pass
 (read r, a; write out) and the backward one pass (read d_out, a; write d_a) that also sums
 d_out * a over the tokens in fp32; d_r is d_out itself.
 

@@ -387,7 +387,8 @@ def _run_kernels(x, y, gate, shift, scale, backend):
     # Modulation is B*D elements: cast it to fp32 here so the kernels read one dtype; autograd
     # casts its fp32 grads back to the caller's dtype. The Triton kernels read rows with any row
     # stride, so the model's shift / scale / gate views into its (B, 6, D) modulation are not
-    # copied (146 small strided copies, 0.33 ms of the graphed H100 step at b119fd7);
+    # copied (146 small strided copies, 0.33 ms of the graphed H100 step in
+    # bench/results/h100_profile_256_b64_engine_graph_b119fd7.md);
     # engine._C takes contiguous (B, D).
     def as_fp32(m):
         if m is None:

@@ -2,7 +2,7 @@
 
 q, k, v (B, N, H, d) -> (B, N, H, d), softmax(q k^T / sqrt(d)) v over all N tokens, no mask.
 There is no kernel of our own: SDPA's fused kernels are hard to beat here, but which one SDPA
-picks by default is not always the fastest (DESIGN §6, H200, B64 N256 16 x 72, bf16 fwd+bwd:
+picks by default is not always the fastest (H200, B64 N256 16 x 72, bf16 fwd+bwd, bench/results/h200_kernels_attention.json:
 cuDNN 381 µs, flash 656, efficient 1063). So:
 
 - ``eager``: plain SDPA, whatever kernel PyTorch picks;

@@ -3,15 +3,17 @@
 Backward kernels that split a sum over tokens across programs to fill the GPU (gated_add's
 d_gate, norm_modulate's d_shift / d_scale / d_gate) store partial sums, which must then be added
 up; a torch reduction launch for that cost ~5 us each, 85 a step in the graphed PixArt-XL/2 step
-(H100 profile at b119fd7). Here each program counts its arrival with an atomic once its partials
-are stored; the program that arrives last reads all of them, in a fixed order (so the result
-does not depend on which program that is: deterministic), writes the sum and resets the counter.
+(H100; bench/results/h100_profile_256_b64_engine_graph_b119fd7.md). Here each program counts its
+arrival with an atomic once its partials are stored; the program that arrives last reads all of
+them, in a fixed order (so the result does not depend on which program that is: deterministic),
+writes the sum and resets the counter.
 
 Not used for linear's bias gradients, measured: there it made the step slower. Their kernel runs
 ~500 short programs a call, each of which then pays a gpu-scope release for its count: the
 bias-gradient kernels took 7.86 ms a step against 6.80 + 0.61 ms for the kernels plus the second
-launches (H100 profiles at 56442c4 and b119fd7). norm_modulate (B x 4 programs at 256 px) and
-gated_add (2 token ranges a sample) have few, long programs.
+launches (H100; bench/results/h100_profile_256_b64_engine_graph_{56442c4,b119fd7}.md).
+norm_modulate (B x 4 programs at 256 px) and gated_add (2 token ranges a sample) have few, long
+programs.
 
 Counters: int32, zero between launches (each launch leaves the ones it used at zero), shared by
 every launch on a device. The engine issues its kernels on one stream, so launches never

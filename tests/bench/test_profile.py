@@ -109,7 +109,8 @@ def test_known_kernel_names_land_in_their_category(category, name):
 
 def test_every_engine_kernel_is_a_fused_op_attention_or_optimizer():
     # helpers that jit functions call (e.g. _load_tile) are no kernels of their own: only `*_kernel` launches
-    triton_kernels = [name for path in sorted((REPO / "engine" / "ops").glob("*.py"))
+    sources = [path for folder in ("ops", "optim") for path in sorted((REPO / "engine" / folder).glob("*.py"))]
+    triton_kernels = [name for path in sources
                       for name in re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", path.read_text())]
     cuda_kernels = [name for path in sorted((REPO / "csrc").glob("*.cu"))
                     for name in re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(",

@@ -173,7 +173,7 @@ def test_schedule_projection_by_hand():
 
 def test_schedule_file_matches_the_design_table():
     schedule = json.loads(throughput.SCHEDULE_PATH.read_text())
-    # DESIGN.md §1: (resolution, steps, global batch) per stage
+    # docs/design.md §1: (resolution, steps, global batch) per stage
     table = [(256, 300_000, 1024), (256, 150_000, 176 * 64), (256, 90_000, 176 * 64), (512, 100_000, 40 * 64),
              (1024, 16_000, 12 * 32)]
     assert [(s["resolution"], s["steps"], s["global_batch"]) for s in schedule["stages"]] == table

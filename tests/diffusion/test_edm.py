@@ -64,7 +64,7 @@ def test_oracle_network_gives_zero_loss():
         c_out = s * SIGMA_DATA / torch.sqrt(s**2 + SIGMA_DATA**2)
         return (x0 - c_skip * x_noisy) / c_out
 
-    loss = edm.training_losses(Recorder(exact_network), x0, noise=noise, sigma=sigma)["loss"]
+    loss = edm.training_losses(Recorder(exact_network), x0, noise=noise, level=sigma)["loss"]
     torch.testing.assert_close(loss, torch.zeros_like(loss), rtol=0, atol=1e-20)
 
 
@@ -73,7 +73,7 @@ def test_loss_weighting_with_zero_network():
     x0 = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     noise = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     sigma = torch.tensor([0.1, 0.9, 7.0], dtype=torch.float64)
-    loss = edm.training_losses(Recorder(lambda x, t: torch.zeros_like(x)), x0, noise=noise, sigma=sigma)["loss"]
+    loss = edm.training_losses(Recorder(lambda x, t: torch.zeros_like(x)), x0, noise=noise, level=sigma)["loss"]
     for i, s in enumerate(sigma.tolist()):
         # F = 0 leaves D = c_skip x_noisy; λ(σ) = (σ² + σ_d²) / (σ σ_d)².
         denoised = SIGMA_DATA**2 / (s**2 + SIGMA_DATA**2) * (x0[i] + s * noise[i])
@@ -88,18 +88,18 @@ def test_learned_variance_channels_are_ignored():
     eps_part = torch.randn(2, 3, 4, 4)
     losses = [
         edm.training_losses(Recorder(lambda x, t, extra=extra: torch.cat([eps_part, extra], 1)), x0,
-                            noise=noise, sigma=sigma)["loss"]
+                            noise=noise, level=sigma)["loss"]
         for extra in (torch.zeros(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
     ]
     assert torch.equal(losses[0], losses[1])
-    c_only = edm.training_losses(Recorder(lambda x, t: eps_part), x0, noise=noise, sigma=sigma)["loss"]
+    c_only = edm.training_losses(Recorder(lambda x, t: eps_part), x0, noise=noise, level=sigma)["loss"]
     assert torch.equal(losses[0], c_only)
     with pytest.raises(ValueError, match="channels"):
-        edm.training_losses(Recorder(lambda x, t: torch.zeros(2, 5, 4, 4)), x0, noise=noise, sigma=sigma)
+        edm.training_losses(Recorder(lambda x, t: torch.zeros(2, 5, 4, 4)), x0, noise=noise, level=sigma)
 
 
 def _loss_with(edm, network_output, x0, noise, sigma, mask):
-    return edm.training_losses(Recorder(lambda x, t: network_output), x0, noise=noise, sigma=sigma, mask=mask)["loss"]
+    return edm.training_losses(Recorder(lambda x, t: network_output), x0, noise=noise, level=sigma, mask=mask)["loss"]
 
 
 @pytest.mark.parametrize("mask_kind", ["pixel", "channel", "token"])
@@ -146,12 +146,12 @@ def test_bad_masks_are_rejected():
 def test_sigma_distribution_is_log_normal():
     edm = EDM(p_mean=-1.2, p_std=1.2)
     seed = int(torch.randint(2**31, ()))
-    sigma = edm.sample_sigma(40000, torch.Generator().manual_seed(seed), "cpu")
+    sigma = edm.sample_noise_level(40000, torch.Generator().manual_seed(seed), "cpu")
     assert sigma.shape == (40000,) and (sigma > 0).all()
     log_sigma = sigma.double().log()
     assert abs(log_sigma.mean().item() + 1.2) < 5 * 1.2 / math.sqrt(40000)
     assert abs(log_sigma.std().item() / 1.2 - 1) < 5 * math.sqrt(1 / (2 * 40000))
-    assert torch.equal(sigma, edm.sample_sigma(40000, torch.Generator().manual_seed(seed), "cpu"))
+    assert torch.equal(sigma, edm.sample_noise_level(40000, torch.Generator().manual_seed(seed), "cpu"))
 
 
 def test_default_draws_and_dtype():

@@ -277,14 +277,52 @@ def test_timestep_validation():
         diffusion.q_sample(x0, torch.tensor([1, 2, 3]))
 
 
-def test_sample_timesteps_uniform_and_reproducible():
+def test_sample_noise_level_uniform_and_reproducible():
     diffusion = GaussianDiffusion()
     seed = int(torch.randint(2**31, ()))
-    t = diffusion.sample_timesteps(50000, torch.Generator().manual_seed(seed), "cpu")
+    t = diffusion.sample_noise_level(50000, torch.Generator().manual_seed(seed), "cpu")
     assert t.dtype == torch.int64 and t.shape == (50000,)
     assert t.min() >= 0 and t.max() <= T - 1
     counts = torch.bincount(t // 100, minlength=10).double()  # 10 bins of 100 timesteps
     chi2 = ((counts - 5000) ** 2 / 5000).sum().item()
     assert chi2 < 45  # 9 degrees of freedom: P(chi2 > 45) ≈ 1e-6
-    again = diffusion.sample_timesteps(50000, torch.Generator().manual_seed(seed), "cpu")
+    again = diffusion.sample_noise_level(50000, torch.Generator().manual_seed(seed), "cpu")
     assert torch.equal(t, again)
+
+
+def _kept_patches(x: torch.Tensor, keep: torch.Tensor, patch: int) -> torch.Tensor:
+    """(C, H, W) and a (N,) 0/1 token mask -> (1, C, patch, patch * kept) with the kept patches side by side."""
+    cols = x.shape[2] // patch
+    pieces = [x[:, (n // cols) * patch:(n // cols + 1) * patch, (n % cols) * patch:(n % cols + 1) * patch]
+              for n in torch.nonzero(keep).flatten().tolist()]
+    return torch.cat(pieces, dim=2).unsqueeze(0)
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_token_mask_counts_only_kept_patches(learn_sigma):
+    """The masked loss of each sample equals the unmasked loss of its kept patches alone (every
+    term is a mean of per-element values), for the decoder term (t = 0) and the KL (t > 0)."""
+    diffusion = GaussianDiffusion(learn_sigma=learn_sigma)
+    batch, channels, size, patch = 2, 3, 8, 2
+    t = torch.tensor([0, 321])
+    x0 = torch.rand(batch, channels, size, size, dtype=torch.float64) * 1.8 - 0.9
+    noise = torch.randn(batch, channels, size, size, dtype=torch.float64)
+    output = torch.randn(batch, channels * (2 if learn_sigma else 1), size, size, dtype=torch.float64).clamp(-1, 1)
+    keep = (torch.rand(batch, (size // patch) ** 2) < 0.4).double()
+    keep[:, 3] = 1.0  # at least one kept patch per sample
+    terms = diffusion.training_losses(FixedOutput(output), x0, t, noise=noise, mask=keep)
+    for i in range(batch):
+        alone = diffusion.training_losses(FixedOutput(_kept_patches(output[i], keep[i], patch)),
+                                          _kept_patches(x0[i], keep[i], patch), t[i:i + 1],
+                                          noise=_kept_patches(noise[i], keep[i], patch))
+        for name in terms:
+            torch.testing.assert_close(terms[name][i:i + 1], alone[name], rtol=1e-12, atol=1e-12, msg=name)
+    unmasked = diffusion.training_losses(FixedOutput(output), x0, t, noise=noise)["loss"]
+    assert (unmasked - terms["loss"]).abs().min() > 1e-6  # the mask changes the loss
+
+
+def test_midpoint_timestep_and_default_levels():
+    assert GaussianDiffusion().midpoint_timestep() == 500
+    assert GaussianDiffusion(num_timesteps=100).midpoint_timestep() == 50
+    terms = GaussianDiffusion().training_losses(FixedOutput(torch.zeros(3, 4, 2, 2)), torch.zeros(3, 2, 2, 2))
+    assert terms["loss"].shape == (3,)  # timesteps drawn when not given

@@ -10,11 +10,11 @@ variant does (bf16 autocast, fp32 weights, backend auto).
 """
 
 import copy
-import importlib
 
 import pytest
 import torch
 
+from engine import ops
 from engine.config import PixArtConfig
 from engine.model import build_model
 from engine.ops.backend import extension, triton_interpreted
@@ -84,7 +84,7 @@ def test_kernel_model_matches_fp64_on_cpu(kernels, _fresh_seed, monkeypatch):
     eager = _loss_and_grads(model32, inputs32, "eager", monkeypatch)
     with monkeypatch.context() as patch:
         for op, name in CPU_OP_BACKENDS[kernels].items():
-            patch.setattr(importlib.import_module(f"engine.ops.{op}"), "resolve", lambda *args, _name=name, **kwargs: _name)
+            patch.setattr(getattr(ops, op), "resolve", lambda *args, _name=name, **kwargs: _name)
         kernel = _loss_and_grads(model32, inputs32, "eager", patch)
     _check(kernel, eager, ref, 1e-5, f"seed {_fresh_seed}")
 

@@ -126,7 +126,7 @@ def test_flops_per_sample_matches_counted_macs(name, height, width):
 def test_flops_per_sample_pixart_xl2_256():
     with torch.device("meta"):
         model = PixArt(preset("pixart-xl2", 256))
-    # DESIGN §6: about 0.894 TFLOP per training sample at 256px with 120 tokens
+    # docs/design.md §10: about 0.894 TFLOP per training sample at 256px with 120 tokens
     assert model.flops_per_sample(256, 256, 120) == pytest.approx(0.894e12, rel=1e-3)
 
 

@@ -16,7 +16,7 @@ def bf16_bits_as_fp32(data):
 def interpreter_rounds_bf16_like_the_gpu(monkeypatch):
     """Triton 3.9's interpreter converts fp32 -> bf16 by truncation (round toward zero), where the
     GPU rounds to nearest even (cvt.rn.bf16.f32). Truncation is biased, and over a thousand rows
-    that bias alone can break DESIGN §3's rule (seen: norm_modulate's d_gate; linear's bf16 d_pre
+    that bias alone can break the rule of docs/design.md §3 (seen: norm_modulate's d_gate; linear's bf16 d_pre
     shifting dx and dw). Under the interpreter this makes the conversion round as the GPU does
     (bf16 -> fp32, exact either way, takes a faster path); the kernels themselves are unchanged.
     A no-op on the GPU."""

@@ -1,4 +1,4 @@
-"""DESIGN §3's correctness rule, shared by the op tests: per tensor,
+"""docs/design.md §3 correctness rule, shared by the op tests: per tensor,
     max|kernel - fp64 ref| <= 2 * max|eager same-dtype - fp64 ref| + atol,
 atol a fraction of the reference's largest magnitude: room for reordered fp32 sums where eager
 happens to be almost exact; for bf16 / fp16 a quarter of one rounding step at 1.0."""

@@ -1,13 +1,13 @@
 """Backend selection: argument > ENGINE_BACKEND_<OP> > ENGINE_BACKEND > auto, with errors that
 name where a bad value came from."""
 
-import importlib
-
 import pytest
 import torch
 
-from engine import ops
-from engine.ops.backend import requested, resolve
+from engine.ops import _gemm
+from engine.ops.backend import graph_step, in_graph_step, requested, resolve
+from engine.ops.gated_add import gated_add
+from engine.ops.linear import linear
 
 
 @pytest.fixture(autouse=True)
@@ -45,44 +45,38 @@ def test_one_op_switched_inside_a_model_call(monkeypatch):
     monkeypatch.setenv("ENGINE_BACKEND", "eager")
     monkeypatch.setenv("ENGINE_BACKEND_GATED_ADD", "cuda")
     with pytest.raises(RuntimeError, match="gated_add: there is no 'cuda' backend"):
-        ops.gated_add(r, a, gate)
-    torch.testing.assert_close(ops.linear(r, torch.eye(8)), r)  # linear still resolves to eager
+        gated_add(r, a, gate)
+    torch.testing.assert_close(linear(r, torch.eye(8)), r)  # linear still resolves to eager
     monkeypatch.setenv("ENGINE_BACKEND_GATED_ADD", "eager")
-    torch.testing.assert_close(ops.gated_add(r, a, gate), r + a * gate[:, None])
+    torch.testing.assert_close(gated_add(r, a, gate), r + a * gate[:, None])
 
 
 def test_graph_step_changes_the_linear_auto_order(monkeypatch):
-    linear_module = importlib.import_module("engine.ops.linear")
-    from engine.ops.backend import graph_step, in_graph_step
-
     # As if engine._C had cuBLASLt (CI's build has not): the two orders must then differ.
-    monkeypatch.setattr(linear_module, "cublaslt_missing", lambda device_type: False)
-    assert linear_module.auto_preference("cuda") == ("triton",)
+    monkeypatch.setattr(_gemm, "cublaslt_missing", lambda device_type: False)
+    assert _gemm.auto_preference("cuda") == ("triton",)
     with graph_step():
         assert in_graph_step()
         with graph_step():
             pass
         assert in_graph_step()  # a nested use leaves the outer one in force
-        assert linear_module.auto_preference("cuda") == ("cuda", "triton")
+        assert _gemm.auto_preference("cuda") == ("cuda", "triton")
     assert not in_graph_step()
-    assert linear_module.auto_preference("cuda") == ("triton",)
+    assert _gemm.auto_preference("cuda") == ("triton",)
     # Without cuBLASLt the graph step's order drops cuda.
-    monkeypatch.setattr(linear_module, "cublaslt_missing", lambda device_type: True)
+    monkeypatch.setattr(_gemm, "cublaslt_missing", lambda device_type: True)
     with graph_step():
-        assert linear_module.auto_preference("cuda") == ("triton",)
+        assert _gemm.auto_preference("cuda") == ("triton",)
 
 
 @pytest.mark.gpu
 def test_graph_step_runs_linear_on_cublaslt(monkeypatch):
-    linear_module = importlib.import_module("engine.ops.linear")
-    from engine.ops.backend import graph_step
-
     monkeypatch.delenv("ENGINE_BACKEND", raising=False)
     monkeypatch.delenv("ENGINE_BACKEND_LINEAR", raising=False)
-    if linear_module.cublaslt_missing("cuda"):
+    if _gemm.cublaslt_missing("cuda"):
         pytest.skip("engine._C built without cuBLASLt")
     x = torch.randn(64, 32, device="cuda")
     w = torch.randn(48, 32, device="cuda")
     with graph_step():
-        assert resolve(None, x.device, "linear", prefer=linear_module.auto_preference("cuda")) == "cuda"
-        torch.testing.assert_close(ops.linear(x, w), (x.double() @ w.double().t()).float(), rtol=2e-2, atol=2e-2)
+        assert resolve(None, x.device, "linear", prefer=_gemm.auto_preference("cuda")) == "cuda"
+        torch.testing.assert_close(linear(x, w), (x.double() @ w.double().t()).float(), rtol=2e-2, atol=2e-2)

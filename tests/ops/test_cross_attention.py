@@ -1,26 +1,22 @@
 """cross_attention: the Triton kernels (and the flash-attn path's sequence layout) against fp64.
 
-Correctness rule (DESIGN §3), for the output and dq, dk, dv:
+Correctness rule (docs/design.md §3), for the output and dq, dk, dv:
     max|kernel - fp64 ref| <= 2 * max|eager same-dtype - fp64 ref| + atol,
 eager being the SDPA path. On CPU the kernels run under the Triton interpreter. Inputs are fresh
 random draws each run (the seed is in every failure message); k, v are strided views into one
 (B, L, 2, H, d) tensor, as the model passes them; every kernel output starts as NaN.
 """
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 import triton.language as tl
 
+import engine.ops.cross_attention as ca
 from engine.ops.backend import triton_interpreted
 from engine.ops.cross_attention import cross_attention, cross_attention_ref
 from tests.ops.conftest import bf16_bits_as_fp32
 from tests.ops.design_rule import assert_rule
-
-# The module (engine.ops re-exports the function under the module's name).
-ca = importlib.import_module("engine.ops.cross_attention")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -250,7 +246,6 @@ def test_offset_alignment_divides_every_stride():
     """The kernels declare their offsets and row strides multiples of this value (tl.multiple_of),
     which the interpreter ignores: a value too large would only show as misaligned vector accesses
     on the GPU, so it is checked here against the strides themselves."""
-    ca = importlib.import_module("engine.ops.cross_attention")
     q = torch.empty(2, 5, 16, 72, dtype=torch.bfloat16)       # strides 5760, 1152, 72: 8 elements (16 bytes)
     kv = torch.empty(2, 7, 2, 16, 72, dtype=torch.bfloat16)
     k, v = kv.unbind(2)                                        # row stride 2304

@@ -1,6 +1,6 @@
 """gated_add: the Triton backend against the fp64 reference.
 
-Correctness rule (DESIGN §3), for the output and d_r, d_a, d_gate:
+Correctness rule (docs/design.md §3), for the output and d_r, d_a, d_gate:
     max|kernel - fp64 ref| <= 2 * max|eager same-dtype - fp64 ref| + atol,
 eager being ``r + a * gate[:, None].to(a.dtype)`` with PyTorch's autograd and the reference the
 same expression on fp64 copies of the same values. On CPU the kernels run under the Triton
@@ -10,15 +10,13 @@ every kernel output starts as NaN.
 
 import contextlib
 import functools
-import importlib
 
 import pytest
 import torch
 
+import engine.ops.gated_add as ga
 from engine.ops.gated_add import gated_add, gated_add_ref
 from tests.ops.design_rule import assert_rule
-
-ga = importlib.import_module("engine.ops.gated_add")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu")  # tests/ops/conftest.py

@@ -1,6 +1,6 @@
 """linear (+ tanh-GELU): the Triton backend against the fp64 reference.
 
-Correctness rule (DESIGN §3), for the output and dx, dw, db:
+Correctness rule (docs/design.md §3), for the output and dx, dw, db:
     max|kernel - fp64 ref| <= 2 * max|eager same-dtype - fp64 ref| + atol,
 eager being F.linear (+ F.gelu) with PyTorch's autograd and the reference ``linear_ref`` on fp64
 copies of the same values. The GEMMs are cuBLAS's (torch's) in both backends; what the Triton
@@ -12,17 +12,15 @@ output starts as NaN.
 
 import contextlib
 import functools
-import importlib
 
 import pytest
 import torch
 
+import engine.ops.linear as lm
+from engine.ops import _gemm
 from engine.ops.backend import extension
 from engine.ops.linear import linear, linear_branch, linear_chunks, linear_ref
 from tests.ops.design_rule import assert_rule
-
-# The module (engine.ops re-exports the function under the module's name).
-lm = importlib.import_module("engine.ops.linear")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu")  # tests/ops/conftest.py
@@ -44,7 +42,7 @@ def allocations(monkeypatch):
         made.append((tuple(shape), dtype))
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(lm, "_new_output", poisoned)
+    monkeypatch.setattr(_gemm, "new_output", poisoned)
     return made
 
 
@@ -355,7 +353,7 @@ def test_no_tokens_gives_zero_gradients(backend):
 def test_cuda_backend_without_cublaslt_is_a_clear_error(monkeypatch):
     """A CUDA build of engine._C made where cuBLASLt was not found has no GPU path for the cuda
     backend: the call says so instead of failing inside the extension."""
-    monkeypatch.setattr(lm, "cublaslt_missing", lambda device_type: True)
+    monkeypatch.setattr(_gemm, "cublaslt_missing", lambda device_type: True)
     x, weight, bias = make_inputs((2, 5), 8, 12, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="built without cuBLASLt; use 'triton'"):
         linear(x, weight, bias, backend="cuda")
@@ -383,26 +381,26 @@ def test_every_cublaslt_candidate_is_correct_and_tuning_keeps_the_fastest(gemm, 
         expected = dict(y=pre64 if gemm == "bias" else gelu(pre64), pre=pre64)
         if gemm == "gelu_aux_bias":
             outputs["pre"] = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-        call = lambda algo: lm._gemm_epilogue(True, False, N, M, K, w, x, outputs["y"], gemm, bias,
+        call = lambda algo: _gemm.gemm_epilogue(True, False, N, M, K, w, x, outputs["y"], gemm, bias,
                                               outputs.get("pre"), algo=algo)
     elif gemm == "weight_grad":  # dW (N, K) = dy^T x, fp32 as for fp32 parameters
         outputs["dw"], expected = torch.empty(N, K, device="cuda"), dict(dw=dy64.t() @ x64)
-        call = lambda algo: lm._gemm_epilogue(False, True, K, N, M, x, dy, outputs["dw"], "none", algo=algo)
+        call = lambda algo: _gemm.gemm_epilogue(False, True, K, N, M, x, dy, outputs["dw"], "none", algo=algo)
     elif gemm == "input_grad":  # dx (M, K) = dy W
         outputs["dx"], expected = torch.empty(M, K, device="cuda", dtype=torch.bfloat16), dict(dx=dy64 @ w64)
-        call = lambda algo: lm._gemm_epilogue(False, False, K, M, N, w, dy, outputs["dx"], "none", algo=algo)
+        call = lambda algo: _gemm.gemm_epilogue(False, False, K, M, N, w, dy, outputs["dx"], "none", algo=algo)
     elif gemm == "input_grad_dgelu":  # d_pre (M, K) = (dy W) * GELU'(pre) (engine.ops.mlp's backward)
         pre = torch.randn(M, K, device="cuda").to(torch.bfloat16)
         pre64 = pre.double().requires_grad_()
         (gelu_grad,) = torch.autograd.grad(gelu(pre64).sum(), pre64)
         outputs["dx"] = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
         expected = dict(dx=(dy64 @ w64) * gelu_grad)
-        call = lambda algo: lm._gemm_epilogue(False, False, K, M, N, w, dy, outputs["dx"], "dgelu", aux=pre, algo=algo)
+        call = lambda algo: _gemm.gemm_epilogue(False, False, K, M, N, w, dy, outputs["dx"], "dgelu", aux=pre, algo=algo)
     else:  # dx (M, K) = dy W + add (linear_branch): cuBLASLt's C input
         add = torch.randn(M, K, device="cuda").to(torch.bfloat16)
         outputs["dx"] = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
         expected = dict(dx=dy64 @ w64 + add.double())
-        call = lambda algo: lm._gemm_epilogue(False, False, K, M, N, w, dy, outputs["dx"], "none", algo=algo, c=add)
+        call = lambda algo: _gemm.gemm_epilogue(False, False, K, M, N, w, dy, outputs["dx"], "none", algo=algo, c=add)
     count = call(0)
     assert count >= 1
     for algo in range(count):
@@ -415,9 +413,9 @@ def test_every_cublaslt_candidate_is_correct_and_tuning_keeps_the_fastest(gemm, 
         for name, value in outputs.items():
             error = (value.double() - expected[name]).norm() / expected[name].norm()
             assert error < 1e-2, f"candidate {algo}/{count} {name}: relative error {error:.2e} (seed {seed})"
-    lm._TUNED_ALGOS.clear(), lm._TUNING_TIMES.clear()
+    _gemm._TUNED_ALGOS.clear(), _gemm._TUNING_TIMES.clear()
     call(None)
-    (entry,) = lm.gemm_tuning_report()
+    (entry,) = _gemm.gemm_tuning_report()
     times = [t if t is not None else float("inf") for t in entry["candidate_us"]]
     assert len(times) == count and entry["chosen"] == times.index(min(times))
 
@@ -435,10 +433,10 @@ def test_tuning_keeps_the_fastest_candidate_that_runs():
     def seconds_of(call):
         return costs[call()]
 
-    assert lm._tune(run, 4, seconds_of) == (2, [3.0, None, 1.5, 2.0])
+    assert _gemm._tune(run, 4, seconds_of) == (2, [3.0, None, 1.5, 2.0])
     costs.update({0: None, 2: None, 3: None})
     with pytest.raises(RuntimeError, match="none of cuBLASLt's candidates ran"):
-        lm._tune(run, 4, seconds_of)
+        _gemm._tune(run, 4, seconds_of)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,8 +592,8 @@ def test_branch_matches_reference(case, backend, device, monkeypatch, seed):
     douts = [torch.randn(*tokens, width, device=device).to(dtype) for _ in range(chunks)]
     dbranch = torch.randn(*tokens, K, device=device).to(dtype)
     added = []
-    input_grad = lm._cublaslt_input_grad
-    monkeypatch.setattr(lm, "_cublaslt_input_grad", lambda dy2, w, add=None: added.append(add) or input_grad(dy2, w, add))
+    input_grad = _gemm.cublaslt_input_grad
+    monkeypatch.setattr(_gemm, "cublaslt_input_grad", lambda dy2, w, add=None: added.append(add) or input_grad(dy2, w, add))
     kernel = run_branch(x, weight, bias, douts, dbranch, chunks, backend)
     eager = run_branch(x, weight, bias, douts, dbranch, chunks, "eager")
     ref = run_branch(x, weight, bias, douts, dbranch, chunks, "reference", cast=torch.float64)
@@ -648,3 +646,44 @@ def test_branch_bad_inputs_and_compile():
         return (k * v).sum() + x.square().sum()
 
     assert_compiled_grads_match(f, (x, weight, bias))
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-precision copies of the parameters (weight_lp / bias_lp).
+# ---------------------------------------------------------------------------------------------
+
+def _projection(op, x, weight, bias, backend, **copies):
+    """The op's output as one tensor: linear, linear_chunks' parts or linear_branch's parts, joined."""
+    if op == "linear":
+        return linear(x, weight, bias, backend=backend, **copies)
+    parts = (linear_chunks(x, weight, bias, 2, backend=backend, **copies) if op == "chunks"
+             else linear_branch(x, weight, bias, 2, backend=backend, **copies)[:2])
+    return torch.cat(parts, dim=-1)
+
+
+@pytest.mark.parametrize("op", ["linear", "chunks", "branch"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_low_precision_copies_stand_in_for_the_cast(op, backend):
+    """Copies in the compute dtype are read instead of the parameters' cast (copies of other values
+    show in the output), copies of another dtype are not, gradients still reach the fp32
+    parameters, and a copy of the wrong shape is an error."""
+    if backend == "cuda" and extension() is None:
+        pytest.skip("engine._C is not built")
+    x, weight, bias = make_inputs((2, 5), 8, 12, torch.float32, "cpu")
+    leaves = [weight.clone().requires_grad_(), bias.clone().requires_grad_()]
+    w_lp, b_lp = (2 * weight).bfloat16(), (bias - 1).bfloat16()  # not the parameters' values
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = _projection(op, x, *leaves, backend, weight_lp=w_lp, bias_lp=b_lp)
+        ignored = _projection(op, x, weight, bias, backend, weight_lp=w_lp.half(), bias_lp=b_lp.half())
+        cast = _projection(op, x, weight, bias, backend)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.bfloat16(), w_lp, b_lp), rtol=1e-2, atol=1e-2)
+    assert not torch.allclose(y, cast, rtol=1e-2, atol=1e-2)
+    assert torch.equal(ignored, cast)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert leaves[0].grad.dtype == torch.float32 and leaves[1].grad.dtype == torch.float32
+    torch.testing.assert_close(leaves[1].grad, dy.float().sum(dim=(0, 1)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"weight_lp is \(12, 4\)"):
+        _projection(op, x, weight, bias, backend, weight_lp=w_lp[:, :4])
+    with pytest.raises(ValueError, match="bias_lp is"):
+        _projection(op, x, weight, None, backend, bias_lp=b_lp)

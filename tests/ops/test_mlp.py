@@ -1,6 +1,6 @@
 """mlp (Linear -> tanh-GELU -> Linear): the triton and cuda backends against the fp64 reference.
 
-Correctness rule (DESIGN §3), for y and dx, dw1, db1, dw2, db2:
+Correctness rule (docs/design.md §3), for y and dx, dw1, db1, dw2, db2:
     max|kernel - fp64 ref| <= 2 * max|eager same-dtype - fp64 ref| + atol,
 eager being F.linear -> F.gelu -> F.linear with PyTorch's autograd, the reference ``mlp_ref`` on
 fp64 copies. On CPU tensors the cuda backend runs engine._C's C++ reference of cuBLASLt's GEMMs
@@ -11,16 +11,14 @@ run (the seed is in every failure message); every kernel output starts as NaN.
 
 import contextlib
 import functools
-import importlib
 
 import pytest
 import torch
 
+from engine.ops import _gemm
 from engine.ops.backend import extension
 from engine.ops.mlp import mlp, mlp_ref
 from tests.ops.design_rule import assert_rule
-
-lm = importlib.import_module("engine.ops.linear")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 BACKENDS = ["triton", "cuda"]
@@ -36,8 +34,8 @@ def seed(_fresh_seed):
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    """Every kernel output (allocated in engine.ops.linear, which both backends use) starts as NaN."""
-    monkeypatch.setattr(lm, "_new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+    """Every kernel output (allocated in engine.ops._gemm, which both backends use) starts as NaN."""
+    monkeypatch.setattr(_gemm, "new_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
                                                                                     device=device))
 
 
@@ -151,7 +149,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_cuda_backend_without_cublaslt_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(lm, "cublaslt_missing", lambda device_type: True)
+    monkeypatch.setattr(_gemm, "cublaslt_missing", lambda device_type: True)
     with pytest.raises(RuntimeError, match="built without cuBLASLt; use 'triton'"):
         mlp(*make_inputs((2, 5), 8, 16, 4, torch.float32, "cpu"), backend="cuda")
 
@@ -193,3 +191,22 @@ def test_no_tokens_gives_zero_gradients(backend):
     assert y.shape == (0, 4)
     for t in leaves[1:]:
         assert torch.equal(t.grad, torch.zeros_like(t)), t.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_copies_stand_in_for_the_cast(backend):
+    """w1_lp .. b2_lp in the compute dtype are read instead of the parameters' casts (copies of
+    other values show in the output); gradients reach the fp32 parameters; a copy of the wrong
+    shape is an error."""
+    x, *params = make_inputs((3, 7), 16, 40, 8, torch.float32, "cpu")
+    leaves = [p.clone().requires_grad_() for p in params]
+    copies = [(0.5 * p).bfloat16() for p in params]  # not the parameters' values
+    names = dict(zip(("w1_lp", "b1_lp", "w2_lp", "b2_lp"), copies))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mlp(x, *leaves, backend=backend, **names)
+    torch.testing.assert_close(y.float(), mlp_ref(x.double(), *(c.double() for c in copies)).float(),
+                               rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in leaves)
+    with pytest.raises(ValueError, match=r"w2_lp is \(8, 20\)"):
+        mlp(x, *params, backend=backend, w2_lp=copies[2][:, :20])

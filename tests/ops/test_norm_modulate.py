@@ -1,22 +1,17 @@
 """norm_modulate / add_norm_modulate: every backend against the fp64 reference.
 
-Correctness rule (DESIGN §3): for every output and gradient,
+Correctness rule (docs/design.md §3): for every output and gradient,
     max|kernel - fp64 ref| <= 2 * max|eager same-dtype - fp64 ref| + atol.
 On CPU the triton backend runs under the Triton interpreter and cuda through engine._C's C++
 reference path. Inputs are fresh random draws each run (tests/conftest.py seeds torch from
 os.urandom); the seed is in every failure message.
 """
 
-import importlib
-
 import pytest
 import torch
 
+import engine.ops.norm_modulate as nm
 from engine.ops.norm_modulate import add_norm_modulate, add_norm_modulate_ref, norm_modulate, norm_modulate_ref
-
-# The module itself (engine.ops re-exports the function under the module's name, so
-# `import engine.ops.norm_modulate as nm` would bind the function).
-nm = importlib.import_module("engine.ops.norm_modulate")
 
 # atol as a fraction of the reference's largest magnitude, per result dtype. It only matters
 # where eager happens to be almost exact (e.g. fp32 d_shift of bf16 activations: both sum the

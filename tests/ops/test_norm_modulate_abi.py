@@ -3,7 +3,7 @@ the C++ reference path on host pointers (what CI runs) and the CUDA kernels on d
 (marked gpu), against fp64 PyTorch written here, independent of engine.ops.norm_modulate.
 
 Outputs and the workspace start as NaN, so an element a kernel fails to write shows. Tolerance
-(DESIGN §3, with the exact result rounded to the output dtype standing in for eager):
+(docs/design.md §3, with the exact result rounded to the output dtype standing in for eager):
     max|out - exact| <= 2 * max|exact.to(out.dtype) - exact| + atol_fraction * max|exact|.
 """
 

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import engine.ops.backend as backend_module
-from engine.ops import patchify, unpatchify
 from engine.ops.backend import triton_interpreted
-from engine.ops.patchify import (_PATCHIFY_LAUNCHERS, _UNPATCHIFY_LAUNCHERS, patchify_ref,
+from engine.ops.patchify import (_PATCHIFY_LAUNCHERS, _UNPATCHIFY_LAUNCHERS, patchify, patchify_ref, unpatchify,
                                  unpatchify_ref)
 
 BACKENDS = ["eager", "triton", "cuda"]

@@ -1,6 +1,6 @@
 """self_attention: SDPA eager and pinned (``cuda``) against the fp64 reference.
 
-Correctness rule (DESIGN §3) for the output and dq, dk, dv:
+Correctness rule (docs/design.md §3) for the output and dq, dk, dv:
     max|backend - fp64 ref| <= 2 * max|eager same-dtype - fp64 ref| + atol.
 q, k, v are strided views into one (B, N, 3, H, d) tensor, as the model passes them. On CPU the
 pinned priority list reaches SDPA's CPU flash kernel (cuDNN has no CPU kernel), which is what

@@ -26,7 +26,7 @@ def test_every_preset_stage_loads(name, stage):
 
 def test_pixart_alpha_schedule():
     stages = {s: load_run_config(preset_path("pixart-alpha"), s) for s in STAGES["pixart-alpha"]}
-    expected = {  # (steps, global batch, resolution, pe interpolation): DESIGN.md §1 and the official configs
+    expected = {  # (steps, global batch, resolution, pe interpolation): docs/design.md §1 and the official configs
         "2": (150_000, 176 * 64, 256, 1.0), "3a": (90_000, 176 * 64, 256, 1.0),
         "3b": (100_000, 40 * 64, 512, 1.0), "3c": (16_000, 12 * 32, 1024, 2.0)}
     for stage, (steps, batch, resolution, pe) in expected.items():
@@ -66,8 +66,10 @@ def test_settings_override_and_are_typed(tmp_path):
         load_run_config(preset_path("tiny"), "2", ["train.steps=ten"])
     with pytest.raises(ConfigError, match=r"train.caption_dropout = 1.5: expected a value in \[0, 1\]"):
         load_run_config(preset_path("tiny"), "2", ["train.caption_dropout=1.5"])
-    with pytest.raises(ConfigError, match="stage 1 trains a class-conditional DiT"):
-        load_run_config(preset_path("tiny"), "1", ['model.preset="tiny"'])
+    with pytest.raises(ConfigError, match="unknown preset 'tinyy'"):
+        load_run_config(preset_path("tiny"), "1", ['model.preset="tinyy"'])
+    # what a stage trains is what its tables say: stage 1 may train any preset's family
+    assert load_run_config(preset_path("tiny"), "1", ['model.preset="tiny"']).model_config().caption_channels == 32
     edm = load_run_config(preset_path("tiny"), "2", ['train.objective="edm"', "train.edm_p_mean=0.5"]).train
     assert (edm.edm_p_mean, edm.edm_p_std) == (0.5, 1.2)
     with pytest.raises(ConfigError, match="train.edm_p_std must be > 0, got 0"):

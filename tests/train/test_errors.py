@@ -44,7 +44,9 @@ def test_cache_of_another_resolution(capsys, captioned_cache, tmp_path):
 
 def test_cache_of_another_text_width(capsys, captioned_cache, tmp_path):
     err = _fails(capsys, *_tiny(2, captioned_cache, tmp_path / "out"))  # the preset's caption_channels is 32
-    assert "text_width=16" in err and "text_width=32" in err
+    # the message gives the fix: the model takes the cache's width, not a re-prepared cache
+    assert "16-wide caption features" in err and "caption_channels = 32" in err
+    assert "--set model.fields.caption_channels=16" in err
 
 
 def test_stage_one_needs_labels(capsys, captioned_cache, tmp_path):

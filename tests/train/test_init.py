@@ -85,6 +85,6 @@ def test_unknown_init_file(tmp_path):
     torch.save({"encoder.weight": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="not a facebookresearch/DiT checkpoint"):
         load_init(_pixart(), path)
-    with pytest.raises(ValueError, match="holds a PixArt; stage 1 trains a class-conditional DiT"):
+    with pytest.raises(ValueError, match=r"holds a PixArt \(official-format\); a class-conditional DiT starts from a DiT"):
         pixart_official.save(_pixart(), tmp_path / "p.pth")
         load_init(build_model(preset("tiny-dit", 16, input_size=16, in_channels=3)), tmp_path / "p.pth")

@@ -9,15 +9,17 @@ weight decay, step t counted from 1):
     p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
     copy <- p rounded to the copy's dtype (when the parameter has a copy)
 
-Why an op for the optimizer. Under bf16 autocast every Linear casts its fp32 weight and bias to
-bf16 in the forward: in the graphed PixArt-XL/2 step at 256 px / 64 those casts were 440
-launches, 2.06 ms of 132.7 ms (H100 profile at 9522df4, bench/results/), each reading 4 bytes
-and writing 2 per parameter. The optimizer step reads every parameter anyway; writing the bf16
-copy there costs 2 more bytes per parameter in a pass that already moves 28, and the Linears
-then read the copy (``low_precision``) instead of casting. torch's fused AdamW cannot write it.
-Measured in that step (H100): this pass 6.44 ms against 6.37 for torch's fused AdamW plus the
-2.06 ms of casts (profiles at 8069573 and 9522df4); the whole step 491.0 against 486.4 img/s with
-torch's optimizer, back to back on one machine (b119fd7, bench/results/h100_ab_optimizer_*).
+Why a kernel for the optimizer. Under bf16 autocast every Linear casts its fp32 weight and bias
+to bf16 in the forward: in the graphed PixArt-XL/2 step at 256 px / 64 those casts are 440
+launches, 2.06 ms of 132.7 ms (H100; bench/results/h100_profile_256_b64_engine_graph_9522df4.md),
+each reading 4 bytes and writing 2 per parameter. The optimizer step reads every parameter
+anyway; writing the bf16 copy there costs 2 more bytes per parameter in a pass that already
+moves 28, and the Linears then read the copy (engine.optim.ParameterCopy) instead of casting.
+torch's fused AdamW cannot write it. Measured in that step (H100): this pass 6.44 ms against
+6.37 for torch's fused AdamW plus the 2.06 ms of casts
+(bench/results/h100_profile_256_b64_engine_graph_{8069573,9522df4}.md); the whole step 491.0
+against 486.4 img/s with torch's optimizer, back to back on one machine
+(bench/results/h100_ab_optimizer_{auto,torch}_b119fd7.json).
 
 Backends:
 - ``eager``: the formula above with torch ops, tensor by tensor, in fp32 and rounded once to
@@ -25,16 +27,8 @@ Backends:
 - ``triton``: one kernel launch for all tensors of one dtype combination. Each program updates
   BLOCK elements of one tensor, found through device tables of the tensors' addresses (the
   parameters and moments are separate allocations, as the model made them) and of each
-  program's (tensor, first element). Arithmetic in fp32, as torch's fused AdamW.
-
-``low_precision(t, dtype)``: the registered copy of ``t`` when it is valid (registered by
-``register_copy``, of that dtype, and ``t`` unchanged since: its version counter is the one
-recorded when the copy was last written), else ``t.to(dtype)``. Triton writes through raw
-pointers, which does not move version counters, so the optimizer records them after its step;
-any other in-place change of the parameter (``load_state_dict``, ``copy_``) moves its counter
-and the Linears cast again until the next optimizer step rewrites the copy. A CUDA graph
-captured while the copies were valid keeps reading them: change parameters outside the
-optimizer only before capturing (engine.step_graph).
+  program's (tensor, first element). Arithmetic in fp32, as torch's fused AdamW. It writes
+  through raw pointers, which moves no tensor's version counter.
 """
 
 from __future__ import annotations
@@ -44,7 +38,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 
 from engine.ops.backend import resolve
 
@@ -70,8 +63,8 @@ def _coefficients(step: int, lr: float, beta1: float, beta2: float, weight_decay
 
 
 # 1 - beta is passed from the host, computed in double: 1 - fp32(0.999) in fp32 is 1.3e-5 off
-# relative, which moved exp_avg_sq by ~200 ulps (GPU test at d1179c4; torch's fused AdamW also
-# forms it in double).
+# relative, which moves exp_avg_sq by ~200 ulps (the GPU test's failure in
+# bench/results/h100_pytest_gpu_d1179c4.txt; torch's fused AdamW also forms it in double).
 
 
 def _eager(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2, eps, weight_decay):
@@ -222,32 +215,6 @@ def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2
             P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
             COPY_DTYPE=_TL_DTYPES[copy_dtype or p_dtype], HAS_COPY=copy_dtype is not None, ALIGNED=aligned,
             BLOCK=BLOCK, num_warps=NUM_WARPS)
-
-
-# ---------------------------------------------------------------------------------------------
-# Low-precision copies.
-# ---------------------------------------------------------------------------------------------
-
-_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> (copy, its version when written)
-
-
-def register_copy(param: torch.Tensor, copy: torch.Tensor) -> None:
-    """Record ``copy`` as ``param`` rounded to copy.dtype, valid while param's version counter
-    stays where it is now."""
-    if copy.shape != param.shape or copy.device != param.device:
-        raise ValueError(f"register_copy: copy {tuple(copy.shape)} on {copy.device} for a parameter "
-                         f"{tuple(param.shape)} on {param.device}")
-    _COPIES[param] = (copy, param._version)
-
-
-def low_precision(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, read from its registered copy when that is valid (module docstring)."""
-    if t.dtype == dtype or torch.compiler.is_compiling():  # compiled graphs cast (Inductor fuses it)
-        return t.to(dtype)
-    entry = _COPIES.get(t)
-    if entry is not None and entry[0].dtype == dtype and entry[1] == t._version:
-        return entry[0]
-    return t.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------

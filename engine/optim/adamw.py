@@ -1,0 +1,150 @@
+"""AdamW whose step also writes low-precision copies of the parameters for the modules that read them.
+
+    optimizer = AdamW(model.parameters(), lr=2e-5, weight_decay=0.03, eps=1e-10)
+    optimizer.attach_copies(model, torch.bfloat16)  # the training step's autocast dtype
+
+The update is torch.optim.AdamW's (decoupled weight decay, no amsgrad), and the state has its
+layout (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter), so state dicts load into either.
+The step is one pass of engine.optim.adamw_kernel over all parameters. Parameters must be plain
+contiguous tensors (not FSDP2's sharded DTensors).
+
+``attach_copies(module, dtype)`` gives each parameter that a submodule reads in low precision a
+``ParameterCopy``: the parameter rounded to ``dtype``, written at attachment and by every step in
+the same pass as the update. A submodule asks for the copy of its parameter ``name`` by having an
+attribute ``<name>_copy`` (engine.model.layers.Linear has ``weight_copy`` and ``bias_copy``, None
+until attached) and hands ``copy.current()`` to its op, which reads it instead of casting the
+parameter under autocast (engine.ops.linear's ``weight_lp``).
+
+A parameter without a gradient is skipped, its step count unchanged, as torch's AdamW does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from engine.optim.adamw_kernel import adamw_step_
+
+
+class ParameterCopy:
+    """``param`` rounded to a lower precision, kept by the optimizer that updates ``param``.
+
+    ``tensor`` is written in place by every optimizer step and keeps its storage for life, so a
+    CUDA graph that captured a read of it (engine.step_graph) replays with each step's values.
+    ``current()`` is the copy while it holds the parameter's value, else None: the optimizer
+    records the parameter's version counter and storage when it writes the copy (its Triton pass
+    moves no version counter), and any other in-place change of the parameter (load_state_dict,
+    ``copy_``, an edit under no_grad) moves the counter, a new storage (``module.to``) moves the
+    address; the reader then casts until the next step rewrites the copy. A CUDA graph captured
+    while the copy was current keeps reading it: change parameters outside the optimizer only
+    before capturing.
+    """
+
+    def __init__(self, param: torch.Tensor, dtype: torch.dtype):
+        self.param = param
+        self.tensor = param.detach().to(dtype, copy=True)
+        self._written = self._stamp()
+
+    def _stamp(self) -> tuple[int, int]:
+        return self.param._version, self.param.data_ptr()
+
+    def mark_written(self) -> None:
+        """Record that ``tensor`` holds the parameter's current value (after the optimizer's write)."""
+        self._written = self._stamp()
+
+    def current(self) -> torch.Tensor | None:
+        """``tensor`` while it holds the parameter's value, else None; None under torch.compile,
+        whose graphs cast (Inductor fuses the cast) and cannot guard on version counters."""
+        if torch.compiler.is_compiling() or self._stamp() != self._written:
+            return None
+        return self.tensor
+
+    def __deepcopy__(self, memo) -> None:
+        # A deep copy of a module has new parameters, which this optimizer does not update: the
+        # copied module carries no copies and casts.
+        return None
+
+
+class AdamW(torch.optim.Optimizer):
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, backend: str | None = None):
+        if not lr >= 0 or not eps >= 0 or not weight_decay >= 0:
+            raise ValueError(f"AdamW: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"AdamW: betas must be two values in [0, 1), got {betas}")
+        # The group keys torch's AdamW keeps too: a state dict of ours loads into it as AdamW
+        # (without decoupled_weight_decay torch's Adam.__setstate__ would make it L2-decay Adam).
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
+                                      maximize=False, foreach=None, capturable=False, differentiable=False,
+                                      fused=None, decoupled_weight_decay=True))
+        self.backend = backend
+        self.copies: dict[torch.Tensor, ParameterCopy] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if type(p) is not torch.nn.Parameter and type(p) is not torch.Tensor:
+                    raise TypeError(f"AdamW takes plain tensors, got a {type(p).__name__} parameter "
+                                    "(for FSDP2's sharded parameters use torch.optim.AdamW)")
+
+    def attach_copies(self, module: nn.Module, dtype: torch.dtype) -> int:
+        """Give every submodule of ``module`` that has an attribute ``<name>_copy`` for its own
+        parameter ``name`` a ParameterCopy of it in ``dtype``, kept from now on by each step; only
+        parameters of this optimizer. Returns the number of parameters with a copy."""
+        owned = {id(p) for group in self.param_groups for p in group["params"]}
+        for submodule in module.modules():
+            for name, p in submodule.named_parameters(recurse=False):
+                if not hasattr(submodule, f"{name}_copy") or id(p) not in owned:
+                    continue
+                copy = self.copies.get(p)
+                if copy is None:
+                    copy = self.copies[p] = ParameterCopy(p, dtype)
+                elif copy.tensor.dtype != dtype:
+                    raise ValueError(f"AdamW.attach_copies: {name} already has a {copy.tensor.dtype} copy, "
+                                     f"asked for {dtype}")
+                setattr(submodule, f"{name}_copy", copy)
+        return len(self.copies)
+
+    def _state_of(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:  # torch AdamW's layout: the step count on the host, moments like the parameter
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["amsgrad"] or group["maximize"] or not group["decoupled_weight_decay"]:
+                raise ValueError("AdamW: amsgrad, maximize and L2 (coupled) weight decay are not implemented; "
+                                 f"got a param group with amsgrad={group['amsgrad']}, maximize={group['maximize']}, "
+                                 f"decoupled_weight_decay={group['decoupled_weight_decay']}")
+            beta1, beta2 = group["betas"]
+            by_step: dict[int, list[torch.Tensor]] = {}  # one launch per step count (normally one)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not take sparse gradients")
+                state = self._state_of(p)
+                if state["step"].device.type != "cpu":  # loaded from a fused torch AdamW: once
+                    state["step"] = state["step"].cpu()
+                step = int(state["step"].item()) + 1
+                by_step.setdefault(step, []).append(p)
+            for step, params in by_step.items():
+                states = [self.state[p] for p in params]
+                copies = [self.copies.get(p) for p in params]
+                adamw_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                            [s["exp_avg_sq"] for s in states], [c.tensor if c is not None else None for c in copies],
+                            step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                            weight_decay=group["weight_decay"], backend=self.backend)
+                for state, copy in zip(states, copies):
+                    state["step"].fill_(step)
+                    if copy is not None:
+                        copy.mark_written()  # the parameter's version now
+        return loss

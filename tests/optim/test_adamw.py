@@ -1,0 +1,311 @@
+"""adamw_step_ (engine.optim.adamw_kernel) and engine.optim.AdamW against an fp64 AdamW and
+torch's AdamW; the low-precision copies the optimizer keeps for the engine's Linears.
+
+Correctness rule (docs/design.md §3) for the update p_new - p_old and the new moments:
+    max|kernel - fp64 ref| <= 2 * max|torch.optim.AdamW same-dtype - fp64 ref| + atol,
+the update compared rather than p_new so that the rule sees errors at the scale of the step
+(lr), not of the parameter. The bf16 copy must equal the new parameter rounded to bf16. On CPU the
+Triton kernel runs under the interpreter. Fresh random inputs each run (seed in every message).
+"""
+
+import copy
+
+import pytest
+import torch
+
+import engine.optim.adamw_kernel as kernel_module
+from engine.model.layers import Linear, Mlp
+from engine.ops.backend import extension
+from engine.optim import AdamW, ParameterCopy
+from engine.optim.adamw_kernel import adamw_ref, adamw_step_
+from tests.ops.design_rule import assert_rule
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu")  # tests/optim/conftest.py
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.03)
+# A tensor smaller than one program, one spanning several with a ragged end, a scalar-like one.
+SHAPES = [(7, 5), (2 * kernel_module.BLOCK + 3,), (1,)]
+
+
+def make_state(shapes, dtype, grad_dtype, device):
+    params = [torch.randn(s, device=device).to(dtype) for s in shapes]
+    grads = [torch.randn(s, device=device).to(grad_dtype) for s in shapes]
+    exp_avgs = [0.1 * torch.randn(s, device=device).to(dtype) for s in shapes]
+    exp_avg_sqs = [0.01 * torch.rand(s, device=device).to(dtype) for s in shapes]
+    return params, grads, exp_avgs, exp_avg_sqs
+
+
+def torch_adamw(params, grads, exp_avgs, exp_avg_sqs, step):
+    """torch.optim.AdamW's single-tensor path from the same state: the same-dtype baseline."""
+    params = [p.clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
+                            weight_decay=HYPER["weight_decay"], foreach=False)
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        p.grad = g.to(p.dtype)
+        opt.state[p] = dict(step=torch.tensor(float(step - 1)), exp_avg=m.clone(), exp_avg_sq=v.clone())
+    opt.step()
+    return params, [opt.state[p]["exp_avg"] for p in params], [opt.state[p]["exp_avg_sq"] for p in params]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("step", [1, 9])
+def test_update_matches_reference(device, backend, dtype, grad_dtype, step, _fresh_seed):
+    params, grads, exp_avgs, exp_avg_sqs = make_state(SHAPES, dtype, grad_dtype, device)
+    old = [p.clone() for p in params]
+    copies = [torch.full(p.shape, float("nan"), dtype=torch.bfloat16, device=device) for p in params]
+    copies[1] = None  # one parameter without a copy: its own launch group
+    eager = torch_adamw(params, grads, exp_avgs, exp_avg_sqs, step)
+    ref = [adamw_ref(p.double(), g.double(), m.double(), v.double(), step, **HYPER)
+           for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)]
+    adamw_step_(params, grads, exp_avgs, exp_avg_sqs, copies, step=step, backend=backend, **HYPER)
+    for i in range(len(SHAPES)):
+        # The update is new - old parameter: it carries the new parameter's rounding, which with
+        # decay and step rounded apart (torch's order too) reaches one ulp of the parameter. One
+        # eager element can be nearly exact by chance (seed 723695618: the (1,) tensor, eager 0.28
+        # ulp, kernel 0.72), so the floor is that ulp, not a multiple of eager's error.
+        param_ulp = torch.finfo(dtype).eps * params[i].abs().max().item()
+        assert_rule([f"update[{i}]", f"exp_avg[{i}]", f"exp_avg_sq[{i}]"],
+                    [params[i] - old[i], exp_avgs[i], exp_avg_sqs[i]],
+                    [eager[0][i] - old[i], eager[1][i], eager[2][i]],
+                    [ref[i][0] - old[i].double(), ref[i][1], ref[i][2]], _fresh_seed, floors=[param_ulp, 0.0, 0.0])
+        if copies[i] is not None:
+            assert torch.equal(copies[i], params[i].to(torch.bfloat16)), f"copy[{i}] (seed {_fresh_seed})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensors_in_one_launch_stay_apart(device, _fresh_seed):
+    """Many small tensors of one dtype share a launch through the address table: each must get
+    its own gradient's update (a wrong table row would mix them)."""
+    shapes = [(n,) for n in (1, 3, 64, 5, 130)]
+    params, grads, exp_avgs, exp_avg_sqs = make_state(shapes, torch.float32, torch.float32, device)
+    expected = [adamw_ref(p.double(), g.double(), m.double(), v.double(), 3, **HYPER)[0]
+                for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)]
+    adamw_step_(params, grads, exp_avgs, exp_avg_sqs, [None] * len(shapes), step=3, backend="triton", **HYPER)
+    for i, (p, want) in enumerate(zip(params, expected)):
+        torch.testing.assert_close(p.double(), want, rtol=0, atol=1e-6, msg=f"tensor {i} (seed {_fresh_seed})")
+
+
+def test_errors():
+    p, g = torch.zeros(3), torch.zeros(3)
+    with pytest.raises(ValueError, match="one of each per param"):
+        adamw_step_([p], [g], [], [p.clone()], [None], step=1, **HYPER)
+    with pytest.raises(ValueError, match="step counts from 1"):
+        adamw_step_([p], [g], [p.clone()], [p.clone()], [None], step=0, **HYPER)
+    with pytest.raises(ValueError, match="tensor 0: grad"):
+        adamw_step_([p], [torch.zeros(4)], [p.clone()], [p.clone()], [None], step=1, **HYPER)
+    with pytest.raises(ValueError, match="contiguous"):
+        q = torch.zeros(3, 2).t()
+        adamw_step_([q], [torch.zeros(2, 3).t()], [q.clone()], [q.clone()], [None], step=1, **HYPER)
+    with pytest.raises(TypeError, match="moments"):
+        adamw_step_([p], [g], [p.double()], [p.clone()], [None], step=1, **HYPER)
+
+
+# ---------------------------------------------------------------------------------------------
+# engine.optim.AdamW
+# ---------------------------------------------------------------------------------------------
+
+class _Net(torch.nn.Module):
+    """Two engine Linears (which read copies) and a torch Linear (which does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = Linear(6, 5), Linear(5, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.fc2(torch.nn.functional.silu(self.fc1(x))))
+
+
+def _model(device):
+    torch.manual_seed(torch.initial_seed() % 1000)
+    return _Net().to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_optimizer_follows_torch_adamw(device, backend, _fresh_seed):
+    """Steps with a changing lr and a parameter left without a gradient for one step; the
+    state dict loads into torch's AdamW, which then takes the same step. Every copy equals its
+    parameter rounded to bf16 after each step, written in place."""
+    ours, theirs = _model(device), _model(device)
+    theirs.load_state_dict(ours.state_dict())
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    opt = AdamW(ours.parameters(), backend=backend, **kwargs)
+    assert opt.attach_copies(ours, torch.bfloat16) == 4  # fc1 and fc2's weights and biases, not head's
+    storage = {p: c.tensor.data_ptr() for p, c in opt.copies.items()}
+    ref = torch.optim.AdamW(theirs.parameters(), foreach=False, **kwargs)
+    for step in range(4):
+        x = torch.randn(8, 6, device=device)
+        for model, optimizer in ((ours, opt), (theirs, ref)):
+            optimizer.param_groups[0]["lr"] = 1e-2 * (step + 1)
+            model(x).square().sum().backward()
+            if step == 1:
+                model.fc2.bias.grad = None  # skipped this step: its step count must lag by one
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{name} after step {step} (seed {_fresh_seed})")
+        for p, c in opt.copies.items():
+            assert c.current() is c.tensor and c.tensor.data_ptr() == storage[p], f"copy moved at step {step}"
+            assert torch.equal(c.tensor, p.to(torch.bfloat16)), f"copy after step {step} (seed {_fresh_seed})"
+    assert opt.state[ours.fc2.bias]["step"].item() == 3 and opt.state[ours.fc2.weight]["step"].item() == 4
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))  # a live state dict shares its tensors
+    x = torch.randn(8, 6, device=device)
+    for model, optimizer in ((ours, opt), (theirs, ref)):
+        model(x).square().sum().backward()
+        optimizer.step()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6,
+                                   msg=f"after loading our state into torch's (seed {_fresh_seed})")
+
+
+def test_optimizer_loads_torch_state():
+    model = _model("cpu")
+    ref = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 6)).sum().backward()
+    ref.step()
+    opt = AdamW(model.parameters(), lr=1e-2)
+    opt.load_state_dict(ref.state_dict())
+    opt.step()
+    assert all(s["step"].item() == 2 and s["step"].device.type == "cpu" for s in opt.state.values())
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_copy_is_current_until_the_parameter_changes_elsewhere(backend):
+    """A copy is current after attachment and after every step (the Triton pass moves no version
+    counter, the eager one does: both are recorded); an in-place change outside the optimizer, a
+    state-dict load or a move to new storage makes it stale until the next step."""
+    model = _model("cpu")
+    opt = AdamW(model.parameters(), lr=1e-2, backend=backend)
+    opt.attach_copies(model, torch.bfloat16)
+    weight = model.fc1.weight
+    copy_ = model.fc1.weight_copy
+    assert isinstance(copy_, ParameterCopy) and copy_ is opt.copies[weight] and copy_.current() is copy_.tensor
+
+    def step():
+        model(torch.randn(4, 6)).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert copy_.current() is copy_.tensor and torch.equal(copy_.tensor, weight.to(torch.bfloat16))
+
+    step()
+    with torch.no_grad():
+        weight.add_(1.0)
+    assert copy_.current() is None
+    step()
+    model.load_state_dict(_model("cpu").state_dict())
+    assert copy_.current() is None
+    step()
+    weight.data = weight.data.clone()  # new storage, same version counter
+    assert copy_.current() is None
+
+
+def test_attach_copies():
+    """Only parameters of this optimizer that a submodule asks for (``<name>_copy``) get one; a
+    deep copy of the module carries none; a second attachment in another dtype is an error."""
+    model = _model("cpu")
+    opt = AdamW([p for name, p in model.named_parameters() if name != "fc2.bias"], lr=1e-2)
+    assert opt.attach_copies(model, torch.bfloat16) == 3
+    assert model.fc2.bias_copy is None and not hasattr(model.head, "weight_copy")
+    assert {id(p) for p in opt.copies} == {id(model.fc1.weight), id(model.fc1.bias), id(model.fc2.weight)}
+    assert all(c.tensor.dtype == torch.bfloat16 for c in opt.copies.values())
+    clone = copy.deepcopy(model)
+    assert clone.fc1.weight_copy is None and clone.fc1.bias_copy is None
+    assert opt.attach_copies(model, torch.bfloat16) == 3  # again: the same copies
+    with pytest.raises(ValueError, match="already has a torch.bfloat16 copy"):
+        opt.attach_copies(model, torch.float16)
+
+
+# The engine's Linear and Mlp hand the copies to their ops (on CPU: triton = the Triton passes
+# under the interpreter, cuda = engine._C's C++ reference of the cuBLASLt GEMMs).
+OP_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.skipif(extension() is None,
+                                                                      reason="engine._C is not built"))]
+
+
+def _layers():
+    torch.manual_seed(torch.initial_seed() % 1000)
+    return torch.nn.ModuleDict(dict(linear=Linear(24, 40, activation="gelu_tanh"), chunks=Linear(24, 48, chunks=3),
+                                    mlp=Mlp(24, 64, 16)))
+
+
+def _outputs_and_grads(layers, x, name):
+    """Outputs and parameter gradients of one layer under CPU bf16 autocast."""
+    layers.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layers[name](x)
+        out = torch.cat(out, dim=-1) if isinstance(out, tuple) else out
+    out.float().square().sum().backward()
+    return [out.detach()] + [p.grad.clone() for p in layers[name].parameters()]
+
+
+def _copies_of(layers, name):
+    return [c for c in (getattr(m, f"{n}_copy", None) for m in layers[name].modules()
+                        for n, _ in m.named_parameters(recurse=False)) if c is not None]
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("name", ["linear", "chunks", "mlp"])
+def test_layers_read_the_copy_while_it_is_current(name, backend, monkeypatch):
+    """Under autocast the layer's op reads the optimizer's bf16 copies instead of casting: the
+    result is bit-identical to casting; a copy made visibly wrong (zeroed in place, which moves no
+    version counter of the parameter) changes the output, so it is what the op reads; once the
+    parameters change outside the optimizer the layer casts again."""
+    monkeypatch.setenv("ENGINE_BACKEND", backend)
+    layers = _layers()
+    x = torch.randn(3, 7, 24)
+    cast = _outputs_and_grads(layers, x, name)  # no copies attached: the op casts
+    opt = AdamW(layers.parameters(), lr=1e-2)
+    opt.attach_copies(layers, torch.bfloat16)
+    copies = _copies_of(layers, name)
+    assert len(copies) == (4 if name == "mlp" else 2)
+    with_copies = _outputs_and_grads(layers, x, name)
+    for i, (got, want) in enumerate(zip(with_copies, cast)):
+        assert torch.equal(got, want), f"{name}: result {i} with the copies differs from casting"
+    for c in copies:
+        c.tensor.zero_()
+    assert _outputs_and_grads(layers, x, name)[0].abs().max() < with_copies[0].abs().max() / 10, \
+        f"{name}: zeroed copies did not reach the output, so the op did not read them"
+    with torch.no_grad():
+        for p in layers[name].parameters():
+            p.mul_(1.5)  # outside the optimizer: the (zeroed) copies are stale
+    assert all(c.current() is None for c in copies)
+    stale = _outputs_and_grads(layers, x, name)
+    for m in layers[name].modules():
+        if isinstance(m, Linear):
+            m.weight_copy = m.bias_copy = None
+    cast = _outputs_and_grads(layers, x, name)
+    for i, (got, want) in enumerate(zip(stale, cast)):
+        assert torch.equal(got, want), f"{name}: result {i} after the parameters changed is not the cast's"
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_layers_read_the_copies_after_each_step(backend, monkeypatch, _fresh_seed):
+    """Training the layers with the copies (rewritten by every step) follows training a copy of
+    them that casts, step for step."""
+    monkeypatch.setenv("ENGINE_BACKEND", backend)
+    ours = _layers()
+    theirs = copy.deepcopy(ours)
+    # The optimizers run the Triton pass, which writes the copies (ENGINE_BACKEND=cuda has no AdamW).
+    opt = AdamW(ours.parameters(), lr=1e-2, backend="triton")
+    ref = AdamW(theirs.parameters(), lr=1e-2, backend="triton")
+    opt.attach_copies(ours, torch.bfloat16)
+    for step in range(3):
+        x = torch.randn(2, 5, 24)
+        for layers, optimizer in ((ours, opt), (theirs, ref)):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = sum(torch.cat(o, -1).float().square().sum() if isinstance(o, tuple) else o.float().square().sum()
+                           for o in (layers[name](x) for name in ("linear", "chunks", "mlp")))
+            loss.backward()
+            optimizer.step()
+        for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            assert torch.equal(p, q), f"{name} after step {step} (seed {_fresh_seed})"
+
+
+def test_optimizer_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="betas"):
+        AdamW(_model("cpu").parameters(), betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="lr, eps and weight_decay"):
+        AdamW(_model("cpu").parameters(), lr=-1.0)

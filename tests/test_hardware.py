@@ -1,0 +1,101 @@
+"""engine.hardware: datasheet peaks by GPU name, git provenance, the median timer."""
+
+import itertools
+import subprocess
+import time
+
+import pytest
+import torch
+
+from engine import hardware
+
+
+@pytest.mark.parametrize("name,tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0),  # SXM5
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 PCIE 80GB", 756.0),  # matched whatever the case
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("Tesla V100-SXM2-16GB", None),
+    ("", None),
+    (None, None),
+])
+def test_datasheet_peak_by_name(name, tflops):
+    assert hardware.datasheet_peak_tflops(name) == tflops
+
+
+def test_datasheet_peak_of_a_device():
+    assert hardware.datasheet_peak_tflops(torch.device("cpu")) is None
+    assert hardware.A100_DENSE_BF16_TFLOPS == hardware.datasheet_peak_tflops("NVIDIA A100-SXM4-40GB")
+
+
+@pytest.mark.gpu
+def test_datasheet_peak_of_a_cuda_device():
+    device = torch.device("cuda")
+    assert hardware.datasheet_peak_tflops(device) == hardware.datasheet_peak_tflops(torch.cuda.get_device_name(device))
+
+
+def _git(repo, *args):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_git_commit_of_a_repository(tmp_path, monkeypatch):
+    monkeypatch.delenv("ENGINE_GIT_COMMIT", raising=False)
+    try:
+        _git(tmp_path, "init", "-q")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("git is not available")
+    (tmp_path / "a.txt").write_text("a")
+    _git(tmp_path, "add", "a.txt")
+    _git(tmp_path, "commit", "-q", "-m", "a")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert hardware.read_git_commit(tmp_path) == head
+    (tmp_path / "a.txt").write_text("b")
+    assert hardware.read_git_commit(str(tmp_path)) == head + "-dirty"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # git must not find tmp_path's repository
+    assert hardware.read_git_commit(outside) is None
+
+
+def test_git_commit_from_the_environment_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGINE_GIT_COMMIT", "abc1234")
+    assert hardware.read_git_commit() == "abc1234"
+    assert hardware.read_git_commit(tmp_path) == "abc1234"
+    monkeypatch.setenv("ENGINE_GIT_COMMIT", "")  # empty: read from the repository
+    assert hardware.read_git_commit(tmp_path / "missing") is None
+
+
+def test_median_seconds_on_the_cpu():
+    """Each timed call is timed on its own, after the untimed warm-up calls; the median of the
+    repeats is returned."""
+    durations = iter([0.2, 0.2, 0.001, 0.05, 0.002])  # two warm-ups, then three timed calls
+    calls = itertools.count()
+
+    def fn():
+        next(calls)
+        time.sleep(next(durations))
+
+    seconds = hardware.median_seconds(fn, "cpu", repeats=3, warmup=2)
+    assert next(calls) == 5
+    assert 0.002 <= seconds < 0.05
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        hardware.median_seconds(fn, torch.device("cpu"), repeats=0)
+
+
+@pytest.mark.gpu
+def test_median_seconds_on_the_gpu():
+    a = torch.randn(2048, 2048, device="cuda")
+    seconds = hardware.median_seconds(lambda: a @ a, torch.device("cuda"), repeats=5, warmup=1)
+    assert 0 < seconds < 1
+
+
+def test_bench_uses_these():
+    """bench/hardware.py (on sys.path through tests/conftest.py) re-exports the engine's functions."""
+    import hardware as bench_hardware
+
+    for name in ("datasheet_peak_tflops", "median_seconds", "read_git_commit", "A100_DENSE_BF16_TFLOPS"):
+        assert getattr(bench_hardware, name) is getattr(hardware, name), name
