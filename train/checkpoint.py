@@ -1,4 +1,4 @@
-"""Training checkpoints: atomic save, keep-last-K, resume; and loading --init weights.
+"""Training checkpoints: atomic, verified saves, keep-last-K, resume; and loading --init weights.
 
 A checkpoint is a folder ``OUT/checkpoints/step-0000100/``::
 
@@ -7,16 +7,22 @@ A checkpoint is a folder ``OUT/checkpoints/step-0000100/``::
     optimizer.pt        optimizer state, keyed by parameter name (torch.save; read with weights_only=True)
     state.pt            step, counters, each rank's loader position and RNG states (same)
     run.json            the run config, the model's family and config, and the cache's metadata
+    manifest.json       each file's size and SHA-256, and whether the weights are all finite
     COMPLETE            written last
 
 The files go to a hidden ``.step-0000100.tmp-<pid>`` folder, each fsynced; COMPLETE is written
 last; then the folder is renamed into place and its parent fsynced. A folder named ``step-*``
 therefore only exists complete, and resume also requires its COMPLETE marker, so a run killed
-at any moment of a save resumes from the previous checkpoint.
+at any moment of a save resumes from the previous checkpoint. Every file is checked against the
+manifest before it is loaded (a flipped byte or a truncated file is an error naming the file),
+resume takes the newest checkpoint that verifies and says which ones it passed over and why, and
+rotation never deletes the newest checkpoint whose weights are finite.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -29,6 +35,8 @@ from engine import family
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
+MANIFEST = "manifest.json"
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
@@ -92,18 +100,79 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that does not verify: the message names the folder, the file and what is wrong."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+def _remove_unfinished(root: Path) -> None:
+    """Temporary folders of saves that never finished (a kill, a full disk)."""
+    for leftover in root.glob(".step-*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _check_free_space(root: Path, step: int, needed: int) -> None:
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"checkpoint step {step} needs about {needed / 2**30:.2f} GiB and {root} has "
+                                    f"{free / 2**30:.2f} GiB free: free space there or lower checkpoint.keep", str(root))
+
+
 def save_checkpoint(out: Path, step: int, model_state: dict, ema_state: dict, optimizer_state: dict,
                     train_state: dict, run_info: dict, keep: int) -> Path:
     """Write checkpoint ``step`` atomically (see the module docstring), then delete all but the
-    newest ``keep`` complete checkpoints and any unfinished ones. Call on one rank only."""
-    from safetensors.torch import save_file
-
+    newest ``keep`` complete checkpoints (keeping the newest finite one) and any unfinished ones.
+    The free space is checked first; a failed write leaves no temporary folder behind. Call on
+    one rank only."""
     root = Path(out) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
+    _remove_unfinished(root)
+    # the tensors' bytes, plus room for headers, pickling and the small files
+    needed = _tensor_bytes([model_state, ema_state, optimizer_state, train_state]) + (64 << 20)
+    _check_free_space(root, step, needed)
     final = checkpoint_dir(out, step)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    try:
+        _write_files(tmp, step, model_state, ema_state, optimizer_state, train_state, run_info)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(error.errno, f"writing checkpoint {final}: {error.strerror or error}", str(tmp)) from error
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # a checkpoint of the same step from an earlier, interrupted segment
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _prune(out, keep)
+    return final
+
+
+def _write_files(tmp: Path, step: int, model_state: dict, ema_state: dict, optimizer_state: dict,
+                 train_state: dict, run_info: dict) -> None:
+    from safetensors.torch import save_file
+
     tmp.mkdir()
     save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
     _fsync_file(tmp / "model.safetensors")
@@ -115,22 +184,36 @@ def save_checkpoint(out: Path, step: int, model_state: dict, ema_state: dict, op
         _fsync_file(tmp / name)
     (tmp / "run.json").write_text(json.dumps(run_info, indent=1) + "\n", encoding="utf-8")
     _fsync_file(tmp / "run.json")
+    files = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.pt", "run.json")
+    manifest = {"step": step, "finite": all_finite(model_state) and all_finite(ema_state),
+                "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                          for name in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    _fsync_file(tmp / MANIFEST)
     (tmp / MARKER).write_text(f"{step}\n", encoding="utf-8")
     _fsync_file(tmp / MARKER)
     _fsync_dir(tmp)
-    if final.exists():  # a checkpoint of the same step from an earlier, interrupted segment
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    _prune(out, keep)
-    return final
 
 
 def _prune(out: Path, keep: int) -> None:
-    for _, folder in complete_checkpoints(out)[:-keep]:
-        shutil.rmtree(folder)
-    for leftover in (Path(out) / CHECKPOINTS).glob(".step-*.tmp-*"):  # from runs killed mid-save
-        shutil.rmtree(leftover, ignore_errors=True)
+    """Delete all but the newest ``keep`` complete checkpoints, except the newest one whose
+    weights are finite and whose files are all there at their recorded sizes: after a run that
+    ended in inf / NaN it is the one to go back to."""
+    done = complete_checkpoints(out)
+    protected = next((folder for _, folder in reversed(done) if _finite_and_whole(folder)), None)
+    for _, folder in done[:-keep]:
+        if folder != protected:
+            shutil.rmtree(folder)
+    _remove_unfinished(Path(out) / CHECKPOINTS)
+
+
+def _finite_and_whole(folder: Path) -> bool:
+    try:
+        manifest = read_manifest(folder)
+        verify(folder, hashes=False)
+    except CheckpointError:
+        return False
+    return manifest is not None and manifest["finite"]
 
 
 # ------------------------------------------------------------------------------ reading
@@ -139,15 +222,78 @@ def read_run_info(folder: Path) -> dict:
     return json.loads((Path(folder) / "run.json").read_text(encoding="utf-8"))
 
 
+def read_manifest(folder: Path) -> dict | None:
+    """The checkpoint's manifest; None for a checkpoint written before manifests existed."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("finite"), bool):
+            raise ValueError("no 'files' table or 'finite' flag")
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {folder}: {MANIFEST} is unreadable ({error})") from None
+    return manifest
+
+
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of files hashed in this process
+
+
+def verify(folder: Path, names=None, hashes: bool = True) -> None:
+    """Check the files ``names`` (default all) of a checkpoint against its manifest: present, of the
+    recorded size and (``hashes``) SHA-256. Raises CheckpointError naming the file and the fault.
+    A file is hashed once per process (resume checks everything, then loads it)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    for name in names or manifest["files"]:
+        entry = manifest["files"].get(name)
+        path = folder / name
+        if entry is None:
+            raise CheckpointError(f"checkpoint {folder}: {name} is not in its {MANIFEST}")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {folder}: {name} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint {folder}: {name} has {size} bytes, {entry['bytes']} were written "
+                                  f"(truncated or overwritten)")
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if hashes and key not in _VERIFIED:
+            if _sha256(path) != entry["sha256"]:
+                raise CheckpointError(f"checkpoint {folder}: {name} does not match its SHA-256 in {MANIFEST} (its "
+                                      f"bytes changed after it was written)")
+            _VERIFIED.add(key)
+
+
+def newest_verified(out: Path) -> tuple[Path | None, list[str]]:
+    """(the newest complete checkpoint under OUT whose files all verify, one line per newer one
+    passed over, saying why)."""
+    skipped = []
+    for _, folder in reversed(complete_checkpoints(out)):
+        try:
+            verify(folder)
+        except CheckpointError as error:
+            skipped.append(str(error))
+            continue
+        return folder, skipped
+    return None, skipped
+
+
 def load_weights(folder: Path, ema: bool) -> dict[str, torch.Tensor]:
+    """A checkpoint's raw or EMA weights, verified against the manifest first."""
     from safetensors.torch import load_file
 
-    return load_file(Path(folder) / ("ema.safetensors" if ema else "model.safetensors"))
+    name = "ema.safetensors" if ema else "model.safetensors"
+    verify(folder, [name])
+    return load_file(Path(folder) / name)
 
 
 def load_training_state(folder: Path) -> tuple[dict, dict]:
-    """(optimizer state, train state) of a checkpoint, read with torch.load(weights_only=True)."""
+    """(optimizer state, train state) of a checkpoint, verified, read with torch.load(weights_only=True)."""
     folder = Path(folder)
+    verify(folder, ["optimizer.pt", "state.pt"])
     optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     return optimizer, state
@@ -169,11 +315,18 @@ def model_config_of(run_info: dict):
 
 
 def load_model(folder: Path, ema: bool = True):
-    """The model of a checkpoint folder (EMA or raw weights), fp32 on the CPU."""
+    """The model of a checkpoint folder (EMA or raw weights), fp32 on the CPU; weights that are
+    not all finite are an error (they would only draw noise or black images)."""
     folder = find_checkpoint(folder)
+    verify(folder, ["run.json"])
     owner, config = model_config_of(read_run_info(folder))
     model = owner.build(config)
-    model.load_state_dict(load_weights(folder, ema))
+    weights = load_weights(folder, ema)
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {folder} has inf or NaN in its {'EMA' if ema else 'raw'} weights "
+                              f"({len(bad)} tensors, e.g. {bad[0]}): use an earlier checkpoint of the run")
+    model.load_state_dict(weights)
     return model
 
 
@@ -199,6 +352,8 @@ def load_init(module, path: str | os.PathLike, use_ema: bool = True, objective=N
     source = read_init(path, use_ema) if source is None else source
     try:
         how = family.of_model(module).init(module, source, objective)
-    except ValueError as error:
-        raise ValueError(f"--init {path}: {error}") from None
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"--init {path}: {error}") from None
+    except Exception as error:  # a file the family's reader cannot parse (pickle, safetensors, JSON errors)
+        raise ValueError(f"--init {path}: cannot be read as a checkpoint ({type(error).__name__}: {error})") from error
     return f"initialised from {path}: {how}"

@@ -30,6 +30,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import family
 from engine.config import preset
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -76,7 +77,7 @@ class OptimSection:
     warmup_steps: int = 1000     # linear warm-up, then constant
     weight_decay: float = 0.03
     eps: float = 1e-10
-    betas: tuple = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 0.01      # max global grad norm; 0 = off
 
 
@@ -137,7 +138,13 @@ class RunConfig:
         if m.pe_interpolation is not None:
             overrides["pe_interpolation"] = m.pe_interpolation
         try:
+            owner = family.of_preset(m.preset)
+            hints = typing.get_type_hints(owner.config_class)
+            overrides = {key: _coerce(f"model.fields.{key}", value, hints[key]) if key in hints else value
+                         for key, value in overrides.items()}
             return preset(m.preset, m.resolution, **overrides)
+        except ConfigError:
+            raise
         except (ValueError, TypeError) as error:
             raise ConfigError(f"model: {error}") from None
 
@@ -192,18 +199,38 @@ def validate(config: RunConfig) -> RunConfig:
     _choice("optim.name", o.name, OPTIMIZERS)
     _choice("optim.lr_scaling", o.lr_scaling, LR_SCALING)
     _choice("data.backend", d.backend, LOADER_BACKENDS)
-    if not t.edm_p_std > 0:
-        raise ConfigError(f"train.edm_p_std must be > 0, got {t.edm_p_std}")
+    _finite_floats(config, "")
     for name, value in (("train.ema_decay", t.ema_decay), ("train.caption_dropout", t.caption_dropout),
                         ("train.label_dropout", t.label_dropout)):
         _fraction(name, value)
-    if not o.lr > 0 or o.weight_decay < 0 or not o.eps > 0 or o.grad_clip < 0:
-        raise ConfigError(f"optim: need lr > 0, weight_decay >= 0, eps > 0, grad_clip >= 0; got lr={o.lr}, "
-                          f"weight_decay={o.weight_decay}, eps={o.eps}, grad_clip={o.grad_clip}")
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+    for name, value, low, inclusive in (("optim.lr", o.lr, 0.0, False), ("optim.eps", o.eps, 0.0, False),
+                                        ("train.edm_p_std", t.edm_p_std, 0.0, False),
+                                        ("optim.weight_decay", o.weight_decay, 0.0, True),
+                                        ("optim.grad_clip", o.grad_clip, 0.0, True),
+                                        ("log.sample_cfg", config.log.sample_cfg, 0.0, True)):
+        if not (value >= low if inclusive else value > low):
+            raise ConfigError(f"{name} = {value!r}: expected a value {'>=' if inclusive else '>'} {low:g}")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas = {list(o.betas)}: expected two values in [0, 1)")
+    if config.model.pe_interpolation is not None and not config.model.pe_interpolation > 0:
+        raise ConfigError(f"model.pe_interpolation = {config.model.pe_interpolation!r}: expected a value > 0")
     config.model_config()  # the preset exists and takes the fields
     return config
+
+
+def _finite_floats(section, where: str) -> None:
+    """Every float of the config, model.fields' included, is finite (nan / inf pass TOML and JSON)."""
+    items = dataclasses.asdict(section).items() if dataclasses.is_dataclass(section) else section.items()
+    for key, value in items:
+        name = f"{where}{key}"
+        if isinstance(value, dict):
+            _finite_floats(value, f"{name}.")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{name}[{i}] = {v!r}: expected a finite number")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} = {value!r}: expected a finite number")
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -250,10 +277,15 @@ def _coerce(name: str, value, annotation):
             return None
         annotation = next(a for a in options if a is not type(None))
         origin = typing.get_origin(annotation)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} = {value!r}: expected a finite number")
         return float(value)
-    if annotation is tuple and isinstance(value, list):
-        return tuple(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        kinds = typing.get_args(annotation)
+        if len(value) != len(kinds):
+            raise ConfigError(f"{name} = {list(value)!r}: expected {len(kinds)} values")
+        return tuple(_coerce(f"{name}[{i}]", v, kind) for i, (v, kind) in enumerate(zip(value, kinds)))
     expected = origin or annotation
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
         raise ConfigError(f"{name} = {value!r}: expected {getattr(expected, '__name__', expected)}")
@@ -261,6 +293,9 @@ def _coerce(name: str, value, annotation):
 
 
 def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'the config'} must be a table of keys and values, got "
+                          f"{type(values).__name__} {values!r:.60}")
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -312,6 +347,11 @@ def load_run_config(path: str | Path, stage: str, settings: list[str] = ()) -> R
     ("section.key=value", e.g. from --set) applied last."""
     path = Path(path)
     raw = _read(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a table of sections ([model], [train], ...), got a "
+                          f"{type(raw).__name__}")
+    if not isinstance(raw.get("stages", {}), dict):
+        raise ConfigError(f"{path}: 'stages' must be a table of stage tables")
     stages = {str(name): value for name, value in raw.pop("stages", {}).items()}
     if "stage" in raw:
         raise ConfigError(f"{path}: the stage comes from --stage, not from the file's 'stage' key")

@@ -221,8 +221,10 @@ def save(tr: Trainer) -> Path | None:
     return folder
 
 
-def restore(tr: Trainer, folder: Path) -> None:
-    """Load a checkpoint's weights, EMA, optimizer, counters, loader position and RNG states."""
+def restore(tr: Trainer, folder: Path, data_changed: bool = False) -> None:
+    """Load a checkpoint's weights, EMA, optimizer, counters, loader position and RNG states.
+    ``data_changed`` (resuming on another cache): the saved position names batches of the old
+    cache, so the loader starts the next epoch of the new one instead."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     optimizer_state, train_state = load_training_state(folder)
@@ -235,19 +237,36 @@ def restore(tr: Trainer, folder: Path) -> None:
     set_optimizer_state_dict(tr.model, tr.optimizer, optimizer_state, options=options)
     tr.ema.load_full_state(load_weights(folder, ema=True))
     mine = train_state["ranks"][tr.rank]
-    tr.loader.load_state_dict(mine["loader"])
+    if data_changed:
+        tr.loader.epoch, tr.loader.batch = int(mine["loader"]["epoch"]) + 1, 0
+    else:
+        tr.loader.load_state_dict(mine["loader"])
     set_rng_state(mine["rng"])
     tr.progress = Progress(**train_state["progress"])
 
 
-def _step_outcome(tr: Trainer, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> tuple[bool, float, float]:
-    """(apply the step?, global mean loss, grad norm): one host sync, one all-reduce when distributed."""
+def _step_outcome(tr: Trainer, loss_sum: torch.Tensor, grad_norm: torch.Tensor,
+                  params_bad: torch.Tensor) -> tuple[bool, float, float, bool]:
+    """(apply the step?, global mean loss, grad norm, did an earlier update leave a parameter inf or
+    NaN?): one host sync, one all-reduce when distributed."""
     bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
-    packed = torch.stack([loss_sum.float(), bad])
+    packed = torch.stack([loss_sum.float(), bad, params_bad.float()])
     if tr.world > 1:
         dist.all_reduce(packed)
-    loss, bad_ranks = packed.tolist()
-    return bad_ranks == 0, loss / tr.world, float(grad_norm)
+    loss, bad_ranks, corrupted_ranks = packed.tolist()
+    return bad_ranks == 0, loss / tr.world, float(grad_norm), corrupted_ranks > 0
+
+
+def _parameters_nonfinite(optimizer, params: list[torch.Tensor]) -> torch.Tensor:
+    """A device scalar, nonzero when a parameter holds inf or NaN after the optimizer's update; no
+    host sync. engine.optim.AdamW flags it in its update's own pass (no extra read of the
+    parameters); other optimizers pay one read of the parameters (their norms)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(optimizer, AdamW) and optimizer.parameters_nonfinite() is not None:
+        return optimizer.parameters_nonfinite()[0]
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]  # FSDP2: this rank's shards
+    return ~torch.isfinite(torch.stack(torch._foreach_norm([p.detach() for p in local])).sum())
 
 
 def _sample(tr: Trainer, step: int) -> None:
@@ -291,6 +310,25 @@ def _graph_batches(inputs: dict[str, torch.Tensor], count: int) -> list[dict]:
     return batches
 
 
+def _any_rank(tr: Trainer, flag: torch.Tensor) -> bool:
+    """Whether ``flag`` (a device scalar) is nonzero on any rank (a collective when distributed)."""
+    flag = flag.float().reshape(1)
+    if tr.world > 1:
+        dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def _stop_corrupted(tr: Trainer, log: MetricsLog, step: int) -> int:
+    from train.checkpoint import complete_checkpoints
+
+    done = complete_checkpoints(tr.out)
+    kept = f"the newest checkpoint, {done[-1][1]}, holds the last good weights" if done else "no checkpoint was saved"
+    log.message(f"stopping at step {step}: an optimizer update left parameters inf or NaN although the loss and "
+                f"gradient norm were finite (check optim.lr, optim.eps and optim.weight_decay); nothing from that "
+                f"update on is saved, {kept}")
+    return EXIT_NONFINITE
+
+
 def train(tr: Trainer) -> int:
     """Run until the configured number of steps; returns the process exit code."""
     from engine.step_graph import StepGraph
@@ -306,6 +344,7 @@ def train(tr: Trainer) -> int:
     generators = [torch.Generator(device) for _ in range(accumulation)]
     graph = StepGraph(device, params, generators=generators) if tr.cuda_graph else None
     interval = Interval()
+    params_bad = torch.zeros((), device=device)  # nonzero once an update leaves a parameter inf or NaN
     last_time = time.perf_counter()
     try:
         while tr.progress.step < cfg.train.steps:
@@ -327,10 +366,14 @@ def train(tr: Trainer) -> int:
                                 _graph_inputs(step_batches))
             images = sum(batch["latent"].shape[0] for batch in step_batches) * tr.world
             flops = sum(tr.family.flops(tr.module, batch) for batch in step_batches) * tr.world
-            applied, loss_value, norm_value = _step_outcome(tr, out["loss_sum"], out["grad_norm"])
+            applied, loss_value, norm_value, corrupted = _step_outcome(tr, out["loss_sum"], out["grad_norm"],
+                                                                       params_bad)
+            if corrupted:  # an earlier update (read here, in the step's one sync) left inf or NaN
+                return _stop_corrupted(tr, log, step)
             if applied:
                 tr.optimizer.step()
                 tr.ema.update()
+                params_bad = _parameters_nonfinite(tr.optimizer, params)
                 tr.progress.nonfinite_run = 0
             else:
                 tr.progress.skipped_total += 1
@@ -352,6 +395,8 @@ def train(tr: Trainer) -> int:
 
             every = cfg.checkpoint.every
             if stop or (every and step % every == 0) or step == cfg.train.steps:
+                if _any_rank(tr, params_bad):  # never save parameters an update made inf or NaN
+                    return _stop_corrupted(tr, log, step)
                 folder = save(tr)
                 if folder is not None:
                     log.message(f"step {step}: checkpoint {folder}")

@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="CACHE", help="latent cache from `python -m train prepare`")
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, metrics.jsonl, samples")
     parser.add_argument("--init", metavar="CKPT", help="initial weights (see the module docstring)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out that verifies")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="with --resume: continue on another latent cache than the checkpoint was trained on")
     parser.add_argument("--max-steps", type=int, metavar="N", help="override train.steps")
     parser.add_argument("--ckpt-every", type=int, metavar="K", help="override checkpoint.every")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -64,6 +66,8 @@ class Plan:
     init: Path | None
     resume_from: Path | None
     cuda_graph: bool = False  # forward + backward replayed as a CUDA graph (train.cuda_graph resolved)
+    notes: list = None        # lines for the log: checkpoints --resume passed over, ...
+    data_changed: bool = False  # --resume on another cache (--allow-data-change)
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -108,7 +112,6 @@ def plan_run(args: argparse.Namespace) -> Plan:
 
     from engine import family
     from engine.data import open_cache
-    from train.checkpoint import complete_checkpoints, read_run_info
     from train.config import ConfigError, load_run_config, preset_path
 
     settings = list(args.set)
@@ -137,34 +140,74 @@ def plan_run(args: argparse.Namespace) -> Plan:
         except ImportError:
             raise ConfigError("optim.name = 'apex' but apex is not installed; use optim.name = 'adamw'") from None
 
-    out = Path(args.out)
-    done = complete_checkpoints(out)
-    resume_from = None
-    if args.resume:
-        if args.init:
-            raise ValueError("--resume continues from the run's own checkpoint: drop --init")
-        if not done:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'} to resume from")
-        resume_from = done[-1][1]
-        saved = read_run_info(resume_from)["config"]
-        current = json.loads(json.dumps(config.to_dict()))  # as run.json stores it (tuples become lists)
-        changed = [name for name in _differences(saved, current)
-                   if not name.startswith(_RESUMABLE_CHANGES)]
-        if changed:
-            raise ValueError(f"--resume: the config differs from the one {resume_from} was trained with in {changed}; "
-                             f"only {list(_RESUMABLE_CHANGES)} may change between segments of a run")
-    elif done:
-        raise FileExistsError(f"{out} already holds checkpoints (newest: step {done[-1][0]}): pass --resume to "
-                              f"continue that run, or choose another --out")
     init = Path(args.init) if args.init else None
     if init is not None and not init.exists():
         raise FileNotFoundError(f"--init {init} does not exist")
     cache = open_cache(args.data)
     check_cache(config, model_family, model_config, cache)
     bucket_sizes = np.unique(cache.sample_buckets, return_counts=True)[1]
+    _check_batches(cache, bucket_sizes, t.global_batch, micro, world)
+    out = Path(args.out)
+    resume_from, notes, data_changed = _resume_point(args, out, config, cache)
     cuda_graph = use_cuda_graph(t.cuda_graph, torch.cuda.is_available(), world, t.compile, t.activation_checkpointing,
                                 batch_shapes=int((bucket_sizes >= micro).sum()))  # the loader drops partial batches
-    return Plan(config, model_family, model_config, cache, out, world, micro, init, resume_from, cuda_graph)
+    return Plan(config, model_family, model_config, cache, out, world, micro, init, resume_from, cuda_graph, notes,
+                data_changed)
+
+
+def _check_batches(cache, bucket_sizes, global_batch: int, micro: int, world: int) -> None:
+    """A cache that cannot fill the run's batches is an error before anything is built (the
+    loader keeps full micro-batches of one bucket and drops the rest)."""
+    from train.config import ConfigError
+
+    if global_batch > cache.num_samples:
+        raise ConfigError(f"train.global_batch = {global_batch} is larger than latent cache {cache.path}'s "
+                          f"{cache.num_samples} samples: lower it (e.g. --set train.global_batch=N) or add data")
+    if bucket_sizes.max() < micro * world:
+        raise ConfigError(f"latent cache {cache.path}: its largest aspect-ratio bucket holds {bucket_sizes.max()} "
+                          f"samples, fewer than one micro-batch of {micro} for each of {world} rank(s): lower "
+                          f"train.micro_batch / train.global_batch or add data")
+
+
+def _resume_point(args: argparse.Namespace, out: Path, config, cache) -> tuple[Path | None, list[str], bool]:
+    """(the checkpoint --resume continues from, notes for the log, whether the cache changed): the
+    newest checkpoint that verifies, trained with this config (up to what may change between
+    segments) on this cache unless --allow-data-change."""
+    from train.checkpoint import complete_checkpoints, newest_verified, read_run_info
+
+    done = complete_checkpoints(out)
+    if not args.resume:
+        if done:
+            raise FileExistsError(f"{out} already holds checkpoints (newest: step {done[-1][0]}): pass --resume to "
+                                  f"continue that run, or choose another --out")
+        return None, [], False
+    if args.init:
+        raise ValueError("--resume continues from the run's own checkpoint: drop --init")
+    if not done:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'} to resume from")
+    resume_from, skipped = newest_verified(out)
+    notes = [f"--resume passes over {line}" for line in skipped]
+    if resume_from is None:
+        raise ValueError("--resume: no checkpoint under " + str(out / "checkpoints") + " verifies:\n  "
+                         + "\n  ".join(skipped))
+    run_info = read_run_info(resume_from)
+    current = json.loads(json.dumps(config.to_dict()))  # as run.json stores it (tuples become lists)
+    changed = [name for name in _differences(run_info["config"], current) if not name.startswith(_RESUMABLE_CHANGES)]
+    if changed:
+        raise ValueError(f"--resume: the config differs from the one {resume_from} was trained with in {changed}; "
+                         f"only {list(_RESUMABLE_CHANGES)} may change between segments of a run")
+    saved, now = run_info.get("cache", {}), _cache_identity(cache)
+    fields = ("index_sha256",) if "index_sha256" in saved else ("path", "num_samples")
+    moved = [f for f in fields if saved.get(f) != now[f]]
+    if moved and not args.allow_data_change:
+        raise ValueError(f"--resume: {resume_from} was trained on latent cache {saved.get('path')} "
+                         f"({saved.get('num_samples')} samples) and --data is {cache.path} ({cache.num_samples} "
+                         f"samples; differs in {moved}): pass the same cache, or --allow-data-change to continue "
+                         f"on this one (the data order then differs from an uninterrupted run)")
+    if moved:
+        notes.append(f"--allow-data-change: continuing on {cache.path}, not the checkpoint's {saved.get('path')}, "
+                     f"from the start of the next epoch")
+    return resume_from, notes, bool(moved)
 
 
 def init_distributed(world: int):
@@ -187,10 +230,16 @@ def init_distributed(world: int):
 
 
 def _cache_identity(cache) -> dict:
+    """What run.json records of the cache: its settings, where it is, and a hash of its index
+    (which names every sample and shard, with their checksums)."""
+    import hashlib
+
     meta = cache.meta
+    index = Path(cache.path) / "index.json"
     return {key: meta.get(key) for key in ("resolution", "multi_aspect", "latent_channels", "latent_downsample", "vae",
                                            "text_encoder", "text_width", "max_tokens", "labels", "classes")} | {
-        "path": str(Path(cache.path).resolve()), "num_samples": cache.num_samples}
+        "path": str(Path(cache.path).resolve()), "num_samples": cache.num_samples,
+        "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest()}
 
 
 def use_cuda_graph(setting: str, cuda: bool, world: int, compile: bool, activation_checkpointing: int,
@@ -306,7 +355,7 @@ def build_trainer(plan: Plan, rank: int, device):
         ema=loop.EMA(module, cfg.train.ema_decay), objective=objective, loader=loader, device=device, rank=rank,
         world=plan.world, out=plan.out, run_info=run_info, autocast_dtype=autocast_dtype, cuda_graph=plan.cuda_graph)
     if plan.resume_from is not None:
-        loop.restore(trainer, plan.resume_from)
+        loop.restore(trainer, plan.resume_from, plan.data_changed)
         messages.append(f"resumed from {plan.resume_from} (step {trainer.progress.step})")
     if cfg.log.sample_every:
         vae = (plan.cache.meta.get("vae") or {}).get("path", "pixels")
@@ -320,7 +369,7 @@ def build_trainer(plan: Plan, rank: int, device):
                 f"params, {plan.world} rank(s) x {plan.micro_batch} x {trainer.accumulation} accumulation = "
                 f"{cfg.train.global_batch} per step, lr {cfg.lr():.3g}, {'bf16' if compute_dtype else 'fp32'}, "
                 f"parallel {parallel}, {backend} loader, {device}{', CUDA graph' if plan.cuda_graph else ''}")
-    return trainer, [settings, *messages]
+    return trainer, [settings, *(plan.notes or []), *messages]
 
 
 def _grid_writer(plan: Plan, vae: str, device):
@@ -351,10 +400,13 @@ def main(args: argparse.Namespace) -> int:
 
     rank, device = init_distributed(plan.world)
     try:
+        try:
+            trainer, messages = build_trainer(plan, rank, device)
+        except (ValueError, FileNotFoundError) as error:  # --init that does not load or fit: no run folder made
+            print(f"run: {error}", file=sys.stderr)
+            return 2
         if rank == 0:
             plan.out.mkdir(parents=True, exist_ok=True)
-        trainer, messages = build_trainer(plan, rank, device)
-        if rank == 0:
             for line in messages:
                 print(line, flush=True)
         return loop.train(trainer)

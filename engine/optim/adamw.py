@@ -81,6 +81,8 @@ class AdamW(torch.optim.Optimizer):
                                       fused=None, decoupled_weight_decay=True))
         self.backend = backend
         self.copies: dict[torch.Tensor, ParameterCopy] = {}
+        # 1 once a step has written an inf or NaN into a parameter (see parameters_nonfinite)
+        self._nonfinite: torch.Tensor | None = None
         for group in self.param_groups:
             for p in group["params"]:
                 if type(p) is not torch.nn.Parameter and type(p) is not torch.Tensor:
@@ -104,6 +106,12 @@ class AdamW(torch.optim.Optimizer):
                                      f"asked for {dtype}")
                 setattr(submodule, f"{name}_copy", copy)
         return len(self.copies)
+
+    def parameters_nonfinite(self) -> torch.Tensor | None:
+        """A (1,) int32 device tensor, 1 once any step of this optimizer has written an inf or NaN
+        into a parameter (found in the update's own pass: no extra read of the parameters, no
+        host synchronisation); None before the first step."""
+        return self._nonfinite
 
     def _state_of(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -137,12 +145,14 @@ class AdamW(torch.optim.Optimizer):
                 step = int(state["step"].item()) + 1
                 by_step.setdefault(step, []).append(p)
             for step, params in by_step.items():
+                if self._nonfinite is None:
+                    self._nonfinite = torch.zeros(1, dtype=torch.int32, device=params[0].device)
                 states = [self.state[p] for p in params]
                 copies = [self.copies.get(p) for p in params]
                 adamw_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                             [s["exp_avg_sq"] for s in states], [c.tensor if c is not None else None for c in copies],
                             step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                            weight_decay=group["weight_decay"], backend=self.backend)
+                            weight_decay=group["weight_decay"], backend=self.backend, nonfinite=self._nonfinite)
                 for state, copy in zip(states, copies):
                     state["step"].fill_(step)
                     if copy is not None:

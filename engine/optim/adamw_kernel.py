@@ -67,7 +67,7 @@ def _coefficients(step: int, lr: float, beta1: float, beta2: float, weight_decay
 # bench/results/h100_pytest_gpu_d1179c4.txt; torch's fused AdamW also forms it in double).
 
 
-def _eager(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2, eps, weight_decay):
+def _eager(params, grads, exp_avgs, exp_avg_sqs, copies, flag, step, lr, beta1, beta2, eps, weight_decay):
     """Tensor by tensor with torch ops, in fp32 (rounded once to the parameter's dtype, as the kernel)."""
     decay, step_size, bias2_sqrt = _coefficients(step, lr, beta1, beta2, weight_decay)
     for p, g, m, v, copy in zip(params, grads, exp_avgs, exp_avg_sqs, copies):
@@ -75,6 +75,8 @@ def _eager(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2,
         m32 = m.float().mul_(beta1).add_(g32, alpha=1 - beta1)
         v32 = v.float().mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
         p32 = (p32 - decay * p32).addcdiv_(m32, v32.sqrt().div_(bias2_sqrt).add_(eps), value=-step_size)
+        if flag is not None:
+            flag.logical_or_(~torch.isfinite(p32).all())
         p.copy_(p32)
         m.copy_(m32)
         v.copy_(v32)
@@ -94,8 +96,9 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 
 @triton.jit
-def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step_size, bias2_sqrt, beta1, beta2,
-                  one_minus_beta1, one_minus_beta2, eps, P_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, MASKED: tl.constexpr):
+def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, flag_ptr, offsets, ok, decay, step_size, bias2_sqrt, beta1,
+                  beta2, one_minus_beta1, one_minus_beta2, eps, P_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr,
+                  HAS_COPY: tl.constexpr, MASKED: tl.constexpr):
     if MASKED:
         p = tl.load(p_ptr + offsets, mask=ok).to(tl.float32)
         g = tl.load(g_ptr + offsets, mask=ok).to(tl.float32)
@@ -110,6 +113,12 @@ def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step
     m = beta1 * m + one_minus_beta1 * g
     v = beta2 * v + one_minus_beta2 * g * g
     p = p - step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    # The non-finite flag: every writer stores the same 1, so plain stores need no atomics.
+    finite = tl.abs(p) <= 3.4028234663852886e38  # False for inf and NaN
+    if MASKED:
+        finite = finite | ~ok  # lanes past the tensor load nothing to check
+    if tl.min(finite.to(tl.int32), axis=0) == 0:
+        tl.store(flag_ptr, 1)
     if MASKED:
         tl.store(p_ptr + offsets, p.to(P_DTYPE), mask=ok)
         tl.store(m_ptr + offsets, m.to(P_DTYPE), mask=ok)
@@ -125,7 +134,7 @@ def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step
 
 
 @triton.jit
-def _adamw_kernel(addresses_ptr, sizes_ptr, program_tensor_ptr, program_start_ptr,
+def _adamw_kernel(addresses_ptr, sizes_ptr, program_tensor_ptr, program_start_ptr, flag_ptr,
                   decay, step_size, bias2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr,
                   HAS_COPY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
@@ -154,11 +163,11 @@ def _adamw_kernel(addresses_ptr, sizes_ptr, program_tensor_ptr, program_start_pt
     offsets = start + tl.arange(0, BLOCK)
     ok = offsets < n
     if start + BLOCK <= n:
-        _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step_size, bias2_sqrt, beta1, beta2,
-                      one_minus_beta1, one_minus_beta2, eps, P_DTYPE, COPY_DTYPE, HAS_COPY, False)
+        _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, flag_ptr, offsets, ok, decay, step_size, bias2_sqrt,
+                      beta1, beta2, one_minus_beta1, one_minus_beta2, eps, P_DTYPE, COPY_DTYPE, HAS_COPY, False)
     else:
-        _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offsets, ok, decay, step_size, bias2_sqrt, beta1, beta2,
-                      one_minus_beta1, one_minus_beta2, eps, P_DTYPE, COPY_DTYPE, HAS_COPY, True)
+        _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, flag_ptr, offsets, ok, decay, step_size, bias2_sqrt,
+                      beta1, beta2, one_minus_beta1, one_minus_beta2, eps, P_DTYPE, COPY_DTYPE, HAS_COPY, True)
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -196,7 +205,7 @@ def _program_map(sizes: tuple[int, ...], device: torch.device):
     return _cached(_PROGRAM_MAPS, (sizes, device), build)
 
 
-def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2, eps, weight_decay):
+def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, flag, step, lr, beta1, beta2, eps, weight_decay):
     decay, step_size, bias2_sqrt = _coefficients(step, lr, beta1, beta2, weight_decay)
     groups: dict[tuple, list[int]] = {}
     for i, (p, g, m, v, c) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, copies)):
@@ -210,7 +219,7 @@ def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2
         table = _cached(_ADDRESS_TABLES, (addresses, device), lambda: _to_device(list(addresses), device))
         sizes, program_tensor, program_start = _program_map(tuple(params[i].numel() for i in members), device)
         _adamw_kernel[(program_tensor.numel(),)](
-            table, sizes, program_tensor, program_start, decay, step_size, bias2_sqrt, beta1, beta2, 1 - beta1,
+            table, sizes, program_tensor, program_start, flag if flag is not None else _scratch_flag(device), decay, step_size, bias2_sqrt, beta1, beta2, 1 - beta1,
             1 - beta2, eps,
             P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype],
             COPY_DTYPE=_TL_DTYPES[copy_dtype or p_dtype], HAS_COPY=copy_dtype is not None, ALIGNED=aligned,
@@ -220,6 +229,17 @@ def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2
 # ---------------------------------------------------------------------------------------------
 # Public function.
 # ---------------------------------------------------------------------------------------------
+
+_SCRATCH_FLAGS: dict[torch.device, torch.Tensor] = {}
+
+
+def _scratch_flag(device: torch.device) -> torch.Tensor:
+    """Where the kernel writes its non-finite flag when the caller does not ask for it."""
+    flag = _SCRATCH_FLAGS.get(device)
+    if flag is None:
+        flag = _SCRATCH_FLAGS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return flag
+
 
 def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, copies, step) -> None:
     if not len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(copies):
@@ -248,11 +268,16 @@ def _check_inputs(params, grads, exp_avgs, exp_avg_sqs, copies, step) -> None:
 
 def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], copies: list[torch.Tensor | None], *, step: int, lr: float,
-                beta1: float, beta2: float, eps: float, weight_decay: float, backend: str | None = None) -> None:
+                beta1: float, beta2: float, eps: float, weight_decay: float, backend: str | None = None,
+                nonfinite: torch.Tensor | None = None) -> None:
     """AdamW step ``step`` (>= 1, shared by all tensors) on each parameter in place, its moments
     in place, and its copy (None: none) rewritten from the new value. Contiguous tensors on one
     device, moments in the parameter's dtype. backend: "eager" | "triton" | "auto" | None (see
-    engine.ops.backend): auto is triton on CUDA tensors, eager on the CPU."""
+    engine.ops.backend): auto is triton on CUDA tensors, eager on the CPU.
+
+    ``nonfinite``: a one-element int32 tensor on the parameters' device, set to 1 (never reset)
+    when an updated parameter value is inf or NaN; checked in the same pass, so watching the
+    parameters costs no extra read of them."""
     _check_inputs(params, grads, exp_avgs, exp_avg_sqs, copies, step)
     if not params:
         return
@@ -260,4 +285,8 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     if name == "cuda":
         raise RuntimeError("adamw_step_ has no CUDA-extension kernel; use backend 'triton' or 'eager'")
     run = _triton if name == "triton" else _eager
-    run(params, grads, exp_avgs, exp_avg_sqs, copies, step, lr, beta1, beta2, eps, weight_decay)
+    if nonfinite is not None and (nonfinite.shape != (1,) or nonfinite.dtype != torch.int32
+                                  or nonfinite.device != params[0].device):
+        raise ValueError(f"adamw_step_: nonfinite must be a (1,) int32 tensor on {params[0].device}, got "
+                         f"{tuple(nonfinite.shape)} {nonfinite.dtype} on {nonfinite.device}")
+    run(params, grads, exp_avgs, exp_avg_sqs, copies, nonfinite, step, lr, beta1, beta2, eps, weight_decay)

@@ -88,6 +88,33 @@ def test_tensors_in_one_launch_stay_apart(device, _fresh_seed):
         torch.testing.assert_close(p.double(), want, rtol=0, atol=1e-6, msg=f"tensor {i} (seed {_fresh_seed})")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("where", ["none", "first", "ragged_end", "middle_block", "nan_grad"])
+def test_nonfinite_flag(device, backend, where, _fresh_seed):
+    """The flag turns 1 exactly when an updated parameter is inf or NaN, wherever it sits (a
+    masked last block, a full block in the middle, a whole small tensor), and stays 1."""
+    params, grads, exp_avgs, exp_avg_sqs = make_state(SHAPES, torch.float32, torch.float32, device)
+    big = SHAPES[1][0]
+    index = {"first": (0, 3), "ragged_end": (1, big - 1), "middle_block": (1, kernel_module.BLOCK + 17),
+             "nan_grad": (2, 0)}.get(where)
+    if where == "nan_grad":
+        grads[2][0] = float("nan")
+    elif index is not None:
+        params[index[0]].view(-1)[index[1]] = float("inf")
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    adamw_step_(params, grads, exp_avgs, exp_avg_sqs, [None] * len(SHAPES), step=1, backend=backend,
+                nonfinite=flag, **HYPER)
+    bad = any(not torch.isfinite(p).all() for p in params)
+    assert bad == (where != "none"), f"the test's setup did not (or did) make a parameter non-finite: {where}"
+    assert flag.item() == int(bad), f"{where}: flag {flag.item()}, parameters non-finite: {bad} (seed {_fresh_seed})"
+    if bad:  # sticky: a later finite step leaves it set
+        params, grads, exp_avgs, exp_avg_sqs = make_state(SHAPES, torch.float32, torch.float32, device)
+        adamw_step_(params, grads, exp_avgs, exp_avg_sqs, [None] * len(SHAPES), step=2, backend=backend,
+                    nonfinite=flag, **HYPER)
+        assert flag.item() == 1
+
+
 def test_errors():
     p, g = torch.zeros(3), torch.zeros(3)
     with pytest.raises(ValueError, match="one of each per param"):

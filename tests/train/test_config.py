@@ -72,5 +72,5 @@ def test_settings_override_and_are_typed(tmp_path):
     assert load_run_config(preset_path("tiny"), "1", ['model.preset="tiny"']).model_config().caption_channels == 32
     edm = load_run_config(preset_path("tiny"), "2", ['train.objective="edm"', "train.edm_p_mean=0.5"]).train
     assert (edm.edm_p_mean, edm.edm_p_std) == (0.5, 1.2)
-    with pytest.raises(ConfigError, match="train.edm_p_std must be > 0, got 0"):
+    with pytest.raises(ConfigError, match="train.edm_p_std = 0.0: expected a value > 0"):
         load_run_config(preset_path("tiny"), "2", ["train.edm_p_std=0"])
