@@ -9,7 +9,6 @@ shard plan does not depend on ``world``, so a re-run may use a different number 
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -22,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
 import engine
 from engine.data.buckets import bucket_table, nearest_bucket, resize_crop
 from engine.data.cache import (SETTINGS_FILE, SHARDS_DIR, Sample, atomic_write_json, read_shard_entry,
                                shard_name, shard_problem, write_index, write_shard)
 from engine.data.encode import TextEncoder, load_vae
+from engine.data.images import UndecodableImage, decode_image
 from engine.data.sources import Source, SourceItem, open_source
 
 
@@ -66,14 +65,9 @@ def _decode(item: SourceItem, source: Source, table: list, labels: bool) -> _Dec
     if not data:
         return "empty file"
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            image = ImageOps.exif_transpose(opened)  # camera photos store rotation in EXIF
-            image.load()
-    except Exception as error:  # noqa: BLE001 -- any decoder failure is a property of this file
-        return f"undecodable image: {type(error).__name__}: {error}"
-    if "A" in image.getbands() or "transparency" in image.info:  # transparent pixels become white
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
-    image = image.convert("RGB")
+        image = decode_image(data)  # 8-bit RGB by each mode's real range, transparency over white
+    except UndecodableImage as error:
+        return str(error)
     bucket = nearest_bucket(image.height, image.width, table)
     _, height, width = table[bucket]
     pixels = np.asarray(resize_crop(image, height, width))  # (H, W, 3)

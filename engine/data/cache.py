@@ -14,7 +14,8 @@ Layout (docs/data.md has the full description)::
         shard.json        this shard's index entry: counts per bucket, file sizes and sha256
 
 Within a shard, samples are ordered by bucket id then source order, so the bucket of every
-sample follows from the per-shard bucket counts in index.json: opening a cache reads no shard.
+sample follows from the per-shard bucket counts in index.json: opening a cache reads no array,
+only the .npy headers, to check the index against the shards (``check_index``).
 A sample's id is its position in the cache (shards in index order, then position in the shard).
 """
 
@@ -45,6 +46,11 @@ VERIFY_MODES = ("open", "lazy", "none")
 
 class CacheCorruptError(RuntimeError):
     """A shard file does not match the size or checksum its index entry records."""
+
+
+class CacheIndexError(ValueError):
+    """index.json disagrees with itself or with the shard files it lists (edited, or mixed from
+    two builds); the message names the shard, the file and the field, and the fix."""
 
 
 @dataclass
@@ -198,6 +204,126 @@ def shard_problem(shard_dir: Path, entry: dict, check_hash: bool = True) -> str 
     return None
 
 
+def npy_shape(path: Path) -> tuple[int, ...]:
+    """The shape of the array in a .npy file, from its header alone."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(f)
+    return tuple(shape)
+
+
+def _stored_shape(path: Path, shard: str) -> tuple[int, ...]:
+    try:
+        return npy_shape(path)
+    except (OSError, ValueError) as error:
+        raise CacheCorruptError(f"latent cache shard {shard}: {path} is not a readable .npy file ({error})") from error
+
+
+def _index_fix(cache_dir: Path) -> str:
+    return (f"re-run the `python -m train prepare` command that built the cache, with the same --out: it keeps the "
+            f"intact shards, encodes missing or damaged ones again and rewrites {INDEX_FILE} from the shards' own "
+            f"{SHARD_ENTRY_FILE}; when only {INDEX_FILE} is wrong, `python -m train prepare --out {cache_dir} "
+            f"--merge` rewrites it alone")
+
+
+def _index_error(cache_dir: Path, field: str, problem: str, shard: str | None = None) -> CacheIndexError:
+    where = f"shard {shard}: " if shard is not None else ""
+    return CacheIndexError(f"latent cache {cache_dir}: {where}{INDEX_FILE} field {field} {problem}. "
+                           f"Fix: {_index_fix(cache_dir)}")
+
+
+def check_index(cache_dir: Path, meta: dict) -> None:
+    """Check index.json (``meta``) against itself and against the shard files, reading only
+    the .npy headers: raise CacheIndexError naming the shard, the file and the field.
+
+    Checked: per shard, bucket ids distinct, ascending and within the bucket table, bucket
+    counts summing to the shard's num_samples, every file a reader needs listed, every listed
+    file present, and the array shapes: latent_mean/std_<b> (count of b, C, h, w), records.npy
+    (num_samples, 5), text.npy (tokens, text_width); and the shards' counts summing to
+    num_samples. Text offsets live in records.npy, not in the index: ``records_problem``
+    checks them when a shard's contents are verified.
+    """
+    cache_dir = Path(cache_dir)
+    try:
+        _check_counts(cache_dir, meta)
+        for number, shard in enumerate(meta["shards"]):
+            _check_shard_files(cache_dir, meta, number, shard)
+    except CacheIndexError:
+        raise
+    except (KeyError, TypeError, ValueError) as error:  # a field missing or of the wrong type
+        raise CacheIndexError(f"latent cache {cache_dir}: {INDEX_FILE} is malformed ({type(error).__name__}: "
+                              f"{error}). Fix: {_index_fix(cache_dir)}") from error
+
+
+def _check_counts(cache_dir: Path, meta: dict) -> None:
+    """The index against itself: bucket ids and counts per shard, and their total."""
+    num_buckets = len(meta["buckets"])
+    total = 0
+    for number, shard in enumerate(meta["shards"]):
+        ids = [int(bucket) for bucket, _ in shard["buckets"]]
+        counts = [int(count) for _, count in shard["buckets"]]
+        if any(not 0 <= bucket < num_buckets for bucket in ids):
+            raise _index_error(cache_dir, f"shards[{number}].buckets", f"has bucket ids {ids}, but the bucket "
+                               f"table (field buckets) has ids 0..{num_buckets - 1}", shard["name"])
+        if ids != sorted(set(ids)) or min(counts, default=1) < 1:
+            raise _index_error(cache_dir, f"shards[{number}].buckets", f"is {shard['buckets']}, not distinct "
+                               f"ascending bucket ids with positive counts", shard["name"])
+        if sum(counts) != shard["num_samples"]:
+            raise _index_error(cache_dir, f"shards[{number}].num_samples", f"is {shard['num_samples']}, but the "
+                               f"shard's buckets count {sum(counts)} samples", shard["name"])
+        total += sum(counts)
+    if total != meta["num_samples"]:
+        raise _index_error(cache_dir, "num_samples", f"is {meta['num_samples']}, but the shards hold {total} samples")
+
+
+def _check_shard_files(cache_dir: Path, meta: dict, number: int, shard: dict) -> None:
+    """One shard's entry against its files: listed, present, and of the shapes the index implies."""
+    name, field = shard["name"], f"shards[{number}]"
+    folder = cache_dir / SHARDS_DIR / name
+    down = meta["latent_downsample"]
+    shapes = {"records.npy": (shard["num_samples"], len(RECORD_COLUMNS))}  # the first dimension of each is a count
+    for bucket, count in shard["buckets"]:
+        height, width = meta["buckets"][bucket]
+        shapes[f"latent_mean_{bucket}.npy"] = shapes[f"latent_std_{bucket}.npy"] = (
+            count, meta["latent_channels"], height // down, width // down)
+    if not folder.is_dir():
+        raise _index_error(cache_dir, f"{field}.name", f"is {name}, but the shard folder {folder} is missing", name)
+    for fname in [*shapes, "text.npy", "samples.json"]:
+        if fname not in shard["files"]:
+            raise _index_error(cache_dir, f"{field}.files", f"lists no {fname}, which a reader needs", name)
+    for fname in shard["files"]:
+        if not (folder / fname).is_file():
+            raise _index_error(cache_dir, f"{field}.files", f"lists {fname}, but {folder / fname} is missing", name)
+    for fname, shape in shapes.items():
+        actual = _stored_shape(folder / fname, name)
+        if actual[:1] != shape[:1]:
+            what = "num_samples" if fname == "records.npy" else "buckets"
+            raise _index_error(cache_dir, f"{field}.{what}", f"counts {shape[0]} samples for {folder / fname}, "
+                               f"which holds {actual[0] if actual else 'no'} rows", name)
+        if actual != shape and fname == "records.npy":
+            raise _index_error(cache_dir, "version", f"is {VERSION}, whose records.npy has the shape {shape}, but "
+                               f"{folder / fname} has {actual}", name)
+        if actual != shape:
+            raise _index_error(cache_dir, "latent_channels, latent_downsample and buckets", f"give "
+                               f"{folder / fname} the shape {shape}, the file has {actual}", name)
+    text_shape = _stored_shape(folder / "text.npy", name)
+    if len(text_shape) != 2 or text_shape[1] != meta["text_width"]:
+        raise _index_error(cache_dir, "text_width", f"is {meta['text_width']}, but {folder / 'text.npy'} holds "
+                           f"features of shape {text_shape} (tokens, width)", name)
+
+
+def records_problem(records: np.ndarray, text_rows: int) -> str | None:
+    """Why a shard's records (n, 5) do not fit its text array of ``text_rows`` tokens, or None."""
+    offsets, lengths = records[:, 0], records[:, 1]
+    bad = np.flatnonzero((offsets < 0) | (lengths < 0) | (offsets + lengths > text_rows))
+    if bad.size == 0:
+        return None
+    row = int(bad[0])
+    return (f"sample {row} has text_offset {int(offsets[row])} and text_length {int(lengths[row])}, outside the "
+            f"{text_rows} token rows of text.npy ({bad.size} samples are)")
+
+
 def write_index(cache_dir: Path, meta: dict, entries: list[dict]) -> dict:
     """Write index.json and skipped.jsonl from the cache metadata and all shard entries."""
     cache_dir = Path(cache_dir)
@@ -229,6 +355,10 @@ class LatentCache:
     ``verify`` says when shard files are checked against their sha256 in the index:
     ``"open"`` all of them now, ``"lazy"`` each shard the first time this process reads it,
     ``"none"`` never (sizes are still checked). A mismatch raises CacheCorruptError naming the file.
+
+    Opening checks index.json against the shards from the .npy headers (``check_index``), and
+    verifying a shard also checks its text offsets against its text array; a disagreement
+    raises CacheIndexError (a ValueError) naming the shard, the file and the field, with the fix.
     """
 
     def __init__(self, path: str | os.PathLike, verify: str = "lazy", max_open_shards: int = 64):
@@ -248,6 +378,7 @@ class LatentCache:
         if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise ValueError(f"{index_path} is not a {FORMAT} version {VERSION} index "
                              f"(format {self.meta.get('format')!r}, version {self.meta.get('version')!r})")
+        check_index(self.path, self.meta)  # a damaged index fails here, not as an IndexError mid-run
         self.verify = verify
         self.max_open_shards = max_open_shards
         self.shards = self.meta["shards"]
@@ -352,9 +483,14 @@ class LatentCache:
         if number in self._verified:
             return
         shard = self.shards[number]
-        problem = shard_problem(self.path / SHARDS_DIR / shard["name"], shard, check_hash=self.verify != "none")
+        folder = self.path / SHARDS_DIR / shard["name"]
+        problem = shard_problem(folder, shard, check_hash=self.verify != "none")
         if problem is not None:
             raise CacheCorruptError(f"latent cache shard {shard['name']}: {problem}")
+        problem = records_problem(np.load(folder / "records.npy"), npy_shape(folder / "text.npy")[0])
+        if problem is not None:
+            raise CacheIndexError(f"latent cache {self.path}: shard {shard['name']}: {folder / 'records.npy'} "
+                                  f"field text_offset/text_length: {problem}. Fix: {_index_fix(self.path)}")
         self._verified.add(number)
 
     def _shard(self, number: int) -> dict:
