@@ -24,7 +24,6 @@ import difflib
 import json
 import math
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -111,7 +110,7 @@ class CheckpointSection:
 @dataclass
 class LogSection:
     every: int = 10          # steps per JSONL line
-    tensorboard: bool = True  # when the tensorboard package is installed
+    tensorboard: bool = False  # also TensorBoard event files (the optional `tensorboard` extra)
     sample_every: int = 0    # steps per sample grid; 0 = off
     sample_count: int = 8    # images in a grid (fixed prompts / labels)
     sample_steps: int = 20
@@ -245,8 +244,6 @@ def _read(path: Path) -> dict:
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: invalid JSON: {error}") from None
     if path.suffix == ".toml":
-        if sys.version_info < (3, 11):
-            raise ConfigError(f"{path}: TOML configs need Python >= 3.11 (tomllib); use a JSON config")
         import tomllib
         try:
             return tomllib.loads(text)

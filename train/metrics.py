@@ -1,4 +1,5 @@
-"""Training logs: one JSONL line per interval, a progress bar, and TensorBoard when it is installed.
+"""Training logs: one JSONL line per interval, a progress bar on a terminal or a plain line per
+interval otherwise, and TensorBoard when asked for (the optional `tensorboard` extra).
 
 Each line of OUT/metrics.jsonl (rank 0 writes it)::
 
@@ -12,12 +13,18 @@ Each line of OUT/metrics.jsonl (rank 0 writes it)::
     gpu_days_stage                   projection for the configured steps of this stage at the
                                      interval's rate: steps x global batch / (img/s per GPU) / 86400
     skipped, skipped_total           steps not applied because the loss or grad norm was not finite
+
+When stdout is not a terminal (nohup, CI, a log file) or the bar cannot show (stderr is not a
+terminal), each JSONL line is also printed to stdout as one flushed line (plain_line), so a
+redirected log shows progress at every ``log.every`` steps instead of nothing for minutes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -78,6 +85,56 @@ def interval_record(step: int, interval: Interval, lr: float, world: int, device
     }
 
 
+def _duration(seconds: float) -> str:
+    """A rough duration: 42s, 3m20s, 1h02m, 2d03h."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def plain_line(record: dict, total_steps: int, eta_seconds: float | None) -> str:
+    """One interval_record as a line for a log file:
+    ``step 120/5000  loss 0.1234  grad norm 0.0561  lr 0.0001  310 img/s  data wait 3%  eta 1h02m``."""
+    def number(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    parts = [f"step {record['step']}/{total_steps}", f"loss {number(record['loss'], '.4f')}",
+             f"grad norm {number(record['grad_norm'], '.4g')}", f"lr {number(record['lr'], '.3g')}",
+             f"{number(record['img_per_s'], '.4g')} img/s", f"data wait {number(record['data_wait'], '.0%')}",
+             f"eta {'n/a' if eta_seconds is None else _duration(eta_seconds)}"]
+    if record.get("skipped"):
+        parts.append(f"skipped {record['skipped']} (total {record['skipped_total']})")
+    return "  ".join(parts)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
+def open_tensorboard(folder: Path):
+    """A SummaryWriter writing to ``folder``; None, after one printed line saying how to get it,
+    when the tensorboard package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # imports the tensorboard package
+    except ImportError:
+        print('log.tensorboard is on, but the tensorboard package is not installed: continuing without it '
+              '(metrics.jsonl has every value). To get it: pip install "engine[tensorboard]", or pip install '
+              'tensorboard.', flush=True)
+        return None
+    return SummaryWriter(str(folder))
+
+
 def _step_of(line: str) -> float:
     """The step of a JSONL line; infinity for a line cut short by a killed process (dropped)."""
     try:
@@ -87,11 +144,14 @@ def _step_of(line: str) -> float:
 
 
 class MetricsLog:
-    """JSONL file + tqdm bar + optional TensorBoard, all on rank 0; other ranks keep nothing."""
+    """JSONL file + tqdm bar or plain lines + optional TensorBoard, all on rank 0; other ranks keep nothing."""
 
     def __init__(self, out: Path, rank: int, total_steps: int, start_step: int, tensorboard: bool):
         self.active = rank == 0
         self.file = self.bar = self.board = None
+        self.plain = False
+        self.total_steps, self.start_step = total_steps, start_step
+        self.start_time = time.perf_counter()  # for the eta: wall time per step since this segment began
         if not self.active:
             return
         from tqdm import tqdm
@@ -104,13 +164,17 @@ class MetricsLog:
         self.file = open(path, "a", encoding="utf-8")
         # disable=None: the bar shows on a terminal and stays out of redirected logs
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=None)
+        # plain lines wherever the bar is not seen on a terminal beside stdout
+        self.plain = self.bar.disable or not _is_terminal(sys.stdout)
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                SummaryWriter = None
-            if SummaryWriter is not None:
-                self.board = SummaryWriter(str(out / "tensorboard"))
+            self.board = open_tensorboard(out / "tensorboard")
+
+    def eta_seconds(self, step: int) -> float | None:
+        """Wall time left at this segment's rate so far (checkpoints and sample grids included)."""
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self.start_time) / done * max(0, self.total_steps - step)
 
     def step(self, loss: float | None) -> None:
         if self.bar is not None:
@@ -123,14 +187,18 @@ class MetricsLog:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.plain:
+            print(plain_line(record, self.total_steps, self.eta_seconds(record["step"])), flush=True)
         if self.board is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.board.add_scalar(f"train/{key}", value, record["step"])
 
     def message(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
+        if self.plain:
+            print(text, flush=True)
+        elif self.bar is not None:
+            self.bar.write(text)  # above the bar
 
     def close(self) -> None:
         for handle in (self.bar, self.board, self.file):

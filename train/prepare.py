@@ -61,5 +61,5 @@ def main(args: argparse.Namespace) -> int:
                     progress=not args.no_progress)
     except (BadInputError, FileNotFoundError, ValueError) as error:
         print(f"prepare: {error}", file=sys.stderr)
-        return 1
+        return 2
     return 0
