@@ -133,6 +133,23 @@ class Family:
         level at which the two models should agree). Raise ValueError for what does not fit."""
         raise ValueError(f"family {self.name!r} cannot be initialised from {source}")
 
+    @staticmethod
+    def copy_weights(module: torch.nn.Module, weights: dict, may_stay_fresh=lambda key: False) -> list[str]:
+        """Load ``weights`` into ``module`` after checking they fit: every key known, every shape
+        equal, every missing key one that ``may_stay_fresh`` allows (it keeps its own init).
+        Returns the keys left fresh; a misfit is a ValueError listing what differs."""
+        mine = module.state_dict()
+        fresh = [k for k in mine if k not in weights]
+        missing = sorted(k for k in fresh if not may_stay_fresh(k))
+        unexpected = [k for k in weights if k not in mine]
+        wrong = [f"{k}: {tuple(weights[k].shape)} vs {tuple(mine[k].shape)}"
+                 for k in weights if k in mine and weights[k].shape != mine[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"does not fit the model {module.config}: missing {missing}, unexpected {unexpected}, "
+                             f"wrong shapes {wrong}")
+        module.load_state_dict(weights, strict=False)
+        return fresh
+
     def export(self, model: torch.nn.Module, fmt: str, path: Path) -> str:
         """Write ``model`` in format ``fmt`` (one of ``exporters``) to ``path``; returns what was written."""
         raise ValueError(f"family {self.name!r} exports no format {fmt!r}")

@@ -31,9 +31,6 @@ class DiTFamily(Family):
 
         return DiT(config)
 
-    def describe(self, config: DiTConfig) -> str:
-        return "DiT"
-
     def check_cache(self, config: DiTConfig, cache) -> None:
         if not cache.has_labels:
             raise ValueError(f"latent cache {cache.path} has no class labels: a class-conditional model needs a "
@@ -81,8 +78,7 @@ class DiTFamily(Family):
 
         fmt = "engine"
         if isinstance(source, Path):
-            from engine.family.pixart import checkpoint_keys
-            from engine.interop import dit
+            from engine.interop import checkpoint_keys, dit
 
             if not source.is_file():
                 raise FileNotFoundError(f"{source} does not exist")
@@ -98,11 +94,5 @@ class DiTFamily(Family):
             source, fmt = dit.load(source, **overrides), "facebookresearch/DiT"
         if not isinstance(source, DiT):
             raise ValueError(f"holds a {type(source).__name__}; a class-conditional DiT starts from a DiT")
-        weights = {k: v.float() for k, v in source.state_dict().items()}
-        mine = module.state_dict()
-        wrong = sorted(set(weights) ^ set(mine)) + [f"{k}: {tuple(weights[k].shape)} vs {tuple(mine[k].shape)}"
-                                                     for k in weights if k in mine and weights[k].shape != mine[k].shape]
-        if wrong:
-            raise ValueError(f"does not fit the model {module.config}: {wrong}")
-        module.load_state_dict(weights)
+        self.copy_weights(module, {k: v.float() for k, v in source.state_dict().items()})
         return f"{fmt} weights copied" if fmt != "engine" else "weights copied"

@@ -67,9 +67,6 @@ class PixArtFamily(Family):
 
         return PixArt(config)
 
-    def describe(self, config: PixArtConfig) -> str:
-        return "PixArt"
-
     def text_len(self, config: PixArtConfig) -> int:
         return config.text_len
 
@@ -164,19 +161,10 @@ class PixArtFamily(Family):
         weights = {k: v.float() for k, v in source.state_dict().items()}
         if fmt == "diffusers":
             del weights["null_caption"]  # from_diffusers made up a random one
-        mine = module.state_dict()
-        fresh = [k for k in mine if k not in weights]
-        allowed_fresh = [k for k in fresh if k.startswith(("size_embed.", "aspect_embed.")) or k == "null_caption"]
-        unexpected = [k for k in weights if k not in mine]
-        wrong = [f"{k}: {tuple(weights[k].shape)} vs {tuple(mine[k].shape)}"
-                 for k in weights if k in mine and weights[k].shape != mine[k].shape]
-        if unexpected or wrong or len(allowed_fresh) != len(fresh):
-            missing = sorted(set(fresh) - set(allowed_fresh))
-            raise ValueError(f"does not fit the model {module.config}: missing {missing}, unexpected {unexpected}, "
-                             f"wrong shapes {wrong}")
-        module.load_state_dict(weights, strict=False)
+        fresh = self.copy_weights(module, weights, lambda key: key.startswith(("size_embed.", "aspect_embed."))
+                                  or key == "null_caption")
         how = f"{fmt} weights copied" if fmt != "engine" else "weights copied"
-        if any(k.startswith("size_embed.") for k in allowed_fresh):
+        if any(k.startswith("size_embed.") for k in fresh):
             with torch.no_grad():
                 for embedder in (module.size_embed, module.aspect_embed):
                     embedder.fc2.weight.zero_()
@@ -193,18 +181,6 @@ class PixArtFamily(Family):
         return "a diffusers PixArtTransformer2DModel"
 
 
-def checkpoint_keys(path: Path) -> set[str]:
-    """Key set of a foreign checkpoint file, the keys of nested training dicts included."""
-    from engine.interop import read_checkpoint
-
-    checkpoint = read_checkpoint(path)
-    keys = set(checkpoint)
-    for value in checkpoint.values():
-        if isinstance(value, dict):
-            keys |= set(value)
-    return {k.removeprefix("module.") for k in keys}  # DDP-saved files prefix every key
-
-
 def _read_foreign(path: Path, target: PixArtConfig):
     """(model, format name) of a PixArt or DiT in a foreign format at ``path``."""
     if (path / "config.json").is_file() or (path / "transformer" / "config.json").is_file():
@@ -215,6 +191,8 @@ def _read_foreign(path: Path, target: PixArtConfig):
         return from_diffusers(PixArtTransformer2DModel.from_pretrained(folder)), "diffusers"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    from engine.interop import checkpoint_keys
+
     keys = checkpoint_keys(path)
     overrides = {"num_heads": target.num_heads}
     if "pos_embed" not in keys:

@@ -153,6 +153,17 @@ def read_checkpoint(path) -> dict:
     return checkpoint
 
 
+def checkpoint_keys(path) -> set[str]:
+    """Key set of a checkpoint file, the keys of nested training dicts (model, ema) included and
+    DDP's "module." prefix dropped: enough to tell which format a file holds."""
+    checkpoint = read_checkpoint(path)
+    keys = set(checkpoint)
+    for value in checkpoint.values():
+        if isinstance(value, dict):
+            keys |= set(value)
+    return {k.removeprefix("module.") for k in keys}
+
+
 def strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
     """Drop the prefix DistributedDataParallel adds to every key, when all keys carry it."""
     if state_dict and all(k.startswith(prefix) for k in state_dict):

@@ -262,11 +262,11 @@ def _alignment(t: torch.Tensor | None) -> int:
 # bench/results/h100_kernels_linear_mlp_140441d.json). ENGINE_GEMM_TUNE=0 keeps the heuristic's
 # first choice. Not tuned while a CUDA graph is being captured (timing needs a synchronisation): a
 # signature first seen there runs candidate 0.
-# Each candidate: the median of TUNE_REPEATS timed calls after one warm-up call. 20, not 5: with 5
-# the kernels picked for the same step differed between runs (GEMM 81.8 vs 82.4 ms a step, H100;
-# bench/results/h100_profile_256_b64_engine_graph_{b119fd7,56442c4}.md); more calls make the pick
-# less a matter of timing noise. Costs ~1 s of warm-up; whether it made the step faster is not
-# measured.
+# Each candidate: the median of TUNE_REPEATS timed calls after one warm-up call. Five calls leave
+# the pick to timing noise: two H100 profiles of the same step tuned that way picked different
+# kernels (GEMM 81.8 and 82.4 ms a step: bench/results/h100_profile_256_b64_engine_graph_b119fd7.md
+# and h100_profile_256_b64_engine_graph_56442c4.md). 20 calls cost ~1 s of warm-up; their effect on
+# the step's speed is not measured.
 TUNE_REPEATS = 20
 _TUNED_ALGOS: dict[tuple, int] = {}
 _TUNING_TIMES: dict[tuple, list[float | None]] = {}

@@ -114,7 +114,8 @@ def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, flag_ptr, offsets, ok, d
     v = beta2 * v + one_minus_beta2 * g * g
     p = p - step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
     # The non-finite flag: every writer stores the same 1, so plain stores need no atomics.
-    finite = tl.abs(p) <= 3.4028234663852886e38  # False for inf and NaN
+    # |p| <= float32's largest finite value: false for inf, and for NaN (every comparison with NaN is)
+    finite = tl.abs(p) <= 3.4028234663852886e38
     if MASKED:
         finite = finite | ~ok  # lanes past the tensor load nothing to check
     if tl.min(finite.to(tl.int32), axis=0) == 0:
