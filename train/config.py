@@ -31,6 +31,7 @@ from pathlib import Path
 
 from engine import family
 from engine.config import preset
+from engine.recompute import Recompute
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 OBJECTIVES = ("iddpm", "edm")
@@ -59,7 +60,7 @@ class ModelSection:
 class DataSection:
     pixels: bool = False        # the cache holds pixels (`prepare --vae pixels`), not VAE latents
     multi_aspect: bool = False  # the cache has aspect-ratio buckets (stage 3)
-    backend: str = "auto"       # loader: dali on CUDA, torch on CPU
+    backend: str = "auto"       # loader: dali on CUDA where it is installed, torch otherwise
     workers: int = 2            # loader worker processes
 
 
@@ -94,7 +95,10 @@ class TrainSection:
     label_dropout: float = 0.1    # label-conditioned families: label -> the null class
     precision: str = "auto"       # bf16 on CUDA, fp32 on CPU
     parallel: str = "auto"        # under torchrun: ddp; alone: none
-    activation_checkpointing: int = 0  # checkpoint every k-th block; 0 = off
+    # recompute in the backward (engine.recompute): "auto" = the least that fits the GPU's memory
+    # at the micro-batch, measured before training; "off" / 0; k = whole blocks, every k-th;
+    # "PART[,PART][/k]" = those submodules of every (k-th) block, e.g. "mlp" or "block/2"
+    activation_checkpointing: int | str = "auto"
     compile: bool = False
     cuda_graph: str = "auto"      # forward + backward replayed as one CUDA graph; auto: where train/run.py allows
     max_nonfinite_steps: int = 20  # this many skipped steps in a row save and stop the run
@@ -186,7 +190,6 @@ def validate(config: RunConfig) -> RunConfig:
                         ("log.sample_steps", config.log.sample_steps)):
         _positive(name, value)
     for name, value in (("train.micro_batch", t.micro_batch),
-                        ("train.activation_checkpointing", t.activation_checkpointing),
                         ("optim.warmup_steps", o.warmup_steps), ("checkpoint.every", config.checkpoint.every),
                         ("log.sample_every", config.log.sample_every), ("data.workers", d.workers),
                         ("train.seed", t.seed)):
@@ -198,6 +201,11 @@ def validate(config: RunConfig) -> RunConfig:
     _choice("optim.name", o.name, OPTIMIZERS)
     _choice("optim.lr_scaling", o.lr_scaling, LR_SCALING)
     _choice("data.backend", d.backend, LOADER_BACKENDS)
+    if t.activation_checkpointing != "auto":
+        try:
+            Recompute.parse(t.activation_checkpointing)
+        except ValueError as error:
+            raise ConfigError(f"train.activation_checkpointing: {error} (or \"auto\")") from None
     _finite_floats(config, "")
     for name, value in (("train.ema_decay", t.ema_decay), ("train.caption_dropout", t.caption_dropout),
                         ("train.label_dropout", t.label_dropout)):
@@ -269,10 +277,15 @@ def _coerce(name: str, value, annotation):
     """Check a TOML/JSON value against a dataclass field annotation (ints widen to floats)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(annotation)):
             return None
-        annotation = next(a for a in options if a is not type(None))
+        for option in options[:-1]:  # the first option the value passes, else the last one's error
+            try:
+                return _coerce(name, value, option)
+            except ConfigError:
+                pass
+        annotation = options[-1]
         origin = typing.get_origin(annotation)
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):

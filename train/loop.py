@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from engine.family import Family
-from engine.optim import AdamW
+from engine.optim import AdamW, clip_coefficient
 from train.checkpoint import debug_kill, load_training_state, load_weights, save_checkpoint
 from train.config import OptimSection, RunConfig
 from train.metrics import Interval, MetricsLog, interval_record
@@ -91,10 +91,18 @@ class EMA:
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.shadow = [p.detach().float().clone() for p in self.params]
+        self._own = list(range(len(self.params)))  # the shadows update() moves
+
+    def hand_over(self, moved: set[int]) -> None:
+        """The shadows of the parameters with these ids are moved by the optimizer's step from now
+        on (engine AdamW: train.loop._fused_updates); update() leaves them alone."""
+        self._own = [i for i, p in enumerate(self.params) if id(p) not in moved]
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+        if self._own:
+            torch._foreach_lerp_([self.shadow[i] for i in self._own],
+                                 [self.params[i].detach().float() for i in self._own], 1.0 - self.decay)
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Unsharded copies on the CPU (a collective under FSDP2: call on every rank)."""
@@ -176,6 +184,8 @@ class Trainer:
     autocast_dtype: torch.dtype | None = None
     sample_grid: Callable[[int, dict], None] | None = None  # (step, EMA state) -> writes a grid, rank 0
     cuda_graph: bool = False      # forward + backward replayed as a CUDA graph (engine.step_graph)
+    cuda_graph_off: str = ""      # why not, when not
+    recompute: str = "off"        # the recompute policy applied (engine.recompute)
     progress: Progress = dataclasses.field(default_factory=Progress)
 
     @property
@@ -184,18 +194,25 @@ class Trainer:
         return self.config.train.global_batch // (micro * self.world)
 
 
-def _micro_batch_loss(tr: Trainer, batch: dict, generator: torch.Generator) -> torch.Tensor:
-    """The micro-batch's mean loss; draws, in order: the family's condition dropout, the noise
-    level, the noise (the module docstring's randomness contract)."""
+def micro_batch_loss(family: Family, model: nn.Module, module: nn.Module, objective, train_config,
+                     autocast_dtype: torch.dtype | None, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """A micro-batch's mean loss through ``model`` (``module`` unwrapped); draws, in order: the
+    family's condition dropout, the noise level, the noise (the module docstring's randomness
+    contract)."""
     x0 = batch["latent"]  # (B, C, h, w)
-    kwargs = tr.family.training_conditions(tr.module, batch, generator, tr.config.train)
+    device = x0.device
+    kwargs = family.training_conditions(module, batch, generator, train_config)
     mask = kwargs.pop("loss_mask", None)
-    level = tr.objective.sample_noise_level(x0.shape[0], generator, tr.device)  # (B,): t or σ
-    noise = torch.randn(x0.shape, generator=generator, device=tr.device)  # (B, C, h, w)
-    autocast = torch.autocast(tr.device.type, dtype=tr.autocast_dtype, enabled=tr.autocast_dtype is not None)
-    with autocast:
-        losses = tr.objective.training_losses(tr.model, x0, level, kwargs, noise=noise, mask=mask)
+    level = objective.sample_noise_level(x0.shape[0], generator, device)  # (B,): t or σ
+    noise = torch.randn(x0.shape, generator=generator, device=device)  # (B, C, h, w)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        losses = objective.training_losses(model, x0, level, kwargs, noise=noise, mask=mask)
     return losses["loss"].mean()
+
+
+def _micro_batch_loss(tr: Trainer, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    return micro_batch_loss(tr.family, tr.model, tr.module, tr.objective, tr.config.train, tr.autocast_dtype,
+                            batch, generator)
 
 
 def save(tr: Trainer) -> Path | None:
@@ -278,10 +295,11 @@ def _sample(tr: Trainer, step: int) -> None:
 
 
 def _forward_backward(tr: Trainer, batches: list[dict], generators: list[torch.Generator],
-                      params: list[torch.nn.Parameter], max_norm: float) -> dict:
+                      params: list[torch.nn.Parameter], max_norm: float, grad_scale: torch.Tensor | None) -> dict:
     """Forward and backward of one step's micro-batches (gradients accumulate), then the gradient
     clipping of ``params``: device tensors only, no host read, so it can be captured
-    (engine.step_graph)."""
+    (engine.step_graph). With ``grad_scale`` (engine AdamW, _fused_updates) the clipping
+    coefficient goes there and the optimizer applies it in its own pass over the gradients."""
     from torch.distributed.tensor import DTensor
 
     loss_sum = torch.zeros((), device=tr.device)
@@ -290,10 +308,29 @@ def _forward_backward(tr: Trainer, batches: list[dict], generators: list[torch.G
             loss = _micro_batch_loss(tr, batch, generator) / len(batches)
             loss.backward()
         loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    if grad_scale is not None:
+        grad_norm, coefficient = clip_coefficient([p.grad for p in params if p.grad is not None], max_norm)
+        grad_scale.copy_(coefficient)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     return {"loss_sum": loss_sum, "grad_norm": grad_norm}
+
+
+def _fused_updates(tr: Trainer) -> torch.Tensor | None:
+    """With engine AdamW, the gradient clipping and the EMA move into the optimizer's pass: the
+    step then reads the gradients, parameters and EMA once instead of three passes (clip's
+    multiply, the update, the EMA's lerp; bench/optimizer.py). Returns the clipping scale the
+    step reads, or None with another optimizer (clip_grad_norm_ and EMA.update as they are)."""
+    if not isinstance(tr.optimizer, AdamW):
+        return None
+    owned = {id(p) for group in tr.optimizer.param_groups for p in group["params"]}
+    tr.optimizer.attach_ema({p: s for p, s in zip(tr.ema.params, tr.ema.shadow) if id(p) in owned}, tr.ema.decay)
+    tr.ema.hand_over({id(p) for p in tr.optimizer.shadows})
+    grad_scale = torch.ones((), dtype=torch.float32, device=tr.device)
+    tr.optimizer.set_grad_scale(grad_scale)
+    return grad_scale
 
 
 def _graph_inputs(batches: list[dict]) -> dict[str, torch.Tensor]:
@@ -316,6 +353,15 @@ def _any_rank(tr: Trainer, flag: torch.Tensor) -> bool:
     if tr.world > 1:
         dist.all_reduce(flag)
     return bool(flag.item())
+
+
+def _graph_state(tr: Trainer, graph) -> tuple[bool, str]:
+    """(the step replays a CUDA graph now, why not when not) for the log."""
+    if graph is None:
+        return False, tr.cuda_graph_off
+    if not graph.captured:
+        return False, f"the first {graph.warmup_steps} steps run eagerly before the capture"
+    return True, ""
 
 
 def _stop_corrupted(tr: Trainer, log: MetricsLog, step: int) -> int:
@@ -343,6 +389,7 @@ def train(tr: Trainer) -> int:
     # the same objects every step, so a CUDA graph can have them registered.
     generators = [torch.Generator(device) for _ in range(accumulation)]
     graph = StepGraph(device, params, generators=generators) if tr.cuda_graph else None
+    grad_scale = _fused_updates(tr)
     interval = Interval()
     params_bad = torch.zeros((), device=device)  # nonzero once an update leaves a parameter inf or NaN
     last_time = time.perf_counter()
@@ -359,10 +406,10 @@ def train(tr: Trainer) -> int:
             for micro, generator in enumerate(generators):
                 generator.manual_seed(micro_seed(cfg.train.seed, step, micro * tr.world + tr.rank))
             if graph is None:
-                out = _forward_backward(tr, step_batches, generators, params, max_norm)
+                out = _forward_backward(tr, step_batches, generators, params, max_norm, grad_scale)
             else:
                 out = graph.run(lambda inputs: _forward_backward(tr, _graph_batches(inputs, accumulation), generators,
-                                                                 params, max_norm),
+                                                                 params, max_norm, grad_scale),
                                 _graph_inputs(step_batches))
             images = sum(batch["latent"].shape[0] for batch in step_batches) * tr.world
             flops = sum(tr.family.flops(tr.module, batch) for batch in step_batches) * tr.world
@@ -390,7 +437,8 @@ def train(tr: Trainer) -> int:
             stop = tr.progress.nonfinite_run >= cfg.train.max_nonfinite_steps
             if step % cfg.log.every == 0 or step == cfg.train.steps or stop:
                 log.write(interval_record(step, interval, lr, tr.world, device, cfg.train.steps,
-                                          cfg.train.global_batch, tr.progress.gpu_seconds, tr.progress.skipped_total))
+                                          cfg.train.global_batch, tr.progress.gpu_seconds, tr.progress.skipped_total,
+                                          tr.recompute, *_graph_state(tr, graph)))
                 interval = Interval()
 
             every = cfg.checkpoint.every

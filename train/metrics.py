@@ -8,7 +8,10 @@ Each line of OUT/metrics.jsonl (rank 0 writes it)::
     tflops_per_gpu, mfu              model.flops_per_sample (3 x forward, docs/design.md §10) x images/s;
                                      mfu against the GPU's datasheet dense bf16 peak, null on CPU
     mem_gib                          torch.cuda.max_memory_allocated, null on CPU
-    data_wait                        share of step time spent waiting for the loader
+    step_ms                          mean wall time of a step (data wait included)
+    data_wait, data_wait_ms          share of step time spent waiting for the loader; mean ms per step
+    recompute                        the activation recompute applied (engine.recompute; "off": none)
+    cuda_graph, cuda_graph_off       whether the interval's steps replayed a CUDA graph; why not
     gpu_days                         device time used so far (all segments of the run, all ranks)
     gpu_days_stage                   projection for the configured steps of this stage at the
                                      interval's rate: steps x global batch / (img/s per GPU) / 86400
@@ -61,8 +64,10 @@ def _round(value: float | None, digits: int = 6):
 
 
 def interval_record(step: int, interval: Interval, lr: float, world: int, device: torch.device,
-                    stage_steps: int, global_batch: int, gpu_seconds: float, skipped_total: int) -> dict:
+                    stage_steps: int, global_batch: int, gpu_seconds: float, skipped_total: int,
+                    recompute: str = "off", cuda_graph: bool = False, cuda_graph_off: str = "") -> dict:
     seconds = max(interval.step_seconds, 1e-9)
+    steps = max(interval.steps, 1)
     img_per_s = interval.images / seconds
     per_gpu = img_per_s / world
     tflops_per_gpu = interval.flops / seconds / world / 1e12
@@ -77,7 +82,12 @@ def interval_record(step: int, interval: Interval, lr: float, world: int, device
         "tflops_per_gpu": _round(tflops_per_gpu, 5),
         "mfu": _round(tflops_per_gpu / peak, 4) if peak else None,
         "mem_gib": _round(torch.cuda.max_memory_allocated(device) / 2**30, 4) if device.type == "cuda" else None,
+        "step_ms": _round(interval.step_seconds / steps * 1e3, 5),
         "data_wait": _round(interval.wait_seconds / seconds, 4),
+        "data_wait_ms": _round(interval.wait_seconds / steps * 1e3, 4),
+        "recompute": recompute,
+        "cuda_graph": cuda_graph,
+        "cuda_graph_off": cuda_graph_off or None,
         "gpu_days": _round(gpu_seconds / 86400, 5),
         "gpu_days_stage": _round(stage_steps * global_batch / per_gpu / 86400, 5) if per_gpu > 0 else None,
         "skipped": interval.skipped,
@@ -102,13 +112,16 @@ def _duration(seconds: float) -> str:
 
 def plain_line(record: dict, total_steps: int, eta_seconds: float | None) -> str:
     """One interval_record as a line for a log file:
-    ``step 120/5000  loss 0.1234  grad norm 0.0561  lr 0.0001  310 img/s  data wait 3%  eta 1h02m``."""
+    ``step 120/5000  loss 0.1234  grad norm 0.0561  lr 0.0001  310 img/s  206 ms/step  data wait 3%
+    recompute mlp/2  graph on  eta 1h02m``."""
     def number(value, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
     parts = [f"step {record['step']}/{total_steps}", f"loss {number(record['loss'], '.4f')}",
              f"grad norm {number(record['grad_norm'], '.4g')}", f"lr {number(record['lr'], '.3g')}",
-             f"{number(record['img_per_s'], '.4g')} img/s", f"data wait {number(record['data_wait'], '.0%')}",
+             f"{number(record['img_per_s'], '.4g')} img/s", f"{number(record.get('step_ms'), '.4g')} ms/step",
+             f"data wait {number(record['data_wait'], '.0%')}", f"recompute {record.get('recompute', 'off')}",
+             f"graph {'on' if record.get('cuda_graph') else 'off'}",
              f"eta {'n/a' if eta_seconds is None else _duration(eta_seconds)}"]
     if record.get("skipped"):
         parts.append(f"skipped {record['skipped']} (total {record['skipped_total']})")
@@ -150,6 +163,7 @@ class MetricsLog:
         self.active = rank == 0
         self.file = self.bar = self.board = None
         self.plain = False
+        self.postfix: dict[str, str] = {}
         self.total_steps, self.start_step = total_steps, start_step
         self.start_time = time.perf_counter()  # for the eta: wall time per step since this segment began
         if not self.active:
@@ -180,13 +194,21 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.update(1)
             if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                self.postfix["loss"] = f"{loss:.4f}"
+                self.bar.set_postfix(self.postfix, refresh=False)
 
     def write(self, record: dict) -> None:
         if not self.active:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.bar is not None:  # where the time goes, beside the bar's own rate
+            self.postfix.update({"img/s": f"{record.get('img_per_s') or 0:.4g}",
+                                 "ms/step": f"{record.get('step_ms') or 0:.4g}",
+                                 "data wait": f"{record.get('data_wait') or 0:.0%}",
+                                 "recompute": record.get("recompute", "off"),
+                                 "graph": "on" if record.get("cuda_graph") else "off"})
+            self.bar.set_postfix(self.postfix, refresh=False)
         if self.plain:
             print(plain_line(record, self.total_steps, self.eta_seconds(record["step"])), flush=True)
         if self.board is not None:

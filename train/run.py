@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # config fields (prefixes) that may change between the segments of one run (--resume)
-_RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "log.", "data.workers", "data.backend", "train.cuda_graph")
+_RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "log.", "data.workers", "data.backend", "train.cuda_graph",
+                      "train.activation_checkpointing")  # recompute changes memory and time, not results
 
 
 def _run_presets() -> list[str]:
@@ -68,6 +69,7 @@ class Plan:
     cuda_graph: bool = False  # forward + backward replayed as a CUDA graph (train.cuda_graph resolved)
     notes: list = None        # lines for the log: checkpoints --resume passed over, ...
     data_changed: bool = False  # --resume on another cache (--allow-data-change)
+    cuda_graph_off: str = ""    # why the step is not a CUDA graph (empty when it is)
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -130,10 +132,9 @@ def plan_run(args: argparse.Namespace) -> Plan:
     if micro < 1 or t.global_batch % (micro * world):
         raise ConfigError(f"train.global_batch = {t.global_batch} is not a multiple of train.micro_batch x ranks "
                           f"= {micro} x {world}")
-    loader = config.data.backend
-    if (loader == "dali" or (loader == "auto" and torch.cuda.is_available())) and not _dali_importable():
-        raise ConfigError(f"data.backend = {loader!r} means the DALI loader here, and nvidia.dali is not importable: "
-                          '`pip install nvidia-dali-cuda130`, or set data.backend = "torch"')
+    if config.data.backend == "dali" and not _dali_importable():
+        raise ConfigError('data.backend = "dali" but nvidia.dali is not importable: `pip install nvidia-dali-cuda130`, '
+                          'or set data.backend = "torch" (or "auto": DALI where it is installed)')
     if config.optim.name == "apex":
         try:
             import apex.optimizers  # noqa: F401
@@ -149,10 +150,29 @@ def plan_run(args: argparse.Namespace) -> Plan:
     _check_batches(cache, bucket_sizes, t.global_batch, micro, world)
     out = Path(args.out)
     resume_from, notes, data_changed = _resume_point(args, out, config, cache)
-    cuda_graph = use_cuda_graph(t.cuda_graph, torch.cuda.is_available(), world, t.compile, t.activation_checkpointing,
-                                batch_shapes=int((bucket_sizes >= micro).sum()))  # the loader drops partial batches
+    cuda_graph, graph_off = use_cuda_graph(t.cuda_graph, torch.cuda.is_available(), world, t.compile,
+                                           batch_shapes=int((bucket_sizes >= micro).sum()))  # partial batches dropped
+    _check_recompute(t.activation_checkpointing, model_family, model_config)
     return Plan(config, model_family, model_config, cache, out, world, micro, init, resume_from, cuda_graph, notes,
-                data_changed)
+                data_changed, graph_off)
+
+
+def _check_recompute(setting, model_family, model_config) -> None:
+    """A train.activation_checkpointing that names parts the model's blocks lack is an error
+    before anything is built (checked on a model without storage)."""
+    import torch
+
+    from engine.recompute import Recompute
+    from train.config import ConfigError
+
+    if setting == "auto":
+        return
+    with torch.device("meta"):
+        module = model_family.build(model_config)
+    try:
+        Recompute.parse(setting).check(module)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"train.activation_checkpointing: {error}") from None
 
 
 def _check_batches(cache, bucket_sizes, global_batch: int, micro: int, world: int) -> None:
@@ -242,15 +262,15 @@ def _cache_identity(cache) -> dict:
         "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest()}
 
 
-def use_cuda_graph(setting: str, cuda: bool, world: int, compile: bool, activation_checkpointing: int,
-                   batch_shapes: int) -> bool:
-    """Whether the step's forward and backward run as a CUDA graph (engine.step_graph), from
-    train.cuda_graph: "off" never, "auto" wherever the conditions below hold, "on" the same or a
-    ConfigError naming what stands in the way."""
+def use_cuda_graph(setting: str, cuda: bool, world: int, compile: bool, batch_shapes: int) -> tuple[bool, str]:
+    """(whether the step's forward and backward run as a CUDA graph (engine.step_graph), why not
+    when not), from train.cuda_graph: "off" never, "auto" wherever the conditions below hold,
+    "on" the same or a ConfigError naming what stands in the way. Recompute (any
+    train.activation_checkpointing) runs inside the graph."""
     from train.config import ConfigError
 
     if setting == "off":
-        return False
+        return False, 'train.cuda_graph = "off"'
     obstacles = []
     if not cuda:
         obstacles.append("there is no CUDA device")
@@ -258,14 +278,12 @@ def use_cuda_graph(setting: str, cuda: bool, world: int, compile: bool, activati
         obstacles.append(f"the run has {world} ranks (graphs around DDP / FSDP2 collectives are not supported yet)")
     if compile:
         obstacles.append("train.compile is on (not supported together yet)")
-    if activation_checkpointing:
-        obstacles.append("train.activation_checkpointing is on (not supported together yet)")
     if batch_shapes > 1:
         obstacles.append(f"the cache's batches come in {batch_shapes} shapes (aspect-ratio buckets) and a graph "
                          f"replays one")
     if obstacles and setting == "on":
         raise ConfigError('train.cuda_graph = "on" but ' + "; ".join(obstacles))
-    return not obstacles
+    return not obstacles, "; ".join(obstacles)
 
 
 def build_objective(plan: Plan):
@@ -291,13 +309,15 @@ def _parallel_layout(plan: Plan, device) -> tuple[str, torch.dtype | None]:
     return parallel, torch.bfloat16 if bf16 else None
 
 
-def build_model(plan: Plan, device, objective, parallel: str, compute_dtype) -> tuple:
-    """(what the forward is called on, the model itself, messages): the family's model seeded by
-    train.seed (the same initial weights on every rank), --init loaded, then recompute, compile
-    and data parallelism applied from outside."""
+def build_model(plan: Plan, device, objective, parallel: str, compute_dtype, loader, optimizer_name: str) -> tuple:
+    """(what the forward is called on, the model itself, the recompute policy, messages): the
+    family's model seeded by train.seed (the same initial weights on every rank), --init loaded,
+    then recompute (train.recompute.resolve, measured with ``loader``'s samples under "auto"),
+    compile and data parallelism applied from outside."""
     import torch
 
-    from engine.parallel import apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp2
+    from engine.parallel import apply_compile, apply_ddp, apply_fsdp2
+    from train import loop, recompute
     from train.checkpoint import load_init, read_init
 
     cfg = plan.config
@@ -312,16 +332,23 @@ def build_model(plan: Plan, device, objective, parallel: str, compute_dtype) -> 
         messages.append(load_init(module, plan.init, objective=objective, source=source))
     module.to(device)
     plan.family.prepare_training(module)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(module, every=cfg.train.activation_checkpointing)
+
+    def loss_of(batch, generator):
+        return loop.micro_batch_loss(plan.family, module, module, objective, cfg.train, compute_dtype, batch,
+                                     generator)
+
+    later = recompute.later_static_bytes(module, optimizer_name, compute_dtype)
+    policy, line = recompute.resolve(cfg.train.activation_checkpointing, module, device, plan.micro_batch,
+                                     plan.cuda_graph, loss_of, lambda n: loader.peek(n), later)
+    messages.append(line)
     if cfg.train.compile:
         apply_compile(module)
     if parallel == "fsdp2":
         apply_fsdp2(module, mixed_precision=compute_dtype is not None)
-        return module, module, messages
+        return module, module, policy, messages
     if parallel == "ddp":
-        return apply_ddp(module, device), module, messages
-    return module, module, messages
+        return apply_ddp(module, device), module, policy, messages
+    return module, module, policy, messages
 
 
 def build_trainer(plan: Plan, rank: int, device):
@@ -333,27 +360,35 @@ def build_trainer(plan: Plan, rank: int, device):
     from train.config import ConfigError
 
     cfg = plan.config
-    backend = cfg.data.backend if cfg.data.backend != "auto" else ("dali" if device.type == "cuda" else "torch")
+    backend = cfg.data.backend
+    notes = []
+    if backend == "auto":
+        backend = "dali" if device.type == "cuda" and _dali_importable() else "torch"
+        if device.type == "cuda" and backend == "torch":
+            notes.append("data.backend = \"auto\": DALI is not installed (pip install nvidia-dali-cuda130), "
+                         "the torch loader feeds the GPU")
     loader = make_loader(plan.cache, plan.micro_batch, rank=rank, world=plan.world, seed=cfg.train.seed,
                          backend=backend, text_len=plan.family.text_len(plan.model_config), drop_last=True,
                          device=device, workers=cfg.data.workers)
     objective = build_objective(plan)
     parallel, compute_dtype = _parallel_layout(plan, device)
-    model, module, messages = build_model(plan, device, objective, parallel, compute_dtype)
-    autocast_dtype = None if parallel == "fsdp2" else compute_dtype  # FSDP2's MixedPrecisionPolicy casts instead
-
     optimizer_name = loop.optimizer_name(cfg.optim, device, parallel, cfg.train.compile)
     if optimizer_name == "engine" and parallel == "fsdp2":
         raise ConfigError("optim.name = 'engine' keeps plain parameter tensors, and train.parallel = 'fsdp2' shards "
                           "them: use optim.name = 'adamw' or 'auto' with FSDP2")
+    model, module, policy, messages = build_model(plan, device, objective, parallel, compute_dtype, loader,
+                                                  optimizer_name)
+    autocast_dtype = None if parallel == "fsdp2" else compute_dtype  # FSDP2's MixedPrecisionPolicy casts instead
     run_info = {"config": cfg.to_dict(), "model": model_info(plan.family, plan.model_config),
-                "cache": _cache_identity(plan.cache), "world": plan.world, "parallel": parallel}
+                "cache": _cache_identity(plan.cache), "world": plan.world, "parallel": parallel,
+                "recompute": str(policy)}
     trainer = loop.Trainer(
         config=cfg, model=model, module=module, family=plan.family,
         optimizer=loop.build_optimizer(module, cfg.optim, cfg.lr(), device, optimizer_name,
                                        copy_dtype=autocast_dtype if optimizer_name == "engine" else None),
         ema=loop.EMA(module, cfg.train.ema_decay), objective=objective, loader=loader, device=device, rank=rank,
-        world=plan.world, out=plan.out, run_info=run_info, autocast_dtype=autocast_dtype, cuda_graph=plan.cuda_graph)
+        world=plan.world, out=plan.out, run_info=run_info, autocast_dtype=autocast_dtype, cuda_graph=plan.cuda_graph,
+        cuda_graph_off=plan.cuda_graph_off, recompute=str(policy))
     if plan.resume_from is not None:
         loop.restore(trainer, plan.resume_from, plan.data_changed)
         messages.append(f"resumed from {plan.resume_from} (step {trainer.progress.step})")
@@ -368,8 +403,9 @@ def build_trainer(plan: Plan, rank: int, device):
     settings = (f"stage {cfg.stage}: {plan.family.describe(plan.model_config)} {params:.2f}M "
                 f"params, {plan.world} rank(s) x {plan.micro_batch} x {trainer.accumulation} accumulation = "
                 f"{cfg.train.global_batch} per step, lr {cfg.lr():.3g}, {'bf16' if compute_dtype else 'fp32'}, "
-                f"parallel {parallel}, {backend} loader, {device}{', CUDA graph' if plan.cuda_graph else ''}")
-    return trainer, [settings, *(plan.notes or []), *messages]
+                f"parallel {parallel}, {backend} loader, {device}, "
+                f"{'CUDA graph' if plan.cuda_graph else 'no CUDA graph: ' + plan.cuda_graph_off}")
+    return trainer, [settings, *(plan.notes or []), *notes, *messages]
 
 
 def _grid_writer(plan: Plan, vae: str, device):

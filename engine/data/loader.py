@@ -12,12 +12,42 @@ Latent noise: after a batch arrives on its device, ``latent = mean + std * noise
 ``noise_seed(seed, epoch, batch, rank)`` (``batch`` counts this rank's batches in the epoch). The
 draw depends only on those four numbers, so both backends, and a run restored from
 ``state_dict()``, give the same latents on the same device.
+
+Pipeline. A source yields this rank's host batches from a position ``(epoch, batch)`` on, through
+epoch boundaries, each tagged with its position; one source serves epoch after epoch, and the
+loader rebuilds it only when asked for a position other than the one it delivers next.
+
+- torch backend: one DataLoader whose worker processes live as long as the source (starting them
+  every epoch would idle the GPU for each epoch's first batches). Its sampler walks the plan
+  epoch after epoch. A worker reads a whole batch from the memory-mapped shards straight into
+  tensors in shared memory, each caption into its row of the padded (B, text_len, Ct) tensor,
+  so the batch reaches the main process without a copy: at 120 x 4096 fp16 features the text is
+  0.94 MiB a sample, and every host copy of it costs bandwidth the reader needs. On CUDA the
+  DataLoader's pin-memory thread copies it into pinned memory, from which the device copy runs
+  asynchronously.
+- dali backend: one pipeline (its Python workers start once) whose epochs follow each other by
+  ``reset()``. A GPU pipeline delivers on the device; a CPU pipeline delivers host batches.
+
+Device prefetch. The loader keeps one batch ahead: when the consumer takes batch k, batch k + 1
+is already on its way. A host batch bound for CUDA is copied to the device and its latent drawn
+on a side stream, so the copy overlaps the consumer's compute instead of queueing behind it on
+the training stream; the consumer's current stream waits on that work's event when it takes the
+batch, and the batch's tensors are ``record_stream``-ed to it so the caching allocator keeps
+them until the consumer's work is done. A DALI GPU batch is finished on the current stream (its
+data is already on the device). On the CPU nothing is asynchronous: batch k + 1 is finished
+before batch k is returned.
+
+``Loader.epoch`` / ``Loader.batch`` (and ``state_dict()``) name the next batch the consumer
+takes, not the one in flight, so a checkpoint saved between steps resumes with exactly the batch
+that step would have taken.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -59,23 +89,75 @@ class BatchPlan:
         return [batches[i] for i in order[self.rank::self.world]]
 
 
-def _padded_text(texts: list[np.ndarray], text_len: int, width: int) -> np.ndarray:
-    out = np.zeros((len(texts), text_len, width), dtype=np.float16)  # (B, text_len, Ct)
-    for i, text in enumerate(texts):
-        out[i, :text.shape[0]] = text
-    return out
+class _Positions:
+    """The DataLoader's sampler: this rank's batches from batch ``start`` of ``epoch`` on, epoch
+    after epoch without end, each as ``(epoch, k, sample ids)``."""
+
+    def __init__(self, plan: BatchPlan, epoch: int, start: int):
+        self.plan, self.epoch, self.start = plan, epoch, start
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.start
+        while True:
+            batches = self.plan.batches(epoch)
+            for k in range(start, len(batches)):
+                yield epoch, k, batches[k]
+            epoch, start = epoch + 1, 0
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; ``shared`` places it in shared memory, from where a worker's
+    result reaches the main process without a copy (a tensor in private memory is copied into
+    shared memory when the worker sends it). The storage is made shared from the start, as
+    torch's default_collate does for its worker batches: ``share_memory_()`` would copy the
+    uninitialised bytes."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
 class _TorchBatches(torch.utils.data.Dataset):
-    """Map-style dataset whose items are whole batches (a list of sample ids in, a dict out)."""
+    """Map-style dataset whose items are whole batches: ``(epoch, k, sample ids)`` in,
+    ``(epoch, k, dict of tensors)`` out, the position passed through so the loader knows which
+    batch arrived."""
 
     def __init__(self, cache: LatentCache, text_len: int):
         self.cache, self.text_len = cache, text_len
 
-    def __getitem__(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+    def __getitem__(self, position: tuple[int, int, np.ndarray]) -> tuple[int, int, dict[str, torch.Tensor]]:
+        epoch, k, ids = position
+        shared = torch.utils.data.get_worker_info() is not None
         arrays = self.cache.read(ids, self.text_len)
-        arrays["caption"] = _padded_text(arrays.pop("text"), self.text_len, self.cache.text_width)
-        return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+        texts = arrays.pop("text")  # views of the memory-mapped shard: nothing copied yet
+        batch = {}
+        for name, array in arrays.items():  # small: latent mean / std are 16 KiB a sample
+            source = torch.from_numpy(np.ascontiguousarray(array))
+            batch[name] = _empty(source.shape, source.dtype, shared).copy_(source) if shared else source
+        caption = _empty((len(texts), self.text_len, self.cache.text_width), torch.float16, shared)
+        rows = caption.numpy()  # (B, text_len, Ct)
+        for row, text in zip(rows, texts, strict=True):
+            row[:len(text)] = text  # the one host copy of the features before pinning
+            row[len(text):] = 0
+        batch["caption"] = caption
+        return epoch, k, batch
+
+
+def _torch_batches(dataset: _TorchBatches, positions: _Positions, workers: int, prefetch: int, pin_memory: bool):
+    """``(epoch, k, host batch)`` from ``positions`` on, without end: read in this process
+    (``workers == 0``) or by one DataLoader's worker processes, which live until this generator
+    is closed."""
+    if workers == 0:
+        yield from map(dataset.__getitem__, positions)
+        return
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=positions, num_workers=workers,
+                                               prefetch_factor=prefetch, pin_memory=pin_memory))
+    try:
+        for epoch, k, batch in batches:
+            yield epoch, k, batch
+    finally:
+        # Stop the workers and the pin-memory thread now, not whenever the iterator is collected.
+        batches._shutdown_workers()
 
 
 _DALI_DENSE = ("latent_mean", "latent_std", "caption_lens", "label", "resolution", "aspect_ratio", "index")
@@ -110,9 +192,63 @@ class _DaliSource:
         return tuple(columns)
 
 
+def _build_dali(source: _DaliSource, batch_size: int, text_len: int, text_width: int, workers: int, prefetch: int,
+                device_id: int | None):
+    """A DALI pipeline around ``source``; ``device_id`` None builds a CPU pipeline."""
+    from nvidia.dali import Pipeline, fn, types
+
+    dtypes = [types.FLOAT16, types.FLOAT16, types.INT64, types.INT64, types.FLOAT, types.FLOAT, types.INT64]
+    ndims = [3, 3, 0, 0, 1, 1, 0]
+    if text_width:
+        dtypes.append(types.FLOAT16)
+        ndims.append(2)
+    pipe = Pipeline(batch_size=batch_size, num_threads=max(1, workers), device_id=device_id, exec_dynamic=True,
+                    prefetch_queue_depth=prefetch, py_num_workers=max(1, workers),
+                    # spawn: forking a process that has initialised CUDA is unsafe
+                    py_start_method="spawn")
+    with pipe:
+        outputs = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, batch_info=True,
+                                     parallel=workers > 0, dtype=dtypes, ndim=ndims)
+        if device_id is not None:
+            outputs = [node.gpu() for node in outputs]
+        if text_width:  # text travels packed at its true length and is padded here
+            outputs[-1] = fn.pad(outputs[-1], axes=(0,), shape=(text_len,), fill_value=0)
+        pipe.set_outputs(*outputs)
+    pipe.build()
+    return pipe
+
+
+def _dali_batches(cache: LatentCache, plan: BatchPlan, epoch: int, start: int, text_len: int, workers: int,
+                  prefetch: int, device_id: int | None):
+    """``(epoch, k, batch)`` from batch ``start`` of ``epoch`` on, without end, from one pipeline
+    (its Python workers start once) that moves to the next epoch by ``reset()``; the pipeline is
+    released when this generator is closed."""
+    pipe = _build_dali(_DaliSource(cache, plan, epoch, start, text_len), plan.batch_size, text_len, cache.text_width,
+                       workers, prefetch, device_id)
+    names = [*_DALI_DENSE, *(["caption"] if cache.text_width else [])]
+    on_device = torch.cuda.device(device_id) if device_id is not None else contextlib.nullcontext()
+    k = start
+    while True:
+        try:
+            results = pipe.run()
+        except StopIteration:
+            pipe.reset()  # DALI's next epoch
+            epoch, k = epoch + 1, 0
+            continue
+        # The dynamic executor's outputs own their memory: DLPack hands it to torch without a
+        # copy, ordered after DALI's work on torch's current stream (as DALI's own PyTorch
+        # iterator does).
+        with on_device:
+            batch = {name: torch.from_dlpack(out.as_tensor()) for name, out in zip(names, results, strict=True)}
+        yield epoch, k, batch
+        k += 1
+
+
 class Loader:
     """Iterate to get one epoch of batches (dicts of tensors on ``device``), resuming from the
     saved position; ``state_dict()`` / ``load_state_dict()`` save and restore that position.
+    ``close()`` stops the reading processes (they also stop when the loader is collected or the
+    interpreter exits); iterating again starts them anew.
 
     Batch keys: ``latent`` (B, C, h, w) fp32, ``caption`` (B, text_len, Ct) fp16 (the cache's
     precision; zero past each caption's length), ``caption_lens`` (B,) int64, ``label`` (B,) int64
@@ -121,12 +257,19 @@ class Loader:
     """
 
     def __init__(self, cache: LatentCache, batch_size: int, rank: int, world: int, seed: int, backend: str,
-                 text_len: int, drop_last: bool, device: torch.device, workers: int, prefetch: int):
+                 text_len: int, drop_last: bool, device: torch.device, workers: int, prefetch: int,
+                 dali_device: str | None = None):
         self.cache, self.backend, self.text_len, self.device = cache, backend, text_len, device
         self.batch_size, self.seed, self.workers, self.prefetch = batch_size, seed, workers, prefetch
+        self.dali_device = dali_device or ("gpu" if device.type == "cuda" else "cpu")  # see make_loader
         self.plan = BatchPlan(cache.sample_buckets, batch_size, rank, world, seed, drop_last)
-        self.epoch, self.batch = 0, 0  # position: the next batch to yield
-        self._dali_pipe, self._dali_next = None, None  # live DALI pipeline and the position it delivers next
+        self.epoch, self.batch = 0, 0  # position: the next batch the consumer takes
+        host_batches = backend == "torch" or self.dali_device == "cpu"
+        # host batches bound for CUDA are copied and finished on this stream (module docstring)
+        self._copy_stream = torch.cuda.Stream(device) if host_batches and device.type == "cuda" else None
+        self._source = None  # iterator of (epoch, k, batch), delivering the position after self._ahead's
+        self._ahead = None  # (position, finished batch, event or None): the next batch to hand over
+        self._stop_source = None  # weakref.finalize closing self._source
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -147,13 +290,83 @@ class Loader:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def __iter__(self):
-        epoch, start = self.epoch, self.batch
-        host_batches = self._dali(epoch, start) if self.backend == "dali" else self._torch(epoch, start)
-        for k, host in enumerate(host_batches, start):
+        while self.batch < len(self):
+            yield self._next()  # held by no local here: the consumer's reference is the last one
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def peek(self, count: int) -> dict[str, torch.Tensor]:
+        """A batch of ``count`` samples of the largest bucket, read in this process and finished on
+        the device like any batch, without moving the position or touching the source: what a
+        memory probe of the step runs on (train.recompute)."""
+        buckets = self.cache.sample_buckets
+        values, sizes = np.unique(buckets, return_counts=True)
+        ids = np.flatnonzero(buckets == values[np.argmax(sizes)])[:count]
+        if len(ids) < count:
+            raise ValueError(f"latent cache {self.cache.path}: its largest bucket holds {len(ids)} samples, "
+                             f"fewer than {count}")
+        _, _, host = _TorchBatches(self.cache, self.text_len)[(0, 0, ids)]
+        return self._finish(host, 0, 0)
+
+    def close(self) -> None:
+        """Stop the source (its worker processes or DALI pipeline) and drop the batch in flight."""
+        if self._stop_source is not None:
+            self._stop_source()
+        self._source = self._stop_source = self._ahead = None
+
+    def _next(self) -> dict[str, torch.Tensor]:
+        """The batch at the position, after starting the next one on its way; then the position
+        moves on. The live source is kept whenever it delivers the position (consecutive epochs,
+        a loop broken off and resumed); any other position (load_state_dict, an epoch skipped)
+        starts a new one."""
+        position = (self.epoch, self.batch)
+        if self._ahead is None or self._ahead[0] != position:
+            self._start(position)
+        staged = self._ahead
+        try:
+            self._ahead = self._stage(next(self._source))
+        except BaseException:  # a failed read ends the source; iterating again restarts at the position
+            self.close()
+            raise
+        self.batch += 1
+        return self._hand_over(staged)
+
+    def _start(self, position: tuple[int, int]) -> None:
+        self.close()  # release the old source's workers before starting new ones
+        epoch, start = position
+        if self.backend == "dali":
+            device_id = self.device.index if self.dali_device == "gpu" else None
+            source = _dali_batches(self.cache, self.plan, epoch, start, self.text_len, self.workers, self.prefetch,
+                                   device_id)
+        else:
+            source = _torch_batches(_TorchBatches(self.cache, self.text_len), _Positions(self.plan, epoch, start),
+                                    self.workers, self.prefetch, pin_memory=self.device.type == "cuda")
+        # The finalizer holds the source, not the loader: a loader nobody closes still stops its
+        # workers when it is collected, and at interpreter exit.
+        self._source, self._stop_source = source, weakref.finalize(self, source.close)
+        try:
+            self._ahead = self._stage(next(source))
+        except BaseException:
+            self.close()
+            raise
+
+    def _stage(self, item: tuple[int, int, dict[str, torch.Tensor]]):
+        """Finish a source batch: on the copy stream, recording an event, when it is a host batch
+        bound for CUDA; else at once on the current stream."""
+        epoch, k, host = item
+        if self._copy_stream is None:
+            return (epoch, k), self._finish(host, epoch, k), None
+        with torch.cuda.stream(self._copy_stream):
             batch = self._finish(host, epoch, k)
-            self.batch = k + 1
-            yield batch
-        self.epoch, self.batch = epoch + 1, 0
+        return (epoch, k), batch, self._copy_stream.record_event()
+
+    def _hand_over(self, staged) -> dict[str, torch.Tensor]:
+        _, batch, event = staged
+        if event is not None:
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_event(event)
+            for tensor in batch.values():  # made on the copy stream, used on the consumer's
+                tensor.record_stream(consumer)
+        return batch
 
     def _finish(self, host: dict[str, torch.Tensor], epoch: int, k: int) -> dict[str, torch.Tensor]:
         out = {name: t.to(self.device, non_blocking=True) for name, t in host.items()}
@@ -167,81 +380,19 @@ class Loader:
             out["caption"] = torch.zeros(len(mean), self.text_len, 0, dtype=torch.float16, device=self.device)
         return out
 
-    def _torch(self, epoch: int, start: int):
-        batches = self.plan.batches(epoch)[start:]
-        dataset = _TorchBatches(self.cache, self.text_len)
-        if self.workers == 0:
-            yield from (dataset[ids] for ids in batches)
-            return
-        yield from torch.utils.data.DataLoader(
-            dataset, batch_size=None, sampler=batches, num_workers=self.workers,
-            prefetch_factor=self.prefetch, pin_memory=self.device.type == "cuda")
-
-    def _dali(self, epoch: int, start: int):
-        if start >= len(self):
-            return
-        # One pipeline serves consecutive epochs (its Python workers start once); it is rebuilt
-        # when iteration resumes anywhere else, e.g. after load_state_dict or a broken-off epoch.
-        if self._dali_pipe is None or self._dali_next != (epoch, start):
-            self._dali_pipe = None  # release the old pipeline's workers before starting new ones
-            self._dali_pipe = self._build_dali(epoch, start)
-        pipe, self._dali_next = self._dali_pipe, None
-        names = [*_DALI_DENSE, *(["caption"] if self.cache.text_width else [])]
-        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        try:
-            while True:
-                try:
-                    results = pipe.run()
-                except StopIteration:
-                    pipe.reset()  # DALI's next epoch
-                    self._dali_next = (epoch + 1, 0)
-                    return
-                # The dynamic executor's outputs own their memory: DLPack hands it to torch without
-                # a copy, ordered after DALI's work on torch's current stream (as DALI's own
-                # PyTorch iterator does).
-                with on_device:
-                    host = {name: torch.from_dlpack(out.as_tensor()) for name, out in zip(names, results, strict=True)}
-                yield host
-        finally:
-            if self._dali_next is None and self._dali_pipe is pipe:  # left mid-epoch: batches still queued
-                self._dali_pipe = None
-
-    def _build_dali(self, epoch: int, start: int):
-        from nvidia.dali import Pipeline, fn, types
-
-        dtypes = [types.FLOAT16, types.FLOAT16, types.INT64, types.INT64, types.FLOAT, types.FLOAT, types.INT64]
-        ndims = [3, 3, 0, 0, 1, 1, 0]
-        if self.cache.text_width:
-            dtypes.append(types.FLOAT16)
-            ndims.append(2)
-        on_gpu = self.device.type == "cuda"
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.workers),
-                        device_id=self.device.index if on_gpu else None, exec_dynamic=True,
-                        prefetch_queue_depth=self.prefetch, py_num_workers=max(1, self.workers),
-                        # spawn: forking a process that has initialised CUDA is unsafe
-                        py_start_method="spawn")
-        with pipe:
-            outputs = fn.external_source(
-                source=_DaliSource(self.cache, self.plan, epoch, start, self.text_len), num_outputs=len(dtypes),
-                batch=True, batch_info=True, parallel=self.workers > 0, dtype=dtypes, ndim=ndims)
-            if on_gpu:
-                outputs = [node.gpu() for node in outputs]
-            if self.cache.text_width:  # text travels packed at its true length and is padded here
-                outputs[-1] = fn.pad(outputs[-1], axes=(0,), shape=(self.text_len,), fill_value=0)
-            pipe.set_outputs(*outputs)
-        pipe.build()
-        return pipe
-
 
 def make_loader(cache: str | os.PathLike | LatentCache, batch_size: int, rank: int = 0, world: int = 1,
                 seed: int = 0, backend: str = "dali", text_len: int = 120, drop_last: bool = True,
                 device: str | torch.device | None = None, workers: int = 2, prefetch: int = 2,
-                verify: str = "lazy") -> Loader:
+                verify: str = "lazy", dali_device: str | None = None) -> Loader:
     """A loader over a latent cache (a path or an open LatentCache); see Loader for the batches.
 
     ``workers``: processes that read shards (DALI parallel external source / DataLoader
-    workers); 0 reads in the calling process. ``verify`` is passed to open_cache for a path.
+    workers); 0 reads in the calling process. ``prefetch``: batches each worker (DataLoader) or
+    the pipeline (DALI) reads ahead. ``verify`` is passed to open_cache for a path.
     ``device`` defaults to the current CUDA device when there is one, else the CPU.
+    ``dali_device``: where a DALI pipeline delivers, ``"gpu"`` (the default on a CUDA device) or
+    ``"cpu"`` (a CPU pipeline; on a CUDA device the loader copies its batches there).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -251,16 +402,20 @@ def make_loader(cache: str | os.PathLike | LatentCache, batch_size: int, rank: i
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, world={world}), got {rank!r}")
-    if not isinstance(cache, LatentCache):
-        cache = open_cache(cache, verify=verify)
-    if cache.num_samples == 0:
-        raise ValueError(f"latent cache {cache.path} holds no samples")
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    loader = Loader(cache, batch_size, rank, world, seed, backend, text_len, drop_last, device, workers, prefetch)
+    if dali_device not in (None, "gpu", "cpu") or (dali_device == "gpu" and device.type != "cuda"):
+        raise ValueError(f"dali_device must be 'gpu' (with a CUDA device) or 'cpu', got {dali_device!r} with "
+                         f"device {device}")
+    if not isinstance(cache, LatentCache):
+        cache = open_cache(cache, verify=verify)
+    if cache.num_samples == 0:
+        raise ValueError(f"latent cache {cache.path} holds no samples")
+    loader = Loader(cache, batch_size, rank, world, seed, backend, text_len, drop_last, device, workers, prefetch,
+                    dali_device)
     if len(loader) == 0:
         raise ValueError(f"latent cache {cache.path} ({cache.num_samples} samples) gives rank {rank} of {world} "
                          f"no batch of {batch_size} with drop_last={drop_last}")

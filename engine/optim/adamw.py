@@ -1,7 +1,15 @@
-"""AdamW whose step also writes low-precision copies of the parameters for the modules that read them.
+"""AdamW whose step also writes low-precision copies of the parameters for the modules that read them,
+and can fold the gradient clipping and the EMA of the parameters into the same pass.
 
     optimizer = AdamW(model.parameters(), lr=2e-5, weight_decay=0.03, eps=1e-10)
     optimizer.attach_copies(model, torch.bfloat16)  # the training step's autocast dtype
+    optimizer.attach_ema({p: shadow_of[p] for p in params}, decay=0.9999)
+    scale = torch.ones((), device=device)
+    optimizer.set_grad_scale(scale)
+    ...  # each step, after backward (capturable: device tensors only):
+    total_norm, coef = clip_coefficient([p.grad for p in params], max_norm=0.01)
+    scale.copy_(coef)
+    optimizer.step()
 
 The update is torch.optim.AdamW's (decoupled weight decay, no amsgrad), and the state has its
 layout (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter), so state dicts load into either.
@@ -15,12 +23,27 @@ attribute ``<name>_copy`` (engine.model.layers.Linear has ``weight_copy`` and ``
 until attached) and hands ``copy.current()`` to its op, which reads it instead of casting the
 parameter under autocast (engine.ops.linear's ``weight_lp``).
 
-A parameter without a gradient is skipped, its step count unchanged, as torch's AdamW does.
+``set_grad_scale(scale)``: every later step multiplies each gradient by the one-element fp32
+device tensor ``scale`` as it reads it, bitwise what ``torch.nn.utils.clip_grad_norm_`` followed by
+the step gives when ``scale`` holds ``clip_coefficient``'s coefficient, without the multiply's
+pass over the gradients (8 bytes per fp32 parameter). The tensor is read at each step, not
+copied: update it in place (a CUDA graph can write it).
+
+``attach_ema(shadows, decay)``: every later step moves each shadow toward its parameter's new
+value as ``torch._foreach_lerp_(shadows, [p.float() ...], 1 - decay)`` does, bitwise, in the
+update's pass: the shadow is read and written there, the parameter is not read again (4 bytes
+per fp32 parameter fewer than the separate lerp). A step that is not taken moves no shadow.
+
+Together: 42 bytes per fp32 parameter for clip norm + update + copy + EMA, against 54 with the
+separate clip multiply and lerp (engine.optim.adamw_kernel's docstring has the arithmetic).
+
+A parameter without a gradient is skipped, its step count unchanged, as torch's AdamW does; its
+shadow still moves toward it (a separate lerp), as the separate EMA would move it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -67,6 +90,17 @@ class ParameterCopy:
         return None
 
 
+def clip_coefficient(grads: Iterable[torch.Tensor], max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total_norm, coefficient) of ``torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)``
+    over these gradients, without touching them: the 2-norm of all gradients together and
+    min(max_norm / (total_norm + 1e-6), 1), computed by torch's own ops (so bitwise the same), as
+    0-dim device tensors in the gradients' dtype; no host synchronisation. clip_grad_norm_ would
+    multiply every gradient by the coefficient; AdamW.set_grad_scale folds that into the step."""
+    total_norm = torch.nn.utils.get_total_norm(list(grads), 2.0, error_if_nonfinite=False, foreach=True)
+    max_norm = float(max_norm)
+    return total_norm, torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
 class AdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, backend: str | None = None):
@@ -81,6 +115,9 @@ class AdamW(torch.optim.Optimizer):
                                       fused=None, decoupled_weight_decay=True))
         self.backend = backend
         self.copies: dict[torch.Tensor, ParameterCopy] = {}
+        self.shadows: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> fp32 EMA (attach_ema)
+        self.ema_decay = 0.0
+        self._grad_scale: torch.Tensor | None = None
         # 1 once a step has written an inf or NaN into a parameter (see parameters_nonfinite)
         self._nonfinite: torch.Tensor | None = None
         for group in self.param_groups:
@@ -106,6 +143,36 @@ class AdamW(torch.optim.Optimizer):
                                      f"asked for {dtype}")
                 setattr(submodule, f"{name}_copy", copy)
         return len(self.copies)
+
+    def attach_ema(self, shadows: Mapping[torch.Tensor, torch.Tensor], decay: float) -> int:
+        """Keep an exponential moving average of parameters of this optimizer: ``shadows`` maps each
+        to an fp32 contiguous tensor of its shape and device, which every later step moves in place
+        by ``torch.lerp(shadow, p.float(), 1 - decay)`` after updating p. Attaching again adds
+        shadows (or replaces a parameter's) and sets the decay for all. Returns the number of
+        parameters with a shadow."""
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"AdamW.attach_ema: decay must be in [0, 1], got {decay}")
+        owned = {id(p) for group in self.param_groups for p in group["params"]}
+        for p, shadow in shadows.items():
+            if id(p) not in owned:
+                raise ValueError(f"AdamW.attach_ema: a {tuple(p.shape)} parameter is not one of this optimizer's")
+            if (shadow.shape != p.shape or shadow.dtype != torch.float32 or shadow.device != p.device
+                    or not shadow.is_contiguous()):
+                raise ValueError(f"AdamW.attach_ema: shadow {tuple(shadow.shape)} {shadow.dtype} on {shadow.device} "
+                                 f"(contiguous: {shadow.is_contiguous()}) for a parameter {tuple(p.shape)} on "
+                                 f"{p.device}; expected float32, contiguous, of the parameter's shape and device")
+        self.shadows.update(shadows)
+        self.ema_decay = float(decay)
+        return len(self.shadows)
+
+    def set_grad_scale(self, scale: torch.Tensor | None) -> None:
+        """Multiply every gradient by ``scale`` (a one-element float32 tensor on the parameters'
+        device, read at each step; e.g. clip_coefficient's coefficient copied into it) inside
+        each later step; None: no scaling."""
+        if scale is not None and (scale.numel() != 1 or scale.dtype != torch.float32):
+            raise ValueError(f"AdamW.set_grad_scale: expected a one-element float32 tensor, got "
+                             f"{tuple(scale.shape)} {scale.dtype}")
+        self._grad_scale = scale
 
     def parameters_nonfinite(self) -> torch.Tensor | None:
         """A (1,) int32 device tensor, 1 once any step of this optimizer has written an inf or NaN
@@ -134,8 +201,11 @@ class AdamW(torch.optim.Optimizer):
                                  f"decoupled_weight_decay={group['decoupled_weight_decay']}")
             beta1, beta2 = group["betas"]
             by_step: dict[int, list[torch.Tensor]] = {}  # one launch per step count (normally one)
+            idle = []  # without a gradient: not updated, but its shadow moves toward it
             for p in group["params"]:
                 if p.grad is None:
+                    if p in self.shadows:
+                        idle.append(p)
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW does not take sparse gradients")
@@ -144,6 +214,9 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = state["step"].cpu()
                 step = int(state["step"].item()) + 1
                 by_step.setdefault(step, []).append(p)
+            if idle:
+                torch._foreach_lerp_([self.shadows[p] for p in idle], [p.detach().float() for p in idle],
+                                     1.0 - self.ema_decay)
             for step, params in by_step.items():
                 if self._nonfinite is None:
                     self._nonfinite = torch.zeros(1, dtype=torch.int32, device=params[0].device)
@@ -152,7 +225,9 @@ class AdamW(torch.optim.Optimizer):
                 adamw_step_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                             [s["exp_avg_sq"] for s in states], [c.tensor if c is not None else None for c in copies],
                             step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                            weight_decay=group["weight_decay"], backend=self.backend, nonfinite=self._nonfinite)
+                            weight_decay=group["weight_decay"], backend=self.backend, nonfinite=self._nonfinite,
+                            grad_scale=self._grad_scale, shadows=[self.shadows.get(p) for p in params],
+                            ema_weight=1.0 - self.ema_decay)
                 for state, copy in zip(states, copies):
                     state["step"].fill_(step)
                     if copy is not None:

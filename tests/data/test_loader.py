@@ -1,7 +1,11 @@
 """Loaders: DALI (CPU pipeline) and plain torch give the same batches; rank sharding, buckets,
-saved positions; batch contents checked against the arrays the cache was written from."""
+saved positions; batch contents checked against the arrays the cache was written from; worker
+processes that live across epochs and stop on close()."""
 
 from __future__ import annotations
+
+import gc
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -167,3 +171,182 @@ def test_state_from_another_configuration_is_refused(cache):
         make_loader(cache[0], 4, backend="jax")
     with pytest.raises(ValueError, match="rank"):
         make_loader(cache[0], 4, rank=2, world=2)
+
+
+# ---------------------------------------------------------------- across epochs, with live workers
+
+def _plan(buckets: np.ndarray, batch_size: int, rank: int, world: int, seed: int, epoch: int,
+          drop_last: bool) -> list[np.ndarray]:
+    """The batch plan as the loader's module docstring states it, written out again."""
+    rng = np.random.default_rng([seed, epoch])
+    batches = []
+    for bucket in np.unique(buckets):
+        ids = rng.permutation(np.flatnonzero(buckets == bucket))
+        stop = len(ids) - len(ids) % batch_size if drop_last else len(ids)
+        batches += [ids[i:i + batch_size] for i in range(0, stop, batch_size)]
+    total = len(batches) - len(batches) % world if drop_last else len(batches)
+    order = rng.permutation(len(batches))[:total]
+    return [batches[i] for i in order[rank::world]]
+
+
+def _reference(cache, epochs: int, batch_size: int, rank: int, world: int, seed: int, drop_last: bool,
+               device: str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Every batch of ``epochs`` epochs, built with numpy from the samples the cache was written
+    from; the latent drawn as the loader documents it, on ``device``."""
+    root, written = cache
+    opened = open_cache(root)
+    samples = [written[opened.source(i)] for i in range(opened.num_samples)]  # by sample id
+    buckets = np.array([s.bucket for s in samples])
+    out = []
+    for epoch in range(epochs):
+        for k, ids in enumerate(_plan(buckets, batch_size, rank, world, seed, epoch, drop_last)):
+            chosen = [samples[i] for i in ids]
+            caption = np.zeros((len(ids), TEXT_LEN, TEXT_WIDTH), np.float16)
+            for row, sample in enumerate(chosen):
+                caption[row, :len(sample.text[:TEXT_LEN])] = sample.text[:TEXT_LEN]
+            height, width = BUCKETS[chosen[0].bucket]
+            mean = torch.from_numpy(np.stack([s.mean for s in chosen])).to(device).float()
+            std = torch.from_numpy(np.stack([s.std for s in chosen])).to(device).float()
+            generator = torch.Generator(device).manual_seed(noise_seed(seed, epoch, k, rank))
+            noise = torch.randn(mean.shape, generator=generator, device=device)
+            batch = {
+                "latent": torch.addcmul(mean, std, noise),
+                "caption": torch.from_numpy(caption),
+                "caption_lens": torch.tensor([min(len(s.text), TEXT_LEN) for s in chosen], dtype=torch.int64),
+                "label": torch.tensor([s.label for s in chosen], dtype=torch.int64),
+                "resolution": torch.tensor([s.orig_size for s in chosen], dtype=torch.float32),
+                "aspect_ratio": torch.full((len(ids), 1), height / width, dtype=torch.float32),
+                "index": torch.from_numpy(ids.astype(np.int64)),
+            }
+            out.append({key: value.to(device) for key, value in batch.items()})
+    return out
+
+
+def _pull(loader, count: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches taken the way train/loop.py takes them: ``for batch in loader``, epoch
+    after epoch."""
+    def forever():
+        while True:
+            yield from loader
+
+    stream = forever()
+    return [next(stream) for _ in range(count)]
+
+
+def _children() -> set[int]:
+    return {process.pid for process in multiprocessing.active_children()}
+
+
+CROSSING = dict(batch_size=4, rank=1, world=2, seed=11, drop_last=False)  # 5 batches an epoch on rank 1
+
+
+@pytest.mark.parametrize("backend,workers", [("torch", 0), ("torch", 2), ("dali", 0)])
+def test_batches_across_epochs_match_a_numpy_reference(cache, backend, workers):
+    reference = _reference(cache, 3, **CROSSING)
+    loader = make_loader(cache[0], backend=backend, workers=workers, text_len=TEXT_LEN, device="cpu", **CROSSING)
+    assert len(loader) * 3 == len(reference) == 15
+    try:
+        _assert_same_batches(reference, _pull(loader, len(reference)))
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_loader_continues_with_the_batches_of_the_first(cache, workers):
+    reference = _reference(cache, 3, **CROSSING)
+    first = make_loader(cache[0], backend="torch", workers=workers, text_len=TEXT_LEN, device="cpu", **CROSSING)
+    resumed = make_loader(cache[0], backend="torch", workers=workers, text_len=TEXT_LEN, device="cpu", **CROSSING)
+    try:
+        _assert_same_batches(reference[:8], _pull(first, 8))
+        state = first.state_dict()  # the batch after these 8 is in flight already
+        assert (state["epoch"], state["batch"]) == (1, 3)
+        resumed.load_state_dict(state)
+        _assert_same_batches(reference[8:], _pull(resumed, 7))  # through the end of epoch 2
+        _assert_same_batches(reference[8:], _pull(first, 7))  # the first carries on as well
+    finally:
+        first.close()
+        resumed.close()
+
+
+def test_epochs_reuse_the_worker_processes_and_close_stops_them(cache):
+    reference = _reference(cache, 2, **CROSSING)
+    before = _children()
+    loader = make_loader(cache[0], backend="torch", workers=2, text_len=TEXT_LEN, device="cpu", **CROSSING)
+    _assert_same_batches(reference[:5], [dict(b) for b in loader])
+    workers = _children() - before
+    assert len(workers) == 2
+    _assert_same_batches(reference[5:], [dict(b) for b in loader])
+    assert _children() - before == workers  # the same two processes read the second epoch
+
+    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "batch": 1})  # elsewhere: new workers
+    _assert_same_batches(reference[1:3], _pull(loader, 2))
+    restarted = _children() - before
+    assert len(restarted) == 2 and not restarted & workers
+
+    loader.close()
+    assert not _children() - before
+    _assert_same_batches(reference[3:5], [dict(b) for b in loader])  # iterating again starts workers anew
+    loader.close()
+    assert not _children() - before
+
+
+def test_a_collected_loader_stops_its_workers(cache):
+    before = _children()
+    loader = make_loader(cache[0], backend="torch", workers=2, text_len=TEXT_LEN, device="cpu", **CROSSING)
+    _pull(loader, 2)
+    assert len(_children() - before) == 2
+    del loader
+    gc.collect()
+    assert not _children() - before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,dali_device", [("torch", None), ("dali", "cpu"), ("dali", "gpu")])
+def test_cuda_batches_on_a_consumer_stream_match_the_reference(cache, backend, dali_device):
+    # The consumer works on a stream of its own: the loader's side-stream copies must be ordered
+    # before its use of each batch.
+    reference = _reference(cache, 2, device="cuda", **CROSSING)
+    loader = make_loader(cache[0], backend=backend, workers=2, text_len=TEXT_LEN, device="cuda",
+                         dali_device=dali_device, **CROSSING)
+    consumer = torch.cuda.Stream()
+    consumer.wait_stream(torch.cuda.current_stream())  # the reference, made on the default stream
+    try:
+        with torch.cuda.stream(consumer):
+            batches = _pull(loader, len(reference))
+            # compared on the consumer stream
+            same = [all(torch.equal(batch[key], expected[key]) for key in expected)
+                    for batch, expected in zip(batches, reference, strict=True)]
+        assert all(same)
+        assert all(t.is_cuda for batch in batches for t in batch.values())
+    finally:
+        loader.close()
+
+
+def test_peek_reads_the_largest_bucket_and_leaves_the_position(cache):
+    root, written = cache
+    opened = open_cache(root)
+    loader = make_loader(opened, batch_size=4, seed=3, backend="torch", text_len=TEXT_LEN, workers=0, device="cpu")
+    first = dict(next(iter(loader)))
+    state = loader.state_dict()
+    peeked = loader.peek(5)
+    assert loader.state_dict() == state
+    counts = {}
+    for sample in written.values():
+        counts[sample.bucket] = counts.get(sample.bucket, 0) + 1
+    largest = max(counts, key=counts.get)
+    expected = [i for i in range(opened.num_samples) if written[opened.source(i)].bucket == largest][:5]
+    assert peeked["index"].tolist() == expected
+    for row, i in enumerate(expected):
+        sample = written[opened.source(i)]
+        length = min(len(sample.text), TEXT_LEN)
+        assert torch.equal(peeked["caption"][row, :length], torch.from_numpy(sample.text[:length]))
+        assert not peeked["caption"][row, length:].any()
+    # the loader goes on with the batch it would have given without the peek
+    again = make_loader(opened, batch_size=4, seed=3, backend="torch", text_len=TEXT_LEN, workers=0, device="cpu")
+    batches = iter(again)
+    next(batches)
+    _assert_same_batches([dict(next(iter(loader)))], [dict(next(batches))])
+    assert torch.equal(first["index"], dict(next(iter(make_loader(
+        opened, batch_size=4, seed=3, backend="torch", text_len=TEXT_LEN, workers=0, device="cpu"))))["index"])
+    with pytest.raises(ValueError, match="fewer than"):
+        loader.peek(opened.num_samples + 1)

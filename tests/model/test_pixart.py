@@ -5,7 +5,7 @@ import torch.nn as nn
 from engine.config import PixArtConfig, preset
 from engine.model import PixArt
 from engine.model.layers import CrossAttention, Mlp, SelfAttention, sincos_pos_embed, timestep_frequencies
-from engine.parallel import apply_activation_checkpointing
+from engine import recompute
 from tests.model.helpers import pixart_inputs, randomize
 
 
@@ -144,7 +144,7 @@ def test_activation_checkpointing_same_grads_and_recomputes():
     calls = [0]
     model.blocks[0].attn.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     keys = set(model.state_dict())
-    apply_activation_checkpointing(model)
+    recompute.apply(model, recompute.Recompute.parse(1))
     assert set(model.state_dict()) == keys
     for g, ref in zip(grads(), reference):
         torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-14)

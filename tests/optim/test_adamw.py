@@ -1,5 +1,7 @@
 """adamw_step_ (engine.optim.adamw_kernel) and engine.optim.AdamW against an fp64 AdamW and
-torch's AdamW; the low-precision copies the optimizer keeps for the engine's Linears.
+torch's AdamW; the low-precision copies the optimizer keeps for the engine's Linears; the folded
+gradient clipping (bitwise clip_grad_norm_ then the step) and the fused EMA (bitwise
+torch._foreach_lerp_ after the step).
 
 Correctness rule (docs/design.md §3) for the update p_new - p_old and the new moments:
     max|kernel - fp64 ref| <= 2 * max|torch.optim.AdamW same-dtype - fp64 ref| + atol,
@@ -16,7 +18,7 @@ import torch
 import engine.optim.adamw_kernel as kernel_module
 from engine.model.layers import Linear, Mlp
 from engine.ops.backend import extension
-from engine.optim import AdamW, ParameterCopy
+from engine.optim import AdamW, ParameterCopy, clip_coefficient
 from engine.optim.adamw_kernel import adamw_ref, adamw_step_
 from tests.ops.design_rule import assert_rule
 
@@ -128,6 +130,97 @@ def test_errors():
         adamw_step_([q], [torch.zeros(2, 3).t()], [q.clone()], [q.clone()], [None], step=1, **HYPER)
     with pytest.raises(TypeError, match="moments"):
         adamw_step_([p], [g], [p.double()], [p.clone()], [None], step=1, **HYPER)
+    with pytest.raises(TypeError, match="float32 shadow"):
+        adamw_step_([p], [g], [p.clone()], [p.clone()], [None], step=1, shadows=[p.double()], **HYPER)
+    with pytest.raises(ValueError, match="tensor 0: shadow"):
+        adamw_step_([p], [g], [p.clone()], [p.clone()], [None], step=1, shadows=[torch.zeros(4)], **HYPER)
+    with pytest.raises(ValueError, match="one of each per param"):
+        adamw_step_([p], [g], [p.clone()], [p.clone()], [None], step=1, shadows=[], **HYPER)
+    with pytest.raises(ValueError, match="grad_scale must be a one-element torch.float32"):
+        adamw_step_([p], [g], [p.clone()], [p.clone()], [None], step=1, grad_scale=torch.ones(2), **HYPER)
+    with pytest.raises(ValueError, match="grad_scale must be a one-element torch.float32"):
+        adamw_step_([p], [g], [p.clone()], [p.clone()], [None], step=1, grad_scale=torch.ones(1).double(), **HYPER)
+    with pytest.raises(ValueError, match="nonfinite must be a one-element torch.int32"):
+        adamw_step_([p], [g], [p.clone()], [p.clone()], [None], step=1, nonfinite=torch.zeros(1), **HYPER)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folded gradient clipping and the fused EMA in adamw_step_
+# ---------------------------------------------------------------------------------------------
+
+def _clone_all(*lists):
+    return [[t.clone() if t is not None else None for t in ts] for ts in lists]
+
+
+def _assert_bitwise(names, got, want, seed):
+    for name, a, b in zip(names, got, want):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x is None:
+                assert y is None
+                continue
+            differ = (x != y) & ~(x.isnan() & y.isnan())
+            assert not differ.any(), (f"{name}[{i}]: {int(differ.sum())} of {x.numel()} elements differ, "
+                                      f"max |diff| {(x.double() - y.double()).abs().max().item():.3g} (seed {seed})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_scale_is_scaling_the_gradients_first(device, backend, dtype, _fresh_seed):
+    """grad_scale multiplies every fp32 gradient element inside the pass: parameters, moments and
+    copies are bitwise those of multiplying the gradients in place first (clip_grad_norm_'s
+    _foreach_mul_ by a 0-dim coefficient) and stepping without it."""
+    params, grads, exp_avgs, exp_avg_sqs = make_state(SHAPES, dtype, torch.float32, device)
+    copies = [torch.zeros(p.shape, dtype=torch.bfloat16, device=device) for p in params]
+    copies[2] = None
+    scale = torch.rand((), device=device) * 0.9 + 0.05  # (0.05, 0.95): rounds most products
+    clipped = _clone_all(params, grads, exp_avgs, exp_avg_sqs, copies)
+    torch._foreach_mul_(clipped[1], scale)
+    adamw_step_(*clipped, step=4, backend=backend, **HYPER)
+    adamw_step_(params, grads, exp_avgs, exp_avg_sqs, copies, step=4, backend=backend, grad_scale=scale.reshape(1),
+                **HYPER)
+    _assert_bitwise(["param", "exp_avg", "exp_avg_sq", "copy"], [params, exp_avgs, exp_avg_sqs, copies],
+                    [clipped[0], clipped[2], clipped[3], clipped[4]], _fresh_seed)
+    assert not torch.equal(grads[1], clipped[1][1]), "the gradients themselves must stay unscaled"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decay", [0.9999, 0.3])  # lerp weight 1e-4 (< 0.5) and 0.7 (torch's other formula)
+def test_ema_is_foreach_lerp_after_the_step(device, backend, dtype, decay, _fresh_seed):
+    """Shadows move as torch._foreach_lerp_(shadows, [p.float() ...], 1 - decay) moves them after
+    the same step, bitwise; a parameter without a shadow (None) is updated as before, in its own
+    launch group; with a copy and a grad_scale in the same pass."""
+    params, grads, exp_avgs, exp_avg_sqs = make_state(SHAPES, dtype, torch.float32, device)
+    copies = [torch.zeros(p.shape, dtype=torch.bfloat16, device=device) for p in params]
+    # shadows near the parameters, as an EMA is: the lerp's rounding shows at the parameters' scale
+    shadows = [p.float() + 0.01 * torch.randn(p.shape, device=device) for p in params]
+    shadows[0] = None
+    scale = torch.full((1,), 0.5, device=device)
+    separate = _clone_all(params, grads, exp_avgs, exp_avg_sqs, copies, shadows)
+    adamw_step_(*separate[:5], step=2, backend=backend, grad_scale=scale, **HYPER)
+    with_shadow = [i for i, s in enumerate(shadows) if s is not None]
+    torch._foreach_lerp_([separate[5][i] for i in with_shadow], [separate[0][i].float() for i in with_shadow],
+                         1.0 - decay)
+    adamw_step_(params, grads, exp_avgs, exp_avg_sqs, copies, step=2, backend=backend, grad_scale=scale,
+                shadows=shadows, ema_weight=1.0 - decay, **HYPER)
+    _assert_bitwise(["param", "exp_avg", "exp_avg_sq", "copy", "shadow"],
+                    [params, exp_avgs, exp_avg_sqs, copies, shadows],
+                    [separate[0], separate[2], separate[3], separate[4], separate[5]], _fresh_seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flag_off_skips_the_check_only(device, _fresh_seed):
+    """nonfinite=None compiles the check out of the kernel; the update is the same."""
+    params, grads, exp_avgs, exp_avg_sqs = make_state(SHAPES, torch.float32, torch.float32, device)
+    flagged = _clone_all(params, grads, exp_avgs, exp_avg_sqs)
+    flag = torch.zeros(1, dtype=torch.int32, device=device)
+    adamw_step_(*flagged, [None] * len(SHAPES), step=1, backend="triton", nonfinite=flag, **HYPER)
+    adamw_step_(params, grads, exp_avgs, exp_avg_sqs, [None] * len(SHAPES), step=1, backend="triton", **HYPER)
+    _assert_bitwise(["param", "exp_avg", "exp_avg_sq"], [params, exp_avgs, exp_avg_sqs],
+                    [flagged[0], flagged[2], flagged[3]], _fresh_seed)
+    assert flag.item() == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +422,99 @@ def test_layers_read_the_copies_after_each_step(backend, monkeypatch, _fresh_see
             optimizer.step()
         for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
             assert torch.equal(p, q), f"{name} after step {step} (seed {_fresh_seed})"
+
+
+# ---------------------------------------------------------------------------------------------
+# AdamW.set_grad_scale with clip_coefficient, AdamW.attach_ema
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6, float("inf")])  # clips, does not clip, measures only
+def test_folded_clipping_is_clip_grad_norm_then_step(device, backend, max_norm, _fresh_seed):
+    """clip_coefficient into the optimizer's grad scale, then step, gives bitwise the norm,
+    parameters, moments and copies of clip_grad_norm_(foreach=True) then the step without it, over
+    steps with fresh gradients; clip_coefficient leaves the gradients as they are."""
+    ours, theirs = _model(device), _model(device)
+    theirs.load_state_dict(ours.state_dict())
+    opt = AdamW(ours.parameters(), lr=1e-2, backend=backend)
+    ref = AdamW(theirs.parameters(), lr=1e-2, backend=backend)
+    opt.attach_copies(ours, torch.bfloat16)
+    ref.attach_copies(theirs, torch.bfloat16)
+    scale = torch.ones((), device=device)
+    opt.set_grad_scale(scale)
+    for step in range(3):
+        ours(torch.randn(8, 6, device=device)).square().sum().backward()
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            q.grad = p.grad.clone()
+        grads = [p.grad.clone() for p in ours.parameters()]
+        norm, coef = clip_coefficient([p.grad for p in ours.parameters()], max_norm)
+        assert all(torch.equal(p.grad, g) for p, g in zip(ours.parameters(), grads)), "clip_coefficient wrote"
+        assert (coef.item() < 1.0) == (max_norm == 1e-3), f"max_norm {max_norm}: coefficient {coef.item()}"
+        scale.copy_(coef)
+        want_norm = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm, foreach=True)
+        assert torch.equal(norm, want_norm), f"norm {norm.item()} != clip_grad_norm_'s {want_norm.item()}"
+        opt.step()
+        ref.step()
+        opt.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        _assert_bitwise(["param", "exp_avg", "exp_avg_sq", "copy"],
+                        [list(ours.parameters()), [opt.state[p]["exp_avg"] for p in ours.parameters()],
+                         [opt.state[p]["exp_avg_sq"] for p in ours.parameters()],
+                         [c.tensor for c in opt.copies.values()]],
+                        [list(theirs.parameters()), [ref.state[p]["exp_avg"] for p in theirs.parameters()],
+                         [ref.state[p]["exp_avg_sq"] for p in theirs.parameters()],
+                         [c.tensor for c in ref.copies.values()]], f"{_fresh_seed}, step {step}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_attached_ema_is_the_separate_ema(device, backend, _fresh_seed):
+    """AdamW with attach_ema keeps the shadows bitwise as the training loop's separate EMA
+    (torch._foreach_lerp_ over all parameters after each step taken): a parameter without a
+    gradient in one step still moves its shadow toward it; a step not taken moves none."""
+    decay = 0.9
+    ours, theirs = _model(device), _model(device)
+    theirs.load_state_dict(ours.state_dict())
+    shadows = [p.detach().float().clone() for p in ours.parameters()]
+    their_shadows = [s.clone() for s in shadows]
+    opt = AdamW(ours.parameters(), lr=1e-2, backend=backend)
+    ref = AdamW(theirs.parameters(), lr=1e-2, backend=backend)
+    assert opt.attach_ema(dict(zip(ours.parameters(), shadows)), decay) == len(shadows)
+    for step in range(4):
+        x = torch.randn(8, 6, device=device)
+        for model, optimizer in ((ours, opt), (theirs, ref)):
+            model(x).square().sum().backward()
+            if step == 1:
+                model.fc2.bias.grad = None
+        if step == 2:  # skipped, as the loop skips a non-finite step: neither optimizer nor EMA
+            before = [s.clone() for s in shadows]
+        else:
+            opt.step()
+            ref.step()
+            torch._foreach_lerp_(their_shadows, [p.detach().float() for p in theirs.parameters()], 1.0 - decay)
+        opt.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        if step == 2:
+            assert all(torch.equal(a, b) for a, b in zip(shadows, before)), "a step not taken moved a shadow"
+        _assert_bitwise(["param", "shadow"], [list(ours.parameters()), shadows],
+                        [list(theirs.parameters()), their_shadows], f"{_fresh_seed}, step {step}")
+    assert not torch.equal(shadows[0], ours.fc1.weight.detach()), "the shadows lag the parameters"
+
+
+def test_attach_ema_and_grad_scale_errors():
+    model = _model("cpu")
+    opt = AdamW([p for name, p in model.named_parameters() if name != "head.bias"], lr=1e-2)
+    with pytest.raises(ValueError, match="not one of this optimizer's"):
+        opt.attach_ema({model.head.bias: model.head.bias.detach().clone()}, 0.99)
+    with pytest.raises(ValueError, match="expected float32"):
+        opt.attach_ema({model.fc1.weight: model.fc1.weight.detach().double()}, 0.99)
+    with pytest.raises(ValueError, match="decay must be in"):
+        opt.attach_ema({}, 1.5)
+    with pytest.raises(ValueError, match="one-element float32"):
+        opt.set_grad_scale(torch.ones(2))
+    with pytest.raises(ValueError, match="one-element float32"):
+        opt.set_grad_scale(torch.ones((), dtype=torch.bfloat16))
 
 
 def test_optimizer_rejects_bad_arguments():

@@ -127,16 +127,37 @@ def test_cuda_graph_value(capsys, captioned_cache, tmp_path):
     (dict(cuda=False), "no CUDA device"),
     (dict(world=2), "2 ranks"),
     (dict(compile=True), "train.compile"),
-    (dict(activation_checkpointing=2), "train.activation_checkpointing"),
     (dict(batch_shapes=3), "3 shapes"),
 ])
 def test_cuda_graph_resolution(kwargs, obstacle):
     from train.config import ConfigError
 
-    allowed = dict(cuda=True, world=1, compile=False, activation_checkpointing=0, batch_shapes=1)
-    assert train.run.use_cuda_graph("auto", **allowed) and train.run.use_cuda_graph("on", **allowed)
-    assert not train.run.use_cuda_graph("off", **allowed)
+    allowed = dict(cuda=True, world=1, compile=False, batch_shapes=1)
+    assert train.run.use_cuda_graph("auto", **allowed) == (True, "") == train.run.use_cuda_graph("on", **allowed)
+    assert train.run.use_cuda_graph("off", **allowed) == (False, 'train.cuda_graph = "off"')
     blocked = {**allowed, **kwargs}
-    assert not train.run.use_cuda_graph("auto", **blocked) and not train.run.use_cuda_graph("off", **blocked)
+    on, why = train.run.use_cuda_graph("auto", **blocked)
+    assert not on and obstacle in why  # the log says why the step runs eagerly
+    assert not train.run.use_cuda_graph("off", **blocked)[0]
     with pytest.raises(ConfigError, match=obstacle):
         train.run.use_cuda_graph("on", **blocked)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("mlp/0", "train.activation_checkpointing"),
+    ("fast", "train.activation_checkpointing"),
+    (-1, "train.activation_checkpointing"),
+    (True, "train.activation_checkpointing"),
+])
+def test_recompute_setting_rejected(capsys, captioned_cache, tmp_path, value, message):
+    setting = f"train.activation_checkpointing={value if not isinstance(value, str) else repr(value)}"
+    err = _fails(capsys, *_tiny(2, captioned_cache, tmp_path / "out", *CAPTIONED, "--set",
+                                setting.replace("True", "true")))
+    assert message in err
+
+
+def test_recompute_unknown_part(capsys, captioned_cache, tmp_path):
+    err = _fails(capsys, *_tiny(2, captioned_cache, tmp_path / "out", *CAPTIONED, "--set",
+                                'train.activation_checkpointing="ffn"'))
+    assert "train.activation_checkpointing" in err and "'ffn'" in err and "mlp" in err
+    assert not (tmp_path / "out").exists()  # found before anything was built or written

@@ -49,17 +49,25 @@ def test_two_gpu_run(captioned_cache, tmp_path, parallel):
 def test_cuda_graph_run_matches_eager(captioned_cache, tmp_path):
     """train.cuda_graph (on by default here) against the eager loop: same data, same seeds, two
     micro-batches a step; the graph replays from step 3 on, so the losses of steps 3-8 come from
-    replays. Linear and mlp pinned to triton: inside a graph their auto picks cuBLASLt, whose
-    bf16 roundings differ from the eager loop's kernels."""
+    replays; with recompute inside the graph too (whole blocks, parts of every second block), and
+    "auto" recompute, which measures the tiny model and picks none. Linear and mlp pinned to
+    triton: inside a graph their auto picks cuBLASLt, whose bf16 roundings differ from the eager
+    loop's kernels."""
     losses = {}
-    for setting in ("off", "on"):
-        out = tmp_path / setting
+    for graph, policy in (("off", "off"), ("on", "off"), ("on", "block"), ("on", "mlp,attn/2"), ("on", "auto")):
+        out = tmp_path / f"{graph}-{policy}".replace(",", "_").replace("/", "_")
         result = run_cli("run", "--preset", "tiny", "--stage", 2, "--data", captioned_cache, "--out", out,
                          "--max-steps", 8, "--set", 'data.backend="torch"', "--set", "train.global_batch=16",
                          "--set", "train.micro_batch=8", "--set", "log.every=1", "--set", "optim.grad_clip=0.01",
-                         "--set", f'train.cuda_graph="{setting}"', *CAPTIONED,
-                         ENGINE_BACKEND_LINEAR="triton", ENGINE_BACKEND_MLP="triton")
-        assert ("CUDA graph" in result.stdout) == (setting == "on")
-        losses[setting] = torch.tensor([r["loss"] for r in _records(out)])
-    assert len(losses["on"]) == 8 and torch.isfinite(losses["on"]).all()
-    torch.testing.assert_close(losses["on"], losses["off"], rtol=1e-3, atol=1e-5)
+                         "--set", f'train.cuda_graph="{graph}"', "--set", f'train.activation_checkpointing="{policy}"',
+                         *CAPTIONED, ENGINE_BACKEND_LINEAR="triton", ENGINE_BACKEND_MLP="triton")
+        records = _records(out)
+        assert [r["cuda_graph"] for r in records] == [False, False] + [graph == "on"] * 6, records
+        assert all(r["recompute"] == ("off" if policy == "auto" else policy) for r in records)
+        if policy == "auto":
+            assert "recompute off (auto:" in result.stdout and "fits" in result.stdout
+        losses[graph, policy] = torch.tensor([r["loss"] for r in records])
+    reference = losses["off", "off"]
+    assert len(reference) == 8 and torch.isfinite(reference).all()
+    for key, value in losses.items():
+        torch.testing.assert_close(value, reference, rtol=1e-3, atol=1e-5, msg=f"{key}")
