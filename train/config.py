@@ -99,6 +99,9 @@ class TrainSection:
     # at the micro-batch, measured before training; "off" / 0; k = whole blocks, every k-th;
     # "PART[,PART][/k]" = those submodules of every (k-th) block, e.g. "mlp" or "block/2"
     activation_checkpointing: int | str = "auto"
+    # GiB of GPU memory the run may allocate (the caching allocator enforces it, "auto" recompute
+    # plans for it); 0 = the whole device. E.g. 79 to hold an 80 GB card's limit on a larger one.
+    memory_limit_gib: float = 0.0
     compile: bool = False
     cuda_graph: str = "auto"      # forward + backward replayed as one CUDA graph; auto: where train/run.py allows
     max_nonfinite_steps: int = 20  # this many skipped steps in a row save and stop the run
@@ -213,6 +216,7 @@ def validate(config: RunConfig) -> RunConfig:
     for name, value, low, inclusive in (("optim.lr", o.lr, 0.0, False), ("optim.eps", o.eps, 0.0, False),
                                         ("train.edm_p_std", t.edm_p_std, 0.0, False),
                                         ("optim.weight_decay", o.weight_decay, 0.0, True),
+                                        ("train.memory_limit_gib", t.memory_limit_gib, 0.0, True),
                                         ("optim.grad_clip", o.grad_clip, 0.0, True),
                                         ("log.sample_cfg", config.log.sample_cfg, 0.0, True)):
         if not (value >= low if inclusive else value > low):

@@ -33,11 +33,28 @@ def later_static_bytes(module: nn.Module, optimizer_name: str, copy_dtype: torch
     return 2 * full + ema + copies
 
 
-def budget_bytes(device: torch.device, later: int) -> int:
-    """What the step's activations, gradients and workspaces may take on ``device``."""
+def budget_bytes(device: torch.device, later: int, limit_bytes: int = 0) -> int:
+    """What the step's activations, gradients and workspaces may take on ``device``: of what this
+    process can hold (``limit_bytes`` when given, train.memory_limit_gib)."""
     free, _ = torch.cuda.mem_get_info(device)
     usable = free + torch.cuda.memory_reserved(device)
+    if limit_bytes:
+        usable = min(usable, limit_bytes)
     return int(usable * HEADROOM) - torch.cuda.memory_allocated(device) - later
+
+
+def limit_memory(device: torch.device, limit_gib: float) -> int:
+    """Cap the caching allocator at ``limit_gib`` GiB on ``device`` (0: no cap); returns the cap
+    in bytes (0 without one). Raises ValueError when the device has less."""
+    if not limit_gib or device.type != "cuda":
+        return 0
+    total = torch.cuda.get_device_properties(device).total_memory
+    limit = int(limit_gib * 2**30)
+    if limit > total:
+        raise ValueError(f"train.memory_limit_gib = {limit_gib} but {torch.cuda.get_device_name(device)} has "
+                         f"{total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(limit / total, device)
+    return limit
 
 
 def probe_step(loss_of, module: nn.Module, batch: dict):
@@ -54,13 +71,14 @@ def probe_step(loss_of, module: nn.Module, batch: dict):
 
 
 def resolve(setting: int | str, module: nn.Module, device: torch.device, micro_batch: int, graphed: bool,
-            loss_of, probe_batch, later: int) -> tuple[Recompute, str]:
+            loss_of, probe_batch, later: int, limit_bytes: int = 0) -> tuple[Recompute, str]:
     """(the policy applied to ``module``, a line for the log saying what and why).
 
     ``setting``: train.activation_checkpointing. ``graphed``: the step will be a CUDA graph (the
     recompute then does not restore the RNG state, engine.recompute). ``loss_of(batch,
     generator)``: a micro-batch's loss through ``module``. ``probe_batch(n)``: a batch of ``n``
     of the run's samples on ``device``. ``later``: bytes allocated after this (later_static_bytes).
+    ``limit_bytes``: the allocator's cap (limit_memory), 0 without one.
     """
     def set_policy(policy: Recompute) -> None:
         recompute.apply(module, policy, preserve_rng_state=not graphed)
@@ -72,7 +90,7 @@ def resolve(setting: int | str, module: nn.Module, device: torch.device, micro_b
     if device.type != "cuda":
         set_policy(Recompute())
         return Recompute(), "recompute off (auto: no memory budget to fit on the CPU)"
-    budget = budget_bytes(device, later)
+    budget = budget_bytes(device, later, limit_bytes)
     batch = probe_batch(min(micro_batch, 8))
     choice = recompute.choose(module, probe_step(loss_of, module, batch), micro_batch, budget, device, set_policy)
     del batch

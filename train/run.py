@@ -23,7 +23,7 @@ from pathlib import Path
 
 # config fields (prefixes) that may change between the segments of one run (--resume)
 _RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "log.", "data.workers", "data.backend", "train.cuda_graph",
-                      "train.activation_checkpointing")  # recompute changes memory and time, not results
+                      "train.activation_checkpointing", "train.memory_limit_gib")  # memory and time, not results
 
 
 def _run_presets() -> list[str]:
@@ -339,7 +339,8 @@ def build_model(plan: Plan, device, objective, parallel: str, compute_dtype, loa
 
     later = recompute.later_static_bytes(module, optimizer_name, compute_dtype)
     policy, line = recompute.resolve(cfg.train.activation_checkpointing, module, device, plan.micro_batch,
-                                     plan.cuda_graph, loss_of, lambda n: loader.peek(n), later)
+                                     plan.cuda_graph, loss_of, lambda n: loader.peek(n), later,
+                                     recompute.limit_memory(device, cfg.train.memory_limit_gib))
     messages.append(line)
     if cfg.train.compile:
         apply_compile(module)
