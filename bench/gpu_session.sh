@@ -201,7 +201,7 @@ caches() {
 data_speed() {
   for text in 120x4096 77x1024; do
     python3 bench/data.py --samples "${SPEED_SAMPLES:-4096}" --text "$text" --cache "/tmp/cache_$text" \
-      --workers 2,4,8 --json "$out/data_$text.json" 2>&1 | tail -12
+      --workers "${DATA_WORKERS:-2,8}" --batches 30 --json "$out/data_$text.json" 2>&1 | tail -12
   done
 }
 # A short `train run` of PixArt-XL/2 stage 2 at 256 px on the 120x4096 cache of step `caches`
@@ -235,11 +235,13 @@ train_speed() {
       --ckpt-every 1000000 --set train.global_batch=64 --set train.micro_batch=64 --set "data.backend=\"$loader\"" \
       --set log.every=10 --set log.sample_every=0 >"$runs/$loader.log" 2>&1
     echo "$loader: exit $?; $(grep -E '^recompute|^stage' "$runs/$loader.log" | tr '\n' ' ')"
+    rm -rf "$runs/$loader/checkpoints/step-"*/{model,ema}.safetensors "$runs/$loader/checkpoints/step-"*/optimizer.pt
   done
   python3 -m train run --preset pixart-alpha --stage 2 --data "$cache" --out "$runs/b176" --max-steps 100 \
     --ckpt-every 1000000 --set train.global_batch=176 --set train.micro_batch=176 --set log.every=10 \
     --set log.sample_every=0 --set "train.memory_limit_gib=$H100_GIB" >"$runs/b176.log" 2>&1
   echo "b176: exit $?; $(grep -E '^recompute|^stage' "$runs/b176.log" | tr '\n' ' ')"
+  rm -rf "$runs/b176/checkpoints/step-"*/{model,ema}.safetensors "$runs/b176/checkpoints/step-"*/optimizer.pt
   python3 bench/run_speed.py --bench "$out/speed_bench.json" $(for l in ${SPEED_LOADERS:-dali torch}; do echo "--run $l=$runs/$l"; done) \
     --from-step 50 --to-step "$steps" --json "$out/run_speed_b64.json"
   python3 bench/run_speed.py --bench "$out/speed_bench.json" --run b176="$runs/b176" --from-step 30 --to-step 100 \
