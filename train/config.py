@@ -93,6 +93,7 @@ class TrainSection:
     ema_decay: float = 0.9999
     caption_dropout: float = 0.1  # caption-conditioned families: caption -> the model's null caption
     label_dropout: float = 0.1    # label-conditioned families: label -> the null class
+    mask_ratio: float = 0.0       # families with deferred masking (MicroDiT): share of patch tokens dropped
     precision: str = "auto"       # bf16 on CUDA, fp32 on CPU
     parallel: str = "auto"        # under torchrun: ddp; alone: none
     # recompute in the backward (engine.recompute): "auto" = the least that fits the GPU's memory
@@ -213,6 +214,8 @@ def validate(config: RunConfig) -> RunConfig:
     for name, value in (("train.ema_decay", t.ema_decay), ("train.caption_dropout", t.caption_dropout),
                         ("train.label_dropout", t.label_dropout)):
         _fraction(name, value)
+    if not 0.0 <= t.mask_ratio < 1.0:
+        raise ConfigError(f"train.mask_ratio = {t.mask_ratio!r}: expected a value in [0, 1)")
     for name, value, low, inclusive in (("optim.lr", o.lr, 0.0, False), ("optim.eps", o.eps, 0.0, False),
                                         ("train.edm_p_std", t.edm_p_std, 0.0, False),
                                         ("optim.weight_decay", o.weight_decay, 0.0, True),
