@@ -412,7 +412,7 @@ def train(tr: Trainer) -> int:
                                                                  params, max_norm, grad_scale),
                                 _graph_inputs(step_batches))
             images = sum(batch["latent"].shape[0] for batch in step_batches) * tr.world
-            flops = sum(tr.family.flops(tr.module, batch) for batch in step_batches) * tr.world
+            flops = sum(tr.family.flops(tr.module, batch, cfg.train) for batch in step_batches) * tr.world
             applied, loss_value, norm_value, corrupted = _step_outcome(tr, out["loss_sum"], out["grad_norm"],
                                                                        params_bad)
             if corrupted:  # an earlier update (read here, in the step's one sync) left inf or NaN

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 # No torch import at module level: `python -m train --help` lists the families and stays fast.
 ENTRY_POINT_GROUP = "engine.families"
-BUILTIN_MODULES = ("engine.family.pixart", "engine.family.dit")
+BUILTIN_MODULES = ("engine.family.pixart", "engine.family.dit", "engine.family.microdit")
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,9 @@ class Family:
         """Whether the model also predicts IDDPM's variance (twice the input channels out)."""
         return False
 
-    def flops(self, module: torch.nn.Module, batch: dict) -> float:
-        """Training FLOPs of one micro-batch (forward + backward, docs/design.md §10)."""
+    def flops(self, module: torch.nn.Module, batch: dict, train) -> float:
+        """Training FLOPs of one micro-batch (forward + backward, docs/design.md §10); ``train`` is
+        the run config's train section (e.g. its mask ratio)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- sampling

@@ -49,7 +49,7 @@ class DiTFamily(Family):
     def learns_variance(self, config: DiTConfig) -> bool:
         return config.learn_sigma
 
-    def flops(self, module, batch) -> float:
+    def flops(self, module, batch, train) -> float:
         B, _, h, w = batch["latent"].shape
         return B * module.flops_per_sample(h * 8, w * 8)
 

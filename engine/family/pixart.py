@@ -98,7 +98,7 @@ class PixArtFamily(Family):
     def learns_variance(self, config: PixArtConfig) -> bool:
         return config.learn_sigma
 
-    def flops(self, module, batch) -> float:
+    def flops(self, module, batch, train) -> float:
         """Latent sides in VAE pixels (x8), as flops_per_sample expects, so pixel caches count
         their true token grid."""
         B, _, h, w = batch["latent"].shape

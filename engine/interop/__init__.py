@@ -1,13 +1,14 @@
-"""Checkpoint interop: diffusers, the official PixArt-α code, facebookresearch/DiT, and DiT -> PixArt.
+"""Checkpoint interop: diffusers, the official PixArt-α and MicroDiT code, facebookresearch/DiT, and DiT -> PixArt.
 
 Submodules (import the one you need; reading a ``.pth`` does not import diffusers):
 
     engine.interop.diffusers        diffusers_kwargs, from_diffusers, to_diffusers
     engine.interop.pixart_official  load / save of official PixArt-α checkpoints (.pth, .safetensors)
     engine.interop.dit              load / save of facebookresearch/DiT checkpoints (.pt)
+    engine.interop.microdit         load / save of official MicroDiT checkpoints (.pt, .safetensors)
     engine.interop.reparam          dit_to_pixart: PixArt-α's DiT -> PixArt re-parameterisation
 
-This module holds what the three formats share. Every format stores
+This module holds what the formats share. Every format stores
 
 - the patch embedding as a Conv2d weight (D, C, p, p); the engine's Linear on (c, i, j)-ordered
   patch vectors has the same numbers as a (D, C*p*p) matrix;

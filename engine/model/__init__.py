@@ -1,6 +1,7 @@
-"""Single-device model code: the PixArt-α transformer and the class-conditional DiT."""
+"""Single-device model code: the PixArt-α transformer, the class-conditional DiT and MicroDiT."""
 
 from engine.model.dit import DiT
+from engine.model.microdit import MicroDiT
 from engine.model.pixart import PixArt
 
 
@@ -11,4 +12,4 @@ def build_model(config):
     return family.of_config(config).build(config)
 
 
-__all__ = ["DiT", "PixArt", "build_model"]
+__all__ = ["DiT", "MicroDiT", "PixArt", "build_model"]

@@ -74,7 +74,7 @@ class ToyFamily(family.Family):
         caption = torch.where(drop[:, None, None], 0.0, batch["caption"].float())  # dropped: zero features
         return {"caption": caption, "caption_lens": batch["caption_lens"]}
 
-    def flops(self, module, batch):
+    def flops(self, module, batch, train):
         B, _, h, w = batch["latent"].shape
         c = module.config
         return 3 * 2 * B * h * w * 9 * 2 * c.in_channels * c.width

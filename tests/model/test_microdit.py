@@ -1,0 +1,344 @@
+"""MicroDiT against a functional transcription of the official forward, on the official state dict.
+
+``official_forward`` below computes what SonyResearch/micro_diffusion's DiT.forward_without_cfg
+computes (models/dit.py, models/utils.py), written here as plain functions of the official-layout
+state dict that engine.interop.microdit.save produces, so the comparison checks the model and
+the key mapping together. It routes the experts as the official code does (top-k by score, one-hot
+gather and combine) and masks as it does (ids_keep, then a zero token in output space put back
+with ids_restore).
+"""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from engine import family
+from engine.config import MicroDiTConfig, preset
+from engine.diffusion import EDM
+from engine.interop import microdit as interop
+from engine.model import MicroDiT
+from engine.model.layers import sincos_pos_embed
+from tests.model.helpers import randomize
+
+EPS = 1e-6
+
+
+# ------------------------------------------------------------------------------ the official math
+
+
+def _linear(sd, name, x):
+    return F.linear(x, sd[f"{name}.weight"], sd.get(f"{name}.bias"))
+
+
+def _norm(sd, name, x):
+    return F.layer_norm(x, x.shape[-1:], sd[f"{name}.weight"], eps=EPS)
+
+
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def _attention(q, k, v, heads):
+    """q (B, N, A), k, v (B, M, A): LN without affine over the whole q and k, then per head
+    softmax(q kᵀ / sqrt(d)) v."""
+    B, N, A = q.shape
+    d = A // heads
+    q = F.layer_norm(q, (A,), eps=EPS).view(B, N, heads, d).transpose(1, 2)
+    k = F.layer_norm(k, (A,), eps=EPS).view(B, -1, heads, d).transpose(1, 2)
+    v = v.reshape(B, -1, heads, d).transpose(1, 2)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, h, N, M)
+    return (weights @ v).transpose(1, 2).reshape(B, N, A)
+
+
+def _self_attention(sd, name, x, head_dim):
+    qkv = _linear(sd, f"{name}.qkv", x)  # (B, N, 3A): q, k, v each A wide
+    A = qkv.shape[-1] // 3
+    out = _attention(qkv[..., :A], qkv[..., A:2 * A], qkv[..., 2 * A:], A // head_dim)
+    return _linear(sd, f"{name}.proj", out)
+
+
+def _cross_attention(sd, name, x, y, head_dim):
+    q = _linear(sd, f"{name}.q_linear", x)
+    kv = _linear(sd, f"{name}.kv_linear", y)  # (B, L, 2A): k then v
+    A = q.shape[-1]
+    return _linear(sd, f"{name}.proj", _attention(q, kv[..., :A], kv[..., A:], A // head_dim))
+
+
+def _ffn(sd, name, x, capacity):
+    if f"{name}.gate.weight" not in sd:  # SwiGLU
+        return _linear(sd, f"{name}.w3", F.silu(_linear(sd, f"{name}.w1", x)) * _linear(sd, f"{name}.w2", x))
+    w1, w2 = sd[f"{name}.w1"], sd[f"{name}.w2"]
+    E, T = w1.shape[0], x.shape[1]
+    k = int(capacity * T / E)
+    probs = torch.softmax(_linear(sd, f"{name}.gate", x), dim=-1)  # (n, t, e)
+    score, token = torch.topk(probs.transpose(1, 2), k, dim=-1)  # (n, e, k)
+    onehot = F.one_hot(token, T).to(x.dtype)  # (n, e, k, t)
+    chosen = torch.einsum("nekt,ntd->nekd", onehot, x)
+    out = torch.einsum("nekf,efd->nekd", F.gelu(torch.einsum("nekd,edf->nekf", chosen, w1)), w2)
+    return torch.einsum("nekt,nekd->ntd", onehot, score[..., None] * out)
+
+
+def _block(sd, name, x, y, c, head_dim, capacity):
+    mod = _linear(sd, f"{name}.adaLN_modulation.1", _gelu_tanh(c))
+    shift1, scale1, gate1, shift2, scale2, gate2 = (m[:, None] for m in mod.chunk(6, dim=1))
+    x = x + gate1 * _self_attention(sd, f"{name}.attn", _norm(sd, f"{name}.norm1", x) * (1 + scale1) + shift1, head_dim)
+    x = x + _cross_attention(sd, f"{name}.cross_attn", _norm(sd, f"{name}.norm2", x), y, head_dim)
+    return x + gate2 * _ffn(sd, f"{name}.mlp", _norm(sd, f"{name}.norm3", x) * (1 + scale2) + shift2, capacity)
+
+
+def _mlp_with_norm(sd, name, x):
+    return _linear(sd, f"{name}.fc2", _norm(sd, f"{name}.norm", _gelu_tanh(_linear(sd, f"{name}.fc1", x))))
+
+
+def _count(sd, prefix):
+    return len({k.split(".")[1] for k in sd if k.startswith(prefix)})
+
+
+def official_forward(sd, x, t, y, head_dim, capacity, ids_keep=None, ids_restore=None):
+    """x (N, C, H, W), t (N,) c_noise, y (N, L, Ct) -> (N, C, H, W)."""
+    weight = sd["x_embedder.proj.weight"]
+    p, C = weight.shape[-1], x.shape[1]
+    h = F.conv2d(x, weight, sd["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2) + sd["pos_embed"]
+    half = 256  # 512 sinusoidal features, computed in fp32 as the official embedder does
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    t_freq = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1).to(x.dtype)
+    c = _linear(sd, "t_embedder.mlp.2", _gelu_tanh(_linear(sd, "t_embedder.mlp.0", t_freq)))
+    y = _mlp_with_norm(sd, "y_embedder.y_proj", y)
+    y = y + _self_attention(sd, "y_emb_preprocess.attn", _norm(sd, "y_emb_preprocess.norm1", y), head_dim)
+    y = y + _ffn(sd, "y_emb_preprocess.mlp", _norm(sd, "y_emb_preprocess.norm2", y), capacity)
+    c = c + _mlp_with_norm(sd, "pooled_y_emb_process", y.mean(dim=1))
+    y_mixer = y
+    if "patch_mixer_map_xin.0.weight" in sd:
+        h = _linear(sd, "patch_mixer_map_xin.1", _norm(sd, "patch_mixer_map_xin.0", h))
+        y_mixer = _linear(sd, "patch_mixer_map_y.1", _norm(sd, "patch_mixer_map_y.0", y))
+    for i in range(_count(sd, "patch_mixer.")):
+        h = _block(sd, f"patch_mixer.{i}", h, y_mixer, c, head_dim, capacity)
+    if ids_keep is not None:
+        h = torch.gather(h, 1, ids_keep[..., None].expand(-1, -1, h.shape[-1]))
+    if "patch_mixer_map_xout.0.weight" in sd:
+        h = _linear(sd, "patch_mixer_map_xout.1", _norm(sd, "patch_mixer_map_xout.0", h))
+    for i in range(_count(sd, "blocks.")):
+        h = _block(sd, f"blocks.{i}", h, y, c, head_dim, capacity)
+    shift, scale = _linear(sd, "final_layer.adaLN_modulation.1", _gelu_tanh(c)).chunk(2, dim=1)
+    h = _norm(sd, "final_layer.norm_final", h) * (1 + scale[:, None]) + shift[:, None]
+    h = _linear(sd, "final_layer.linear", h)
+    if ids_restore is not None:
+        tokens = ids_restore.shape[1]
+        h = torch.cat([h, sd["mask_token"].expand(h.shape[0], tokens - h.shape[1], -1)], dim=1)
+        h = torch.gather(h, 1, ids_restore[..., None].expand(-1, -1, h.shape[-1]))
+    side = int(h.shape[1] ** 0.5)
+    h = h.reshape(h.shape[0], side, side, p, p, C)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(h.shape[0], C, side * p, side * p)
+
+
+# ------------------------------------------------------------------------------ tests
+
+# the tiny preset (mixer of another width, MoE in mixer block 1 and backbone block 1), and one
+# with the mixer at the backbone's width (no projections, as MicroDiT_Tiny_2) and MoE everywhere
+# allowed (experts_every = 1)
+CONFIGS = [dict(), dict(mixer_dim=128, experts_every=1, num_experts=3)]
+
+
+def tiny(**fields) -> MicroDiTConfig:
+    return preset("microdit-tiny", **fields)
+
+
+def inputs(config, batch=3):
+    x = torch.randn(batch, config.in_channels, config.input_size, config.input_size, dtype=torch.float64)
+    c_noise = torch.randn(batch, dtype=torch.float64)
+    caption = torch.randn(batch, config.text_len, config.caption_channels, dtype=torch.float64)
+    return x, c_noise, caption
+
+
+def draw_mask(batch, tokens, ratio):
+    """The official masking: ids_keep, the first of a random shuffle, and ids_restore, its inverse."""
+    shuffle = torch.argsort(torch.rand(batch, tokens), dim=1)
+    return shuffle[:, :int(tokens * (1 - ratio))], torch.argsort(shuffle, dim=1)
+
+
+@pytest.mark.parametrize("fields", CONFIGS)
+@pytest.mark.parametrize("ratio", [0.0, 0.75])
+def test_matches_official_forward(fields, ratio, tmp_path):
+    config = tiny(**fields)
+    model = randomize(MicroDiT(config).double()).eval()
+    interop.save(model, tmp_path / "dit.pt")
+    sd = torch.load(tmp_path / "dit.pt", weights_only=True)
+    x, c_noise, caption = inputs(config)
+    T = (config.input_size // config.patch_size) ** 2
+    keep, restore = draw_mask(3, T, ratio) if ratio else (None, None)
+    with torch.no_grad():
+        expected = official_forward(sd, x, c_noise, caption, config.head_dim, config.expert_capacity, keep, restore)
+        out = model(x, c_noise, caption, keep)
+    assert out.shape == x.shape
+    assert ((out - expected).abs().max() / expected.abs().max()).item() < 1e-12
+
+
+def test_masked_positions_are_zero():
+    config = tiny()
+    model = randomize(MicroDiT(config).double())
+    x, c_noise, caption = inputs(config)
+    p, side = config.patch_size, config.input_size // config.patch_size
+    keep, _ = draw_mask(3, side * side, 0.75)
+    out = model(x, c_noise, caption, keep)
+    per_patch = out.reshape(3, config.in_channels, side, p, side, p).abs().sum(dim=(1, 3, 5)).flatten(1)  # (B, T)
+    kept = torch.zeros(3, side * side, dtype=torch.bool).scatter_(1, keep, True)
+    assert (per_patch[~kept] == 0).all() and (per_patch[kept] > 0).all()
+    out.square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_xl2_is_the_official_size():
+    with torch.device("meta"):
+        model = MicroDiT(preset("microdit-xl2"))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 1165.4
+    shapes = [(b.attn.qkv.out_features // 3, b.mlp.w1.shape[2] if hasattr(b.mlp, "gate") else b.mlp.w1.out_features)
+              for b in model.blocks]
+    assert shapes[0] == (512, 512) and shapes[1] == (640, 768) and shapes[25] == (1024, 3840)
+    assert shapes[26] == shapes[27] == (1024, 2816)  # MoE on blocks 1, 3, ..., 25: the last stays dense
+    assert [hasattr(b.mlp, "gate") for b in model.mixer] == [False, True] * 3
+    assert sum(hasattr(b.mlp, "gate") for b in model.blocks) == 13
+
+
+def test_presets_at_256_and_512():
+    for name in ("microdit-xl2", "microdit-tiny"):
+        assert preset(name, 256).pe_interpolation == 1.0 and preset(name, 256).input_size == 32
+        assert preset(name, 512).pe_interpolation == 2.0 and preset(name, 512).input_size == 64
+
+
+@pytest.mark.parametrize("scale,grid", [(1.0, 16), (2.0, 32), (0.25, 4)])
+def test_positions_are_the_official_table(scale, grid):
+    """The official table in numpy: each axis at arange(g) / (g / base) / scale with base = g, the
+    first half of the channels the column, the second the row, sines then cosines."""
+    dim = 64
+    coords = np.arange(grid, dtype=np.float32) / (grid / grid) / scale
+    column, row = (a.reshape(-1) for a in np.meshgrid(coords, coords))
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+
+    def encode(pos):
+        angles = np.outer(pos, omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    table = np.concatenate([encode(column), encode(row)], axis=1)
+    torch.testing.assert_close(sincos_pos_embed(dim, grid, grid, grid, scale), torch.from_numpy(table), rtol=0,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.75])
+def test_flops_per_sample_matches_counted_flops(ratio):
+    """torch's FlopCounter over one forward (attention through SDPA's math path, so its products
+    are counted as matmuls), times 3, equals flops_per_sample: every matmul counted, routing none."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    config = tiny()
+    model = MicroDiT(config).double()
+    x, c_noise, caption = inputs(config, batch=2)
+    T = (config.input_size // config.patch_size) ** 2
+    keep = draw_mask(2, T, ratio)[0] if ratio else None
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, c_noise, caption, keep)
+    assert 3 * counter.get_total_flops() / 2 == model.flops_per_sample(64, 64, ratio)
+
+
+def test_flops_per_sample_xl2():
+    with torch.device("meta"):
+        model = MicroDiT(preset("microdit-xl2"))
+    masked, full = model.flops_per_sample(256, 256, 0.75), model.flops_per_sample(256, 256)
+    assert round(masked / 1e12, 3) == 0.282 and round(full / 1e12, 3) == 0.714
+    # the official one-hot routing adds 2 x 2N x N x w multiply-adds per MoE block (3 in the mixer
+    # at N = 256, w = 768; 13 in the backbone at N = 64 or 256, w = 1024), counted 3x
+    routing = lambda n: 6 * (3 * 4 * 256 * 256 * 768 + 13 * 4 * n * n * 1024)  # noqa: E731
+    assert round((masked + routing(64)) / 1e12, 3) == 0.287  # MICRODIT.md: 0.287 measured
+    assert round((full + routing(256)) / 1e12, 3) == 0.739  # MICRODIT.md: 0.736 measured, 738 GFLOP in its table
+
+
+# ------------------------------------------------------------------------------ the family
+
+
+def batch_of(config, batch=4):
+    return {"latent": torch.randn(batch, config.in_channels, config.input_size, config.input_size),
+            "caption": torch.randn(batch, config.text_len, config.caption_channels),
+            "caption_lens": torch.full((batch,), config.text_len)}
+
+
+def test_training_conditions_draw_keep_from_the_generator():
+    fam = family.get("microdit")
+    config = tiny()
+    model = fam.build(config)
+    batch = batch_of(config)
+    train = SimpleNamespace(caption_dropout=0.5, mask_ratio=0.75)
+    draws = [fam.training_conditions(model, batch, torch.Generator().manual_seed(7), train) for _ in range(2)]
+    other = fam.training_conditions(model, batch, torch.Generator().manual_seed(8), train)
+    assert torch.equal(draws[0]["keep"], draws[1]["keep"]) and torch.equal(draws[0]["caption"], draws[1]["caption"])
+    assert not torch.equal(draws[0]["keep"], other["keep"])
+    keep, mask = draws[0]["keep"], draws[0]["loss_mask"]
+    assert keep.shape == (4, 4) and keep.dtype == torch.int64  # int(16 x 0.25) of 16 tokens
+    assert torch.equal(mask.sum(1), torch.full((4,), 4.0)) and (mask.gather(1, keep) == 1).all()
+    # the caption drop comes first from the generator: the same draw as a bare torch.rand(B)
+    dropped = torch.rand(4, generator=torch.Generator().manual_seed(7)) < 0.5
+    caption = draws[0]["caption"]
+    assert all(torch.equal(caption[b], torch.zeros_like(caption[b]) if dropped[b] else batch["caption"][b])
+               for b in range(4))
+    unmasked = fam.training_conditions(model, batch, torch.Generator().manual_seed(7), SimpleNamespace(
+        caption_dropout=0.5, mask_ratio=0.0))
+    assert set(unmasked) == {"caption"}
+
+
+def test_loss_mask_gives_the_official_masked_loss():
+    """EDM's loss with the family's loss mask equals the official one: weighted squared error,
+    mean over channels, p x p average per patch, mean over the kept patches, per sample."""
+    fam = family.get("microdit")
+    config = tiny()
+    model = randomize(fam.build(config))
+    batch = batch_of(config, 3)
+    kwargs = fam.training_conditions(model, batch, torch.Generator().manual_seed(3),
+                                     SimpleNamespace(caption_dropout=0.0, mask_ratio=0.75))
+    mask = kwargs.pop("loss_mask")
+    edm = EDM(sigma_data=0.9, p_mean=-0.6, p_std=1.2)
+    x0 = batch["latent"]
+    sigma = torch.tensor([0.3, 1.0, 4.0])
+    noise = torch.randn_like(x0)
+    losses = edm.training_losses(model, x0, sigma, kwargs, noise=noise, mask=mask)["loss"]
+    denoised = edm.denoise(model, x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, kwargs)
+    error = edm.loss_weight(sigma).view(-1, 1, 1, 1) * (denoised - x0) ** 2
+    per_patch = F.avg_pool2d(error.mean(dim=1), config.patch_size).flatten(1)  # (B, T)
+    expected = (per_patch * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
+
+
+def test_sampling_and_null_conditions():
+    fam = family.get("microdit")
+    config = tiny()
+    model = fam.build(config)
+    cond = fam.sampling_conditions(model, 2, [np.ones((3, 32), np.float16), np.ones((9, 32), np.float16)], 8, "cpu")
+    assert cond["caption"].shape == (2, 8, 32) and cond["caption"][0, 3:].abs().sum() == 0
+    null = fam.null_conditions(model, 2)
+    assert set(null) == {"caption"} and torch.equal(null["caption"], torch.zeros(2, 8, 32))
+    with pytest.raises(ValueError, match="caption_channels"):
+        fam.sampling_conditions(model, 1, [np.ones((3, 16), np.float16)], 8, "cpu")
+
+
+def test_check_cache():
+    fam = family.get("microdit")
+    config = preset("microdit-xl2")
+    fam.check_cache(config, SimpleNamespace(path="c", text_width=1024, max_tokens=77))
+    for cache, message in ((SimpleNamespace(path="c", text_width=0, max_tokens=77), "no text features"),
+                           (SimpleNamespace(path="c", text_width=4096, max_tokens=77), "caption_channels"),
+                           (SimpleNamespace(path="c", text_width=1024, max_tokens=120), "--max-tokens 77")):
+        with pytest.raises(ValueError, match=message):
+            fam.check_cache(config, cache)
+
+
+def test_family_flops_follow_the_mask_ratio():
+    fam = family.get("microdit")
+    config = tiny()
+    model = fam.build(config)
+    batch = batch_of(config, 2)
+    assert fam.flops(model, batch, SimpleNamespace(mask_ratio=0.0)) == 2 * model.flops_per_sample(64, 64)
+    assert fam.flops(model, batch, SimpleNamespace(mask_ratio=0.75)) == 2 * model.flops_per_sample(64, 64, 0.75)
+    assert fam.describe(config).startswith("MicroDiT (4 blocks of width 128")
