@@ -188,6 +188,12 @@ tests_session() {
     [ $? -ne 5 ] && echo "$f: $(tail -1 "$out/pytest_gpu_session.log")"
   done
 }
+# The quick part of tests_session: the optimizer's and the loader's GPU tests.
+tests_mini() {
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/optim/test_adamw.py tests/data/test_loader.py \
+    >"$out/pytest_gpu_mini.log" 2>&1
+  tail -3 "$out/pytest_gpu_mini.log"
+}
 # The synthetic 256 px caches of bench/data.py (SPEED_SAMPLES, default 4096: 64 batches of 64 per
 # epoch), one per text shape, built once per machine under /tmp.
 caches() {
