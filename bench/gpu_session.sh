@@ -197,7 +197,7 @@ tests_mini() {
 # The synthetic 256 px caches of bench/data.py (SPEED_SAMPLES, default 4096: 64 batches of 64 per
 # epoch), one per text shape, built once per machine under /tmp.
 caches() {
-  for text in 120x4096 77x1024; do
+  for text in ${CACHE_TEXTS:-120x4096 77x1024}; do
     python3 bench/data.py --samples "${SPEED_SAMPLES:-4096}" --text "$text" --cache "/tmp/cache_$text" --backends torch \
       --workers 2 --batches 2 --warmup 1 2>&1 | tail -2
   done
