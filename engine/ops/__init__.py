@@ -4,8 +4,8 @@
 engine.ops.linear import linear``); ``_gemm`` holds the GEMM plumbing linear and mlp share.
 """
 
-from engine.ops import (backend, cross_attention, gated_add, linear, mlp, norm_modulate, patchify, self_attention,
-                        split_sums)
+from engine.ops import (backend, cross_attention, gated_add, linear, mlp, moe, norm_modulate, patchify,
+                        self_attention, split_sums)
 
-__all__ = ["backend", "cross_attention", "gated_add", "linear", "mlp", "norm_modulate", "patchify", "self_attention",
-           "split_sums"]
+__all__ = ["backend", "cross_attention", "gated_add", "linear", "mlp", "moe", "norm_modulate", "patchify",
+           "self_attention", "split_sums"]
