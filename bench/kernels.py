@@ -33,7 +33,9 @@ patchify, unpatchify ``BxCxHxWpP``: the latent image (B, C, H, W) and patch size
 input, unpatchify's output; PixArt's head unpatchifies C = 8: noise and learned variance);
 linear ``MxKxN`` or ``MxKxNg``: M tokens through a K -> N Linear, with a trailing g followed by
 tanh-GELU (a plain ``MxKxN`` also reads as BxNxD: give ``--ops`` to keep the ops apart); mlp
-``MxKxHxN``: M tokens through K -> H (tanh-GELU) -> N.
+``MxKxHxN``: M tokens through K -> H (tanh-GELU) -> N; moe ``BxTxDxExH``: B samples of T tokens of
+width D through E experts of hidden width H, expert-choice routing at capacity 2 (a plain
+``BxNxHxdxL`` reads the same: give ``--ops``).
 
 Without a GPU it runs one tiny shape per op on the CPU (Triton through its interpreter): a smoke
 test of the script whose numbers mean nothing.
@@ -70,6 +72,7 @@ from engine.ops.cross_attention import cross_attention  # noqa: E402
 from engine.ops.gated_add import gated_add  # noqa: E402
 from engine.ops.linear import linear  # noqa: E402
 from engine.ops.mlp import mlp  # noqa: E402
+from engine.ops.moe import moe  # noqa: E402
 from engine.ops.norm_modulate import add_norm_modulate, norm_modulate  # noqa: E402
 from engine.ops.patchify import patchify, unpatchify  # noqa: E402
 from engine.ops.self_attention import active_backend, self_attention  # noqa: E402
@@ -192,6 +195,15 @@ def parse_mlp_shape(text: str) -> tuple[int, int, int, int]:
     return tuple(dims)
 
 
+def parse_moe_shape(text: str) -> tuple[int, int, int, int, int]:
+    """BxTxDxExH -> (B, T, D, E, H): B samples of T tokens, width D, E experts of hidden width H."""
+    dims = _positive_ints(text, 5)
+    if dims is None:
+        raise ValueError(f"moe shape {text!r} must be BxTxDxExH (samples, tokens, width, experts, expert hidden "
+                         "width) with positive integers, e.g. 64x256x1024x8x3840")
+    return tuple(dims)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs, calls and bytes
 
@@ -296,6 +308,30 @@ def _mlp_inputs(shape, dtype, device):
                _activation((N,), dtype, device)]
     return InputSet(inputs=[t.requires_grad_() for t in tensors], extra=[],
                     grad_outputs=[_activation((M, N), dtype, device)])
+
+
+MOE_CAPACITY = 2.0  # MicroDiT's: each expert takes 2 T / E tokens of a sample
+
+
+def _moe_inputs(shape, dtype, device):
+    """inputs: x (B, T, D), the router (E, D), w1 (E, D, H), w2 (E, H, D), all in the benchmark
+    dtype; router logits and pre-activations ~N(0, 1); extra: the capacity."""
+    B, T, D, E, H = shape
+    tensors = [_activation((B, T, D), dtype, device), (D**-0.5 * torch.randn(E, D, device=device)).to(dtype),
+               (D**-0.5 * torch.randn(E, D, H, device=device)).to(dtype),
+               (H**-0.5 * torch.randn(E, H, D, device=device)).to(dtype)]
+    return InputSet(inputs=[t.requires_grad_() for t in tensors], extra=[MOE_CAPACITY],
+                    grad_outputs=[_activation((B, T, D), dtype, device)])
+
+
+def _moe_bytes(shape, dtype):
+    """Each tensor once: fwd reads x, w1, w2, writes out; bwd reads d_out, x, w1, w2, writes dx,
+    dw1, dw2 (the router's E x D is left out). The experts' GEMMs set the time, so GB/s here is
+    no roofline; the expert activations (E, B k, H) are not counted."""
+    B, T, D, E, H = shape
+    e = dtype.itemsize
+    x, w = B * T * D * e, 2 * E * D * H * e
+    return {"fwd": 2 * x + w, "bwd": 3 * x + 2 * w}
 
 
 def _mlp_bytes(shape, dtype):
@@ -483,6 +519,20 @@ OPS = {
         call=lambda backend, x, w1, b1, w2, b2: (mlp(x, w1, b1, w2, b2, backend=backend),),
         bytes_moved=_mlp_bytes,
         bytes_note="the two linear rows' bytes, the hidden activation once each way",
+    ),
+    "moe": OpSpec(
+        name="moe",
+        # MicroDiT's MoE blocks (width 1024, 8 experts of hidden 3840, capacity 2) at 256 px, batch 256:
+        # the masked stage's backbone runs on the 64 tokens a sample keeps, the unmasked one on 256
+        # tokens (here at batch 64).
+        gpu_shapes=("256x64x1024x8x3840", "64x256x1024x8x3840"),
+        cpu_shape="2x16x32x4x48",
+        parse_shape=parse_moe_shape,
+        make_inputs=_moe_inputs,
+        call=lambda backend, x, gate, w1, w2, capacity: (moe(x, gate, w1, w2, capacity, backend=backend),),
+        bytes_moved=_moe_bytes,
+        bytes_note="fwd x,w1,w2,out; bwd dout,x,w1,w2,dx,dw1,dw2",
+        missing_backends=("cuda",),
     ),
     "patchify": OpSpec(
         name="patchify",

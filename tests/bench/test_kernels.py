@@ -24,7 +24,7 @@ _spec.loader.exec_module(kernels)
 from engine.ops.backend import unavailable_reason  # noqa: E402
 from engine.ops.cross_attention import cross_attention_ref  # noqa: E402
 
-NEW_OPS = ("cross_attention", "self_attention", "patchify", "unpatchify", "linear", "mlp", "gated_add")
+NEW_OPS = ("cross_attention", "self_attention", "patchify", "unpatchify", "linear", "mlp", "gated_add", "moe")
 SDPA_KERNEL_NAMES = {"cudnn", "flash", "efficient", "math"}
 
 
