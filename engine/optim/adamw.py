@@ -24,9 +24,10 @@ until attached) and hands ``copy.current()`` to its op, which reads it instead o
 parameter under autocast (engine.ops.linear's ``weight_lp``).
 
 ``set_grad_scale(scale)``: every later step multiplies each gradient by the one-element fp32
-device tensor ``scale`` as it reads it, bitwise what ``torch.nn.utils.clip_grad_norm_`` followed by
-the step gives when ``scale`` holds ``clip_coefficient``'s coefficient, without the multiply's
-pass over the gradients (8 bytes per fp32 parameter). The tensor is read at each step, not
+device tensor ``scale`` as it reads it: what ``torch.nn.utils.clip_grad_norm_`` followed by the
+step gives when ``scale`` holds ``clip_coefficient``'s coefficient (bitwise on the CPU, within an
+fp32 ulp on CUDA: engine.optim.adamw_kernel), without the multiply's pass over the gradients
+(8 bytes per fp32 parameter). The tensor is read at each step, not
 copied: update it in place (a CUDA graph can write it).
 
 ``attach_ema(shadows, decay)``: every later step moves each shadow toward its parameter's new

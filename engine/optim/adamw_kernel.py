@@ -15,7 +15,9 @@ clipping coefficient) and an EMA shadow s with lerp weight w = 1 - decay:
 
 All in fp32. ``g c`` is the product torch's clip_grad_norm_ writes into the fp32 gradients (its
 ``_foreach_mul_`` by the clamped coefficient), and the update then reads it as it would read the
-clipped gradient, so the result is bitwise that of clipping first. The EMA step is torch.lerp's
+clipped gradient: on the CPU the result is bitwise that of clipping first; compiled for an H100 the
+pass with the scale fuses its multiply-adds differently from the pass without, and a few elements
+land one fp32 ulp apart (39 of 8,195 in bench/results/h100_pytest_gpu_mini_d7cb49d.txt). The EMA step is torch.lerp's
 (ATen/native/Lerp.h, in fp32): s + w (p - s) for |w| < 0.5, else p - (p - s)(1 - w), toward the
 parameter as stored (``p.float()``, as ``torch._foreach_lerp_(shadows, [p.float() ...], w)``).
 
@@ -342,9 +344,10 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
 
     ``grad_scale``: a one-element float32 tensor on the parameters' device, read there (no host
     synchronisation); every gradient element is multiplied by it in fp32 before anything else.
-    With fp32 gradients the result is bitwise that of multiplying the gradients in place first
-    (clip_grad_norm_'s coefficient: engine.optim.clip_coefficient); bf16 gradients are scaled
-    without the product's rounding to bf16.
+    With fp32 gradients the result is that of multiplying the gradients in place first
+    (clip_grad_norm_'s coefficient: engine.optim.clip_coefficient), bitwise on the CPU and within
+    an fp32 ulp on CUDA (module docstring); bf16 gradients are scaled without the product's
+    rounding to bf16.
 
     ``shadows``: per parameter an fp32 tensor of its shape (None: none), moved toward the new
     parameter by ``torch.lerp(shadow, p.float(), ema_weight)`` (an EMA with decay 1 - ema_weight)."""

@@ -152,7 +152,16 @@ def _clone_all(*lists):
     return [[t.clone() if t is not None else None for t in ts] for ts in lists]
 
 
-def _assert_bitwise(names, got, want, seed):
+def _assert_bitwise(names, got, want, seed, ulps: int = 0):
+    """Equal element by element (NaN equal to NaN); ``ulps`` > 0 allows that many fp32 ulps of
+    the larger magnitude instead."""
+    if ulps:
+        for name, a, b in zip(names, got, want):
+            for i, (x, y) in enumerate(zip(a, b)):
+                if x is not None:
+                    torch.testing.assert_close(x.float(), y.float(), rtol=ulps * 2.0**-23, atol=0,
+                                               msg=lambda m, n=name, j=i: f"{n}[{j}] (seed {seed}): {m}")
+        return
     for name, a, b in zip(names, got, want):
         for i, (x, y) in enumerate(zip(a, b)):
             if x is None:
@@ -163,13 +172,21 @@ def _assert_bitwise(names, got, want, seed):
                                       f"max |diff| {(x.double() - y.double()).abs().max().item():.3g} (seed {seed})")
 
 
+# On an H100 the Triton pass compiled with a grad scale is not bitwise the one without it, even at
+# scale 1: the compiler fuses its multiply-adds differently, 39 of 8,195 parameter elements one
+# fp32 ulp apart (bench/results/h100_pytest_gpu_mini_d7cb49d.txt). On the CPU (eager, and
+# Triton's interpreter) it is bitwise.
+_FOLD_ULPS = {"cpu": 0, "cuda": 2}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grad_scale_is_scaling_the_gradients_first(device, backend, dtype, _fresh_seed):
     """grad_scale multiplies every fp32 gradient element inside the pass: parameters, moments and
-    copies are bitwise those of multiplying the gradients in place first (clip_grad_norm_'s
-    _foreach_mul_ by a 0-dim coefficient) and stepping without it."""
+    copies are those of multiplying the gradients in place first (clip_grad_norm_'s
+    _foreach_mul_ by a 0-dim coefficient) and stepping without it; bitwise on the CPU, within
+    _FOLD_ULPS on CUDA."""
     params, grads, exp_avgs, exp_avg_sqs = make_state(SHAPES, dtype, torch.float32, device)
     copies = [torch.zeros(p.shape, dtype=torch.bfloat16, device=device) for p in params]
     copies[2] = None
@@ -180,7 +197,7 @@ def test_grad_scale_is_scaling_the_gradients_first(device, backend, dtype, _fres
     adamw_step_(params, grads, exp_avgs, exp_avg_sqs, copies, step=4, backend=backend, grad_scale=scale.reshape(1),
                 **HYPER)
     _assert_bitwise(["param", "exp_avg", "exp_avg_sq", "copy"], [params, exp_avgs, exp_avg_sqs, copies],
-                    [clipped[0], clipped[2], clipped[3], clipped[4]], _fresh_seed)
+                    [clipped[0], clipped[2], clipped[3], clipped[4]], _fresh_seed, ulps=_FOLD_ULPS[device])
     assert not torch.equal(grads[1], clipped[1][1]), "the gradients themselves must stay unscaled"
 
 
@@ -432,9 +449,10 @@ def test_layers_read_the_copies_after_each_step(backend, monkeypatch, _fresh_see
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("max_norm", [1e-3, 1e6, float("inf")])  # clips, does not clip, measures only
 def test_folded_clipping_is_clip_grad_norm_then_step(device, backend, max_norm, _fresh_seed):
-    """clip_coefficient into the optimizer's grad scale, then step, gives bitwise the norm,
-    parameters, moments and copies of clip_grad_norm_(foreach=True) then the step without it, over
-    steps with fresh gradients; clip_coefficient leaves the gradients as they are."""
+    """clip_coefficient into the optimizer's grad scale, then step, gives bitwise the norm, and the
+    parameters, moments and copies of clip_grad_norm_(foreach=True) then the step without it
+    (bitwise on the CPU, within _FOLD_ULPS on CUDA), over steps with fresh gradients;
+    clip_coefficient leaves the gradients as they are."""
     ours, theirs = _model(device), _model(device)
     theirs.load_state_dict(ours.state_dict())
     opt = AdamW(ours.parameters(), lr=1e-2, backend=backend)
@@ -464,7 +482,8 @@ def test_folded_clipping_is_clip_grad_norm_then_step(device, backend, max_norm, 
                          [c.tensor for c in opt.copies.values()]],
                         [list(theirs.parameters()), [ref.state[p]["exp_avg"] for p in theirs.parameters()],
                          [ref.state[p]["exp_avg_sq"] for p in theirs.parameters()],
-                         [c.tensor for c in ref.copies.values()]], f"{_fresh_seed}, step {step}")
+                         [c.tensor for c in ref.copies.values()]], f"{_fresh_seed}, step {step}",
+                        ulps=_FOLD_ULPS[device])
 
 
 @pytest.mark.parametrize("device", DEVICES)
