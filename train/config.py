@@ -93,7 +93,7 @@ class TrainSection:
     ema_decay: float = 0.9999
     caption_dropout: float = 0.1  # caption-conditioned families: caption -> the model's null caption
     label_dropout: float = 0.1    # label-conditioned families: label -> the null class
-    mask_ratio: float = 0.0       # families with deferred masking (MicroDiT): share of patch tokens dropped
+    mask_ratio: float = 0.0       # families with deferred masking: share of patch tokens dropped after the mixer
     precision: str = "auto"       # bf16 on CUDA, fp32 on CPU
     parallel: str = "auto"        # under torchrun: ddp; alone: none
     # recompute in the backward (engine.recompute): "auto" = the least that fits the GPU's memory

@@ -100,22 +100,16 @@ class MicroDiTFamily(Family):
         return B * module.flops_per_sample(h * 8, w * 8, train.mask_ratio)
 
     def preview_conditions(self, config: MicroDiTConfig, cache, count: int):
-        """The caption features and texts of the cache's first ``count`` samples of sample 0's bucket."""
-        import numpy as np
+        from engine.family.pixart import preview_captions
 
-        same_bucket = np.flatnonzero(cache.sample_buckets == cache.sample_buckets[0])[:count]
-        return cache.read(same_bucket, config.text_len)["text"], [cache.caption(int(i)) for i in same_bucket]
+        return preview_captions(cache, config.text_len, count)
 
     def sampling_conditions(self, model, count, condition, pixels_per_latent, device) -> dict:
         """``condition``: a list of caption feature arrays (L_i, C), zero-padded to text_len."""
-        from engine.family.pixart import pad_captions
+        from engine.family.pixart import padded_conditions
 
         c = model.config
-        widths = {f.shape[1] for f in condition}
-        if widths != {c.caption_channels}:
-            raise ValueError(f"caption features {sorted(widths)} wide; the model takes {c.caption_channels} "
-                             f"(caption_channels): use the text encoder the model was trained with")
-        return {"caption": pad_captions(condition, c.text_len, device)["caption"]}
+        return {"caption": padded_conditions(condition, c.caption_channels, c.text_len, device)["caption"]}
 
     def null_conditions(self, model, count) -> dict:
         import torch

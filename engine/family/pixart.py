@@ -29,6 +29,25 @@ def _drop_captions_hook(module, args, kwargs):
     return args, kwargs
 
 
+def preview_captions(cache, text_len: int, count: int) -> tuple[list, list[str]]:
+    """The caption features and texts of the cache's first ``count`` samples of sample 0's
+    bucket (so a training grid needs no text encoder); caption-conditioned families share it."""
+    import numpy as np
+
+    same_bucket = np.flatnonzero(cache.sample_buckets == cache.sample_buckets[0])[:count]
+    return cache.read(same_bucket, text_len)["text"], [cache.caption(int(i)) for i in same_bucket]
+
+
+def padded_conditions(features: list, caption_channels: int, text_len: int, device) -> dict:
+    """pad_captions of caption features for sampling, after checking their width against the
+    model's ``caption_channels``."""
+    widths = {f.shape[1] for f in features}
+    if widths != {caption_channels}:
+        raise ValueError(f"caption features {sorted(widths)} wide; the model takes {caption_channels} "
+                         f"(caption_channels): use the text encoder the model was trained with")
+    return pad_captions(features, text_len, device)
+
+
 def pad_captions(features: list, text_len: int, device) -> dict:
     """Caption features (L_i, Ct) of true length -> caption (B, text_len, Ct) fp32 zero-padded + caption_lens (B,)."""
     import numpy as np
@@ -105,23 +124,14 @@ class PixArtFamily(Family):
         return B * module.flops_per_sample(h * 8, w * 8, batch["caption"].shape[1])
 
     def preview_conditions(self, config: PixArtConfig, cache, count: int):
-        """The caption features and texts of the cache's first ``count`` samples of sample 0's
-        bucket (so a training grid needs no text encoder)."""
-        import numpy as np
-
-        same_bucket = np.flatnonzero(cache.sample_buckets == cache.sample_buckets[0])[:count]
-        return cache.read(same_bucket, config.text_len)["text"], [cache.caption(int(i)) for i in same_bucket]
+        return preview_captions(cache, config.text_len, count)
 
     def sampling_conditions(self, model, count, condition, pixels_per_latent, device) -> dict:
         """``condition``: a list of caption feature arrays (L_i, C), one per image."""
         import torch
 
         c = model.config
-        widths = {f.shape[1] for f in condition}
-        if widths != {c.caption_channels}:
-            raise ValueError(f"caption features {sorted(widths)} wide; the model takes {c.caption_channels} "
-                             f"(caption_channels): use the text encoder the model was trained with")
-        kwargs = pad_captions(condition, c.text_len, device)
+        kwargs = padded_conditions(condition, c.caption_channels, c.text_len, device)
         if c.micro_conditions:  # a square image of the configured size; micro-conditions in pixels
             pixels = float(c.input_size * pixels_per_latent)
             kwargs["resolution"] = torch.tensor([[pixels, pixels]] * count, device=device)  # (count, 2)
