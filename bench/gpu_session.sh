@@ -45,7 +45,12 @@ extras() {
     cat /tmp/parts/nvidia_dali_cuda130-*.whl.part* >"$whl" && rm /tmp/parts/nvidia_dali_cuda130-*.whl.part*
   fi
   # DALI as its installed files (the wheel unpacked, CPython 3.12's extensions only, xz: three
-  # parts instead of the wheel's four), unpacked into the same site folder
+  # parts instead of the wheel's four), unpacked into the same site folder. Made here with:
+  #   bash ../shared/scripts/gpu-wheels.sh /tmp/dw nvidia-dali-cuda130==2.4.0; cat /tmp/dw/part*/* >dali.whl
+  #   mkdir site && (cd site && unzip -q ../dali.whl && find . -name '*cpython-3*' ! -name '*cpython-312-*' -delete
+  #   && tar cf - . | xz -9e -T2 >../dali_site.tar.xz); split -b 45M -d -a 1 dali_site.tar.xz dali_site.tar.xz.part
+  # then part0..2 into .gpu-wheels/part1..3; its small dependencies (astunparse gast optree nvtx
+  # makefun libcst~=1.8) go to .gpu-wheels/small.
   if ls /tmp/parts/dali_site.tar.xz.part* >/dev/null 2>&1; then
     mkdir -p /tmp/site && cat /tmp/parts/dali_site.tar.xz.part* \
       | python3 -c "import sys, tarfile; tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz').extractall('/tmp/site', filter='data')" \
