@@ -446,7 +446,10 @@ def main(args: argparse.Namespace) -> int:
             plan.out.mkdir(parents=True, exist_ok=True)
             for line in messages:
                 print(line, flush=True)
-        return loop.train(trainer)
+        try:
+            return loop.train(trainer)
+        finally:
+            trainer.loader.close()  # its reading processes stop before the process group goes
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
