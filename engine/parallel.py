@@ -12,10 +12,11 @@ import torch
 import torch.nn as nn
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The model's ``blocks`` ModuleList, what these transformations and engine.recompute act on."""
     blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no `blocks` ModuleList to transform")
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise TypeError(f"{type(model).__name__} has no non-empty `blocks` ModuleList to transform")
     return blocks
 
 
@@ -23,7 +24,7 @@ def apply_compile(model: nn.Module, per_block: bool = True, **compile_kwargs) ->
     """torch.compile the model: each block separately (one graph reused by all blocks, short compile
     times, as torchtitan does), or the whole forward when ``per_block`` is False."""
     if per_block:
-        for block in _blocks(model):
+        for block in blocks_of(model):
             block.compile(**compile_kwargs)
     else:
         model.compile(**compile_kwargs)
@@ -51,7 +52,7 @@ def apply_fsdp2(model: nn.Module, mixed_precision: bool = True) -> nn.Module:
 
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
               else MixedPrecisionPolicy())
-    blocks = _blocks(model)
+    blocks = blocks_of(model)
     for index, block in enumerate(blocks):
         # the last block is the first one backward needs: keeping it gathered saves one all-gather
         fully_shard(block, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)

@@ -41,15 +41,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from engine.parallel import blocks_of
+
 WHOLE_BLOCK = "block"
 _POLICY = re.compile(r"(?P<parts>[A-Za-z_][A-Za-z0-9_]*(,[A-Za-z_][A-Za-z0-9_]*)*)(/(?P<every>[1-9][0-9]*))?")
-
-
-def blocks_of(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise TypeError(f"{type(model).__name__} has no non-empty `blocks` ModuleList to recompute")
-    return blocks
 
 
 def block_parts(model: nn.Module) -> tuple[str, ...]:

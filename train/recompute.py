@@ -27,7 +27,7 @@ def later_static_bytes(module: nn.Module, optimizer_name: str, copy_dtype: torch
     copies = 0
     if optimizer_name == "engine" and copy_dtype is not None:
         owned = {id(p) for p in params}
-        copies = sum(p.numel() * torch.empty((), dtype=copy_dtype).element_size()
+        copies = sum(p.numel() * copy_dtype.itemsize
                      for sub in module.modules() for name, p in sub.named_parameters(recurse=False)
                      if hasattr(sub, f"{name}_copy") and id(p) in owned)
     return 2 * full + ema + copies
