@@ -262,16 +262,53 @@ def restore(tr: Trainer, folder: Path, data_changed: bool = False) -> None:
     tr.progress = Progress(**train_state["progress"])
 
 
-def _step_outcome(tr: Trainer, loss_sum: torch.Tensor, grad_norm: torch.Tensor,
-                  params_bad: torch.Tensor) -> tuple[bool, float, float, bool]:
-    """(apply the step?, global mean loss, grad norm, did an earlier update leave a parameter inf or
-    NaN?): one host sync, one all-reduce when distributed."""
+def _step_summary(tr: Trainer, loss_sum: torch.Tensor, grad_norm: torch.Tensor,
+                  params_bad: torch.Tensor) -> torch.Tensor:
+    """A (4,) device tensor: the loss summed over ranks, the number of ranks whose loss or gradient
+    norm is inf or NaN, the number whose earlier update left a parameter inf or NaN, and this
+    rank's gradient norm; one all-reduce when distributed, no host sync."""
     bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(grad_norm)).float()
     packed = torch.stack([loss_sum.float(), bad, params_bad.float()])
     if tr.world > 1:
         dist.all_reduce(packed)
-    loss, bad_ranks, corrupted_ranks = packed.tolist()
-    return bad_ranks == 0, loss / tr.world, float(grad_norm), corrupted_ranks > 0
+    return torch.cat([packed, grad_norm.float().reshape(1)])
+
+
+def _step_outcome(tr: Trainer, summary: list[float]) -> tuple[bool, float, float, bool]:
+    """(apply the step?, global mean loss, grad norm, did an earlier update leave a parameter inf
+    or NaN?) from _step_summary's values read on the host."""
+    loss, bad_ranks, corrupted_ranks, grad_norm = summary
+    return bad_ranks == 0, loss / tr.world, grad_norm, corrupted_ranks > 0
+
+
+class DeviceSkip:
+    """The non-finite skip decided on the device, so that the host launches the optimizer before
+    it reads the step's outcome: the GPU goes from the backward straight into the update while
+    the host waits, instead of idling while the host reads, then launches the update (the
+    optimizer's launch is milliseconds of Python for hundreds of tensors). engine AdamW only
+    (set_apply / forget_step): its pass reads the flag and writes nothing where it is 0."""
+
+    def __init__(self, optimizer: AdamW, device: torch.device):
+        self.optimizer = optimizer
+        self.apply = torch.ones(1, device=device)
+        self.host = torch.empty(4, pin_memory=device.type == "cuda")
+        self.ready = torch.cuda.Event() if device.type == "cuda" else None
+        optimizer.set_apply(self.apply)
+
+    def step(self, summary: torch.Tensor) -> list[float]:
+        """Launch the update of the step ``summary`` (_step_summary) describes, applied on the device
+        where no rank was bad, then read the summary (waiting for the backward, not the update)."""
+        self.apply.copy_(summary[1:2] == 0)
+        self.host.copy_(summary, non_blocking=True)
+        if self.ready is not None:
+            self.ready.record()
+        self.optimizer.step()
+        if self.ready is not None:
+            self.ready.synchronize()
+        values = self.host.tolist()
+        if values[1] != 0:  # not applied: the update wrote nothing, its step counts go back
+            self.optimizer.forget_step()
+        return values
 
 
 def _parameters_nonfinite(optimizer, params: list[torch.Tensor]) -> torch.Tensor:
@@ -390,6 +427,7 @@ def train(tr: Trainer) -> int:
     generators = [torch.Generator(device) for _ in range(accumulation)]
     graph = StepGraph(device, params, generators=generators) if tr.cuda_graph else None
     grad_scale = _fused_updates(tr)
+    skip = DeviceSkip(tr.optimizer, device) if grad_scale is not None else None
     interval = Interval()
     params_bad = torch.zeros((), device=device)  # nonzero once an update leaves a parameter inf or NaN
     last_time = time.perf_counter()
@@ -411,16 +449,21 @@ def train(tr: Trainer) -> int:
                 out = graph.run(lambda inputs: _forward_backward(tr, _graph_batches(inputs, accumulation), generators,
                                                                  params, max_norm, grad_scale),
                                 _graph_inputs(step_batches))
+            summary = _step_summary(tr, out["loss_sum"], out["grad_norm"], params_bad)
+            if skip is not None:  # the update is launched before the host reads the outcome
+                applied, loss_value, norm_value, corrupted = _step_outcome(tr, skip.step(summary))
+                params_bad = _parameters_nonfinite(tr.optimizer, params)
+            else:
+                applied, loss_value, norm_value, corrupted = _step_outcome(tr, summary.tolist())
             images = sum(batch["latent"].shape[0] for batch in step_batches) * tr.world
             flops = sum(tr.family.flops(tr.module, batch, cfg.train) for batch in step_batches) * tr.world
-            applied, loss_value, norm_value, corrupted = _step_outcome(tr, out["loss_sum"], out["grad_norm"],
-                                                                       params_bad)
             if corrupted:  # an earlier update (read here, in the step's one sync) left inf or NaN
                 return _stop_corrupted(tr, log, step)
             if applied:
-                tr.optimizer.step()
-                tr.ema.update()
-                params_bad = _parameters_nonfinite(tr.optimizer, params)
+                if skip is None:
+                    tr.optimizer.step()
+                    params_bad = _parameters_nonfinite(tr.optimizer, params)
+                tr.ema.update()  # the shadows the optimizer's pass does not move (none with engine AdamW)
                 tr.progress.nonfinite_run = 0
             else:
                 tr.progress.skipped_total += 1

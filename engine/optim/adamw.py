@@ -38,6 +38,12 @@ per fp32 parameter fewer than the separate lerp). A step that is not taken moves
 Together: 42 bytes per fp32 parameter for clip norm + update + copy + EMA, against 54 with the
 separate clip multiply and lerp (engine.optim.adamw_kernel's docstring has the arithmetic).
 
+``set_apply(flag)``: every later step reads the one-element fp32 device tensor ``flag`` in its
+pass and writes nothing where it is 0, so that the host can launch the step before it has read
+whether the step's loss and gradients were finite (train's loop skips non-finite steps this way
+without waiting for the GPU). The step counts advance on the host regardless; after reading a
+flag that was 0, ``forget_step()`` takes back the counts of the last step.
+
 A parameter without a gradient is skipped, its step count unchanged, as torch's AdamW does; its
 shadow still moves toward it (a separate lerp), as the separate EMA would move it.
 """
@@ -119,6 +125,8 @@ class AdamW(torch.optim.Optimizer):
         self.shadows: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> fp32 EMA (attach_ema)
         self.ema_decay = 0.0
         self._grad_scale: torch.Tensor | None = None
+        self._apply: torch.Tensor | None = None
+        self._last_counted: list[dict] = []  # the states whose step count the last step() advanced
         # 1 once a step has written an inf or NaN into a parameter (see parameters_nonfinite)
         self._nonfinite: torch.Tensor | None = None
         for group in self.param_groups:
@@ -175,6 +183,22 @@ class AdamW(torch.optim.Optimizer):
                              f"{tuple(scale.shape)} {scale.dtype}")
         self._grad_scale = scale
 
+    def set_apply(self, flag: torch.Tensor | None) -> None:
+        """Write each later step only where ``flag`` (a one-element float32 tensor on the
+        parameters' device, read at each step) is nonzero; None: always write."""
+        if flag is not None and (flag.numel() != 1 or flag.dtype != torch.float32):
+            raise ValueError(f"AdamW.set_apply: expected a one-element float32 tensor, got "
+                             f"{tuple(flag.shape)} {flag.dtype}")
+        self._apply = flag
+
+    def forget_step(self) -> None:
+        """Take back the step counts the last step() advanced: call it when that step's apply flag
+        (set_apply) turned out to be 0, so that its parameters, moments and shadows are unchanged
+        and the next step's bias corrections are those of the step not taken."""
+        for state in self._last_counted:
+            state["step"] -= 1
+        self._last_counted = []
+
     def parameters_nonfinite(self) -> torch.Tensor | None:
         """A (1,) int32 device tensor, 1 once any step of this optimizer has written an inf or NaN
         into a parameter (found in the update's own pass: no extra read of the parameters, no
@@ -195,6 +219,7 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._last_counted = []
         for group in self.param_groups:
             if group["amsgrad"] or group["maximize"] or not group["decoupled_weight_decay"]:
                 raise ValueError("AdamW: amsgrad, maximize and L2 (coupled) weight decay are not implemented; "
@@ -215,9 +240,14 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = state["step"].cpu()
                 step = int(state["step"].item()) + 1
                 by_step.setdefault(step, []).append(p)
-            if idle:
+            if idle and self._apply is None:
                 torch._foreach_lerp_([self.shadows[p] for p in idle], [p.detach().float() for p in idle],
                                      1.0 - self.ema_decay)
+            elif idle:
+                for p in idle:
+                    shadow = self.shadows[p]
+                    moved = torch.lerp(shadow, p.detach().float(), 1.0 - self.ema_decay)
+                    shadow.copy_(torch.where(self._apply.reshape(()) != 0, moved, shadow))
             for step, params in by_step.items():
                 if self._nonfinite is None:
                     self._nonfinite = torch.zeros(1, dtype=torch.int32, device=params[0].device)
@@ -228,7 +258,8 @@ class AdamW(torch.optim.Optimizer):
                             step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                             weight_decay=group["weight_decay"], backend=self.backend, nonfinite=self._nonfinite,
                             grad_scale=self._grad_scale, shadows=[self.shadows.get(p) for p in params],
-                            ema_weight=1.0 - self.ema_decay)
+                            ema_weight=1.0 - self.ema_decay, apply=self._apply)
+                self._last_counted += states
                 for state, copy in zip(states, copies):
                     state["step"].fill_(step)
                     if copy is not None:

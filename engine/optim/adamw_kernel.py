@@ -92,27 +92,32 @@ def _coefficients(step: int, lr: float, beta1: float, beta2: float, weight_decay
 # bench/results/h100_pytest_gpu_d1179c4.txt; torch's fused AdamW also forms it in double).
 
 
-def _eager(params, grads, exp_avgs, exp_avg_sqs, copies, shadows, flag, scale, step, lr, beta1, beta2, eps,
+def _eager(params, grads, exp_avgs, exp_avg_sqs, copies, shadows, flag, scale, apply, step, lr, beta1, beta2, eps,
            weight_decay, ema_weight):
     """Tensor by tensor with torch ops, in fp32 (rounded once to the parameter's dtype, as the kernel)."""
     decay, step_size, bias2_sqrt = _coefficients(step, lr, beta1, beta2, weight_decay)
     scale = None if scale is None else scale.reshape(())
+    keep = None if apply is None else apply.reshape(()) != 0  # the new values where True, the old ones where not
     for p, g, m, v, copy, shadow in zip(params, grads, exp_avgs, exp_avg_sqs, copies, shadows):
         p32, g32 = p.float(), g.float()
         if scale is not None:
             g32 = g32 * scale  # out of place: g.float() of an fp32 gradient is the gradient itself
-        m32 = m.float().mul_(beta1).add_(g32, alpha=1 - beta1)
-        v32 = v.float().mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+        m32 = m.to(torch.float32, copy=True).mul_(beta1).add_(g32, alpha=1 - beta1)
+        v32 = v.to(torch.float32, copy=True).mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
         p32 = (p32 - decay * p32).addcdiv_(m32, v32.sqrt().div_(bias2_sqrt).add_(eps), value=-step_size)
+        if keep is not None:
+            p32, m32, v32 = (torch.where(keep, new, old.float()) for new, old in ((p32, p), (m32, m), (v32, v)))
         if flag is not None:
-            flag.logical_or_(~torch.isfinite(p32).all())
+            finite = torch.isfinite(p32).all()
+            flag.logical_or_(~finite if keep is None else keep & ~finite)
         p.copy_(p32)
         m.copy_(m32)
         v.copy_(v32)
         if copy is not None:
-            copy.copy_(p32)
+            copy.copy_(p32 if keep is None else torch.where(keep, p32, copy.float()))
         if shadow is not None:
-            shadow.lerp_(p.float(), ema_weight)
+            moved = torch.lerp(shadow, p.float(), ema_weight)
+            shadow.copy_(moved if keep is None else torch.where(keep, moved, shadow))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,10 +194,10 @@ def _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, shadow_ptr, flag_ptr, sc
 
 
 @triton.jit
-def _adamw_kernel(addresses_ptr, sizes_ptr, program_tensor_ptr, program_start_ptr, flag_ptr, scale_ptr,
+def _adamw_kernel(addresses_ptr, sizes_ptr, program_tensor_ptr, program_start_ptr, flag_ptr, scale_ptr, apply_ptr,
                   decay, step_size, bias2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, ema_weight,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr,
-                  HAS_COPY: tl.constexpr, HAS_SHADOW: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_COPY: tl.constexpr, HAS_SHADOW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_APPLY: tl.constexpr,
                   CHECK_FINITE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Program i: elements [start, start + BLOCK) of tensor t = program_tensor[i]; the addresses
     of t's parameter, gradient, moments, copy and shadow are addresses[t, 0..5]. A block inside
@@ -221,14 +226,18 @@ def _adamw_kernel(addresses_ptr, sizes_ptr, program_tensor_ptr, program_start_pt
         start = tl.multiple_of(start, BLOCK)
     offsets = start + tl.arange(0, BLOCK)
     ok = offsets < n
-    if start + BLOCK <= n:
-        _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, shadow_ptr, flag_ptr, scale_ptr, offsets, ok, decay,
-                      step_size, bias2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, ema_weight,
-                      P_DTYPE, COPY_DTYPE, HAS_COPY, HAS_SHADOW, HAS_SCALE, CHECK_FINITE, False)
-    else:
-        _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, shadow_ptr, flag_ptr, scale_ptr, offsets, ok, decay,
-                      step_size, bias2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, ema_weight,
-                      P_DTYPE, COPY_DTYPE, HAS_COPY, HAS_SHADOW, HAS_SCALE, CHECK_FINITE, True)
+    run = True
+    if HAS_APPLY:
+        run = tl.load(apply_ptr) != 0  # a step skipped on the device: nothing is read or written
+    if run:
+        if start + BLOCK <= n:
+            _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, shadow_ptr, flag_ptr, scale_ptr, offsets, ok, decay,
+                          step_size, bias2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, ema_weight,
+                          P_DTYPE, COPY_DTYPE, HAS_COPY, HAS_SHADOW, HAS_SCALE, CHECK_FINITE, False)
+        else:
+            _adamw_update(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, shadow_ptr, flag_ptr, scale_ptr, offsets, ok, decay,
+                          step_size, bias2_sqrt, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, ema_weight,
+                          P_DTYPE, COPY_DTYPE, HAS_COPY, HAS_SHADOW, HAS_SCALE, CHECK_FINITE, True)
 
 
 def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -266,7 +275,7 @@ def _program_map(sizes: tuple[int, ...], device: torch.device):
     return _cached(_PROGRAM_MAPS, (sizes, device), build)
 
 
-def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, shadows, flag, scale, step, lr, beta1, beta2, eps,
+def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, shadows, flag, scale, apply, step, lr, beta1, beta2, eps,
             weight_decay, ema_weight):
     decay, step_size, bias2_sqrt = _coefficients(step, lr, beta1, beta2, weight_decay)
     groups: dict[tuple, list[int]] = {}
@@ -283,10 +292,11 @@ def _triton(params, grads, exp_avgs, exp_avg_sqs, copies, shadows, flag, scale, 
         table = _cached(_ADDRESS_TABLES, (addresses, device), lambda: _to_device(list(addresses), device))
         sizes, program_tensor, program_start = _program_map(tuple(params[i].numel() for i in members), device)
         _adamw_kernel[(program_tensor.numel(),)](
-            table, sizes, program_tensor, program_start, flag, scale, decay, step_size, bias2_sqrt, beta1, beta2,
+            table, sizes, program_tensor, program_start, flag, scale, apply, decay, step_size, bias2_sqrt, beta1, beta2,
             1 - beta1, 1 - beta2, eps, ema_weight,
             P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], COPY_DTYPE=_TL_DTYPES[copy_dtype or p_dtype],
             HAS_COPY=copy_dtype is not None, HAS_SHADOW=has_shadow, HAS_SCALE=scale is not None,
+            HAS_APPLY=apply is not None,
             CHECK_FINITE=flag is not None, ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
 
 
@@ -332,7 +342,8 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
                 exp_avg_sqs: list[torch.Tensor], copies: list[torch.Tensor | None], *, step: int, lr: float,
                 beta1: float, beta2: float, eps: float, weight_decay: float, backend: str | None = None,
                 nonfinite: torch.Tensor | None = None, grad_scale: torch.Tensor | None = None,
-                shadows: list[torch.Tensor | None] | None = None, ema_weight: float = 0.0) -> None:
+                shadows: list[torch.Tensor | None] | None = None, ema_weight: float = 0.0,
+                apply: torch.Tensor | None = None) -> None:
     """AdamW step ``step`` (>= 1, shared by all tensors) on each parameter in place, its moments
     in place, and its copy (None: none) rewritten from the new value. Contiguous tensors on one
     device, moments in the parameter's dtype. backend: "eager" | "triton" | "auto" | None (see
@@ -350,7 +361,11 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     rounding to bf16.
 
     ``shadows``: per parameter an fp32 tensor of its shape (None: none), moved toward the new
-    parameter by ``torch.lerp(shadow, p.float(), ema_weight)`` (an EMA with decay 1 - ema_weight)."""
+    parameter by ``torch.lerp(shadow, p.float(), ema_weight)`` (an EMA with decay 1 - ema_weight).
+
+    ``apply``: a one-element float32 tensor on the parameters' device, read there: where it is 0
+    the step writes nothing (parameters, moments, copies, shadows and ``nonfinite`` stay as they
+    are), so that a step can be skipped on a condition the host has not read yet."""
     shadows = [None] * len(params) if shadows is None else shadows
     _check_inputs(params, grads, exp_avgs, exp_avg_sqs, copies, shadows, step)
     if not params:
@@ -358,9 +373,10 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     device = params[0].device
     _check_device_scalar("nonfinite", nonfinite, torch.int32, device)
     _check_device_scalar("grad_scale", grad_scale, torch.float32, device)
+    _check_device_scalar("apply", apply, torch.float32, device)
     name = resolve(backend, device, "adamw", prefer=("triton",))
     if name == "cuda":
         raise RuntimeError("adamw_step_ has no CUDA-extension kernel; use backend 'triton' or 'eager'")
     run = _triton if name == "triton" else _eager
-    run(params, grads, exp_avgs, exp_avg_sqs, copies, shadows, nonfinite, grad_scale, step, lr, beta1, beta2, eps,
-        weight_decay, ema_weight)
+    run(params, grads, exp_avgs, exp_avg_sqs, copies, shadows, nonfinite, grad_scale, apply, step, lr, beta1, beta2,
+        eps, weight_decay, ema_weight)

@@ -524,6 +524,72 @@ def test_attached_ema_is_the_separate_ema(device, backend, _fresh_seed):
     assert not torch.equal(shadows[0], ours.fc1.weight.detach()), "the shadows lag the parameters"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_apply_flag_writes_all_or_nothing(device, backend, _fresh_seed):
+    """apply = 0: parameters, moments, copies, shadows and the non-finite flag stay bitwise as they
+    were, even with a NaN gradient that would make a parameter NaN; apply = 1: bitwise the step
+    without the flag."""
+    shapes = SHAPES
+    state = make_state(shapes, torch.float32, torch.float32, device)
+    state[1][1].view(-1)[5] = float("nan")  # the step, if taken, would write NaN and set the flag
+    copies = [torch.zeros(p.shape, dtype=torch.bfloat16, device=device) for p in state[0]]
+    shadows = [torch.randn(p.shape, device=device) for p in state[0]]
+    scale = torch.full((1,), 0.5, device=device)
+    kwargs = dict(step=4, backend=backend, grad_scale=scale, ema_weight=0.1, **HYPER)
+    for value in (0.0, 1.0):
+        ours = _clone_all(*state, copies, shadows)
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        adamw_step_(*ours[:4], ours[4], shadows=ours[5], nonfinite=flag,
+                    apply=torch.full((1,), value, device=device), **kwargs)
+        if value == 0.0:
+            want, want_flag = _clone_all(*state, copies, shadows), 0
+        else:
+            want = _clone_all(*state, copies, shadows)
+            want_flag = torch.zeros(1, dtype=torch.int32, device=device)
+            adamw_step_(*want[:4], want[4], shadows=want[5], nonfinite=want_flag, **kwargs)
+            want_flag = want_flag.item()
+            assert want_flag == 1, "the NaN gradient did not reach a parameter: the test shows nothing"
+        written = [0, 2, 3, 4, 5]  # all but the gradients
+        _assert_bitwise(["param", "exp_avg", "exp_avg_sq", "copy", "shadow"], [ours[i] for i in written],
+                        [want[i] for i in written], f"{_fresh_seed}, apply {value}")
+        assert flag.item() == want_flag, f"apply {value}: flag {flag.item()} (seed {_fresh_seed})"
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_forget_step_is_the_step_not_taken(backend, _fresh_seed):
+    """Steps launched with set_apply, the middle one's flag 0 and then forget_step(): parameters,
+    moments, shadows and step counts bitwise those of an optimizer that never saw the middle step
+    (the training loop's non-finite skip, decided on the device)."""
+    ours, theirs = _model("cpu"), _model("cpu")
+    theirs.load_state_dict(ours.state_dict())
+    opt, ref = AdamW(ours.parameters(), lr=1e-2, backend=backend), AdamW(theirs.parameters(), lr=1e-2, backend=backend)
+    shadows = [p.detach().float().clone() for p in ours.parameters()]
+    their_shadows = [s.clone() for s in shadows]
+    opt.attach_ema(dict(zip(ours.parameters(), shadows)), 0.9)
+    ref.attach_ema(dict(zip(theirs.parameters(), their_shadows)), 0.9)
+    apply = torch.ones(1)
+    opt.set_apply(apply)
+    for step in range(4):
+        x = torch.randn(8, 6)
+        for model in (ours, theirs):
+            model(x).square().sum().backward()
+        apply.fill_(0.0 if step == 1 else 1.0)
+        opt.step()
+        if step == 1:
+            opt.forget_step()
+        else:
+            ref.step()
+        opt.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        _assert_bitwise(["param", "shadow"], [list(ours.parameters()), shadows],
+                        [list(theirs.parameters()), their_shadows], f"{_fresh_seed}, step {step}")
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        mine, want = opt.state[p], ref.state[q]
+        assert mine["step"].item() == want["step"].item() == 3
+        assert torch.equal(mine["exp_avg"], want["exp_avg"]) and torch.equal(mine["exp_avg_sq"], want["exp_avg_sq"])
+
+
 def test_attach_ema_and_grad_scale_errors():
     model = _model("cpu")
     opt = AdamW([p for name, p in model.named_parameters() if name != "head.bias"], lr=1e-2)
@@ -537,6 +603,8 @@ def test_attach_ema_and_grad_scale_errors():
         opt.set_grad_scale(torch.ones(2))
     with pytest.raises(ValueError, match="one-element float32"):
         opt.set_grad_scale(torch.ones((), dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="one-element float32"):
+        opt.set_apply(torch.ones(2))
 
 
 def test_optimizer_rejects_bad_arguments():
