@@ -90,6 +90,7 @@ class TrainSection:
     objective: str = "iddpm"
     edm_p_mean: float = -1.2     # objective "edm": ln(sigma) ~ N(edm_p_mean, edm_p_std^2) in training (Karras et al.)
     edm_p_std: float = 1.2
+    edm_sigma_data: float = 0.5  # objective "edm": the data's standard deviation in the preconditioning (EDM paper: 0.5)
     ema_decay: float = 0.9999
     caption_dropout: float = 0.1  # caption-conditioned families: caption -> the model's null caption
     label_dropout: float = 0.1    # label-conditioned families: label -> the null class
@@ -218,6 +219,7 @@ def validate(config: RunConfig) -> RunConfig:
         raise ConfigError(f"train.mask_ratio = {t.mask_ratio!r}: expected a value in [0, 1)")
     for name, value, low, inclusive in (("optim.lr", o.lr, 0.0, False), ("optim.eps", o.eps, 0.0, False),
                                         ("train.edm_p_std", t.edm_p_std, 0.0, False),
+                                        ("train.edm_sigma_data", t.edm_sigma_data, 0.0, False),
                                         ("optim.weight_decay", o.weight_decay, 0.0, True),
                                         ("train.memory_limit_gib", t.memory_limit_gib, 0.0, True),
                                         ("optim.grad_clip", o.grad_clip, 0.0, True),

@@ -192,19 +192,19 @@ def summarise_metrics(lines: list[dict], global_batch: int, log_every: int) -> d
 
 # ------------------------------------------------------------------------------ evaluation
 
-def generate(model, condition: list, settings: DemoSettings, objective: str, device):
+def generate(model, condition: list, settings: DemoSettings, train, device):
     """(count, 3, H, W) pixels in about [-1, 1] at the model's size, one per entry of ``condition``
     (caption features or class ids), with classifier-free guidance against the family's null
-    condition, by the sampler of the stage's objective (train.sample.draw)."""
+    condition, by the sampler of the stage's objective (``train``: the stage's train section;
+    train.sample.draw)."""
     from engine import family
     from train import sample
 
     return sample.draw(family.of_model(model), model, condition, settings.sample_steps, settings.guidance,
-                       settings.seed, device, downsample=1, objective=objective)
+                       settings.seed, device, downsample=1, objective=train.objective, sigma_data=train.edm_sigma_data)
 
 
-def evaluate_stage(run_dir: Path, records: list[dict], condition: list, settings: DemoSettings,
-                   objective: str) -> dict:
+def evaluate_stage(run_dir: Path, records: list[dict], condition: list, settings: DemoSettings, train) -> dict:
     """Sample one image per record with the stage's EMA weights, write the grid, score alignment
     (colour only where the condition is a class id: the demo's classes name a colour and shape)."""
     import torch
@@ -216,7 +216,7 @@ def evaluate_stage(run_dir: Path, records: list[dict], condition: list, settings
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(run_dir, ema=True).to(device).eval()
-    pixels = generate(model, condition, settings, objective, device)
+    pixels = generate(model, condition, settings, train, device)
     images = sample.Decoder("pixels", device)(pixels)
     sample.save_grid(images[:settings.grid_count], run_dir / "grid.png")
     by_label = family.of_model(model).condition == "label"
@@ -333,8 +333,7 @@ def run_demo(out: Path, text_encoder: str | None = None, settings: DemoSettings 
         facts.update(summarise_metrics(read_metrics(stage_dirs[stage]), facts["global_batch"],
                                        configs[stage].log.every))
         records, condition = conditions[stage]
-        scores[stage] = evaluate_stage(stage_dirs[stage], records, condition, settings,
-                                       configs[stage].train.objective)
+        scores[stage] = evaluate_stage(stage_dirs[stage], records, condition, settings, configs[stage].train)
         facts["wall_s"] = round(time.perf_counter() - tick, 2)
         facts["device_days"] = facts["wall_s"] / 86400
         stages[stage] = facts

@@ -292,7 +292,7 @@ def build_objective(plan: Plan):
 
     t = plan.config.train
     if t.objective == "edm":
-        return EDM(p_mean=t.edm_p_mean, p_std=t.edm_p_std)
+        return EDM(sigma_data=t.edm_sigma_data, p_mean=t.edm_p_mean, p_std=t.edm_p_std)
     return GaussianDiffusion(learn_sigma=plan.family.learns_variance(plan.model_config))
 
 
@@ -422,7 +422,8 @@ def _grid_writer(plan: Plan, vae: str, device):
     (samples / "prompts.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
     return sample.training_grid_writer(plan.family, plan.model_config, condition, sample.Decoder(vae, device),
                                        samples, cfg.log.sample_steps, cfg.log.sample_cfg, device,
-                                       plan.cache.meta["latent_downsample"], cfg.train.objective)
+                                       plan.cache.meta["latent_downsample"], cfg.train.objective,
+                                       cfg.train.edm_sigma_data)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -36,10 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------ generation
 
 def generate(model, cond: dict, uncond: dict, count: int, steps: int, guidance: float, seed: int, device,
-             objective: str = "iddpm"):
+             objective: str = "iddpm", sigma_data: float = 0.5):
     """Latents (count, C, h, w) at the model's configured size with classifier-free guidance
     between ``cond`` and ``uncond`` (the family's sampling and null conditions), by DPM-Solver++
-    for the objective the model was trained with (train.objective: "iddpm" or "edm")."""
+    for the objective the model was trained with (train.objective: "iddpm" or "edm", with
+    train.edm_sigma_data's preconditioning)."""
     import torch
 
     from engine.diffusion import sample, sample_edm
@@ -48,19 +49,21 @@ def generate(model, cond: dict, uncond: dict, count: int, steps: int, guidance: 
     shape = (count, c.in_channels, c.input_size, c.input_size)
     generator = torch.Generator(device)
     generator.manual_seed(seed)
-    solve = sample_edm if objective == "edm" else sample
-    return solve(model, shape, cond, uncond, guidance_scale=guidance, steps=steps, generator=generator, device=device)
+    if objective == "edm":
+        return sample_edm(model, shape, cond, uncond, guidance_scale=guidance, steps=steps, generator=generator,
+                          device=device, sigma_data=sigma_data)
+    return sample(model, shape, cond, uncond, guidance_scale=guidance, steps=steps, generator=generator, device=device)
 
 
 def draw(model_family, model, condition: list, steps: int, guidance: float, seed: int, device,
-         downsample: int = 8, objective: str = "iddpm"):
+         downsample: int = 8, objective: str = "iddpm", sigma_data: float = 0.5):
     """Latents for one image per entry of ``condition`` (caption features or class ids, as the
     family conditions). downsample: image pixels per latent pixel (8 for sd-vae, 1 for pixel
     caches), for conditions given in pixels."""
     count = len(condition)
     cond = model_family.sampling_conditions(model, count, condition, downsample, device)
     return generate(model, cond, model_family.null_conditions(model, count), count, steps, guidance, seed, device,
-                    objective)
+                    objective, sigma_data)
 
 
 class Decoder:
@@ -103,7 +106,7 @@ def save_grid(images: list, path: Path) -> None:
 
 
 def training_grid_writer(model_family, model_config, condition: list, decoder: Decoder, out: Path, steps: int,
-                         guidance: float, device, downsample: int, objective: str):
+                         guidance: float, device, downsample: int, objective: str, sigma_data: float = 0.5):
     """The callback the training loop calls with (step, EMA state) to write OUT/samples/step-N.png."""
 
     def write(step: int, ema_state: dict) -> None:
@@ -111,7 +114,7 @@ def training_grid_writer(model_family, model_config, condition: list, decoder: D
         model.load_state_dict(ema_state)
         model.to(device).eval()
         latents = draw(model_family, model, condition, steps, guidance, seed=0, device=device, downsample=downsample,
-                       objective=objective)
+                       objective=objective, sigma_data=sigma_data)
         save_grid(decoder(latents), out / f"step-{step:07d}.png")
 
     return write
@@ -159,8 +162,9 @@ def main(args: argparse.Namespace) -> int:
         condition = _condition(model_family, model, args, run_info, folder, device)
         decoder = Decoder(_default(args.vae, run_info, "vae", "--vae PATH|pixels"), device)
         downsample = run_info.get("cache", {}).get("latent_downsample", 8)
-        objective = run_info.get("config", {}).get("train", {}).get("objective", "iddpm")
-        latents = draw(model_family, model, condition, args.steps, args.cfg, args.seed, device, downsample, objective)
+        trained = run_info.get("config", {}).get("train", {})
+        latents = draw(model_family, model, condition, args.steps, args.cfg, args.seed, device, downsample,
+                       trained.get("objective", "iddpm"), trained.get("edm_sigma_data", 0.5))
         save_grid(decoder(latents), Path(args.out))
     except (FileNotFoundError, ValueError) as error:
         print(f"sample: {error}", file=sys.stderr)

@@ -118,9 +118,16 @@ def test_edm_objective(captioned_cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert run_in_process("run", "--preset", "tiny", "--stage", 2, "--data", captioned_cache, "--out", out,
                           "--max-steps", 2, "--set", 'train.objective="edm"', "--set", "train.edm_p_mean=0.3",
-                          *CAPTIONED) == 0
+                          "--set", "train.edm_sigma_data=0.9", *CAPTIONED) == 0
     assert all(np.isfinite(r["loss"]) for r in _records(out))
-    assert made == [{"p_mean": 0.3, "p_std": 1.2}]  # the config's noise levels reach the objective
+    # the config's noise levels and data deviation reach the objective
+    assert made == [{"sigma_data": 0.9, "p_mean": 0.3, "p_std": 1.2}]
+    sampled = []
+    real_sampler = engine.diffusion.sample_edm
+    monkeypatch.setattr(engine.diffusion, "sample_edm", lambda *a, **kw: sampled.append(kw) or real_sampler(*a, **kw))
+    assert run_in_process("sample", "--ckpt", out, "--prompt", "a red circle", "--steps", 2,
+                          "--out", tmp_path / "a.png") == 0
+    assert [kw["sigma_data"] for kw in sampled] == [0.9]  # and the sampler's preconditioning
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, capsys):
