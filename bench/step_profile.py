@@ -1,12 +1,14 @@
-"""Where a training step's GPU time goes: torch.profiler over a few PixArt-α training steps.
+"""Where a training step's GPU time goes: torch.profiler over a few training steps of PixArt-α or MicroDiT.
 
     python bench/step_profile.py [--variant engine] [--preset pixart-xl2] [--res 256] [--batch 64]
-                                 [--steps 5] [--warmup 3] [--json PATH] [--md PATH] [--trace PATH]
-                                 [--git-commit SHA]
+                                 [--mask-ratio R] [--steps 5] [--warmup 3] [--json PATH] [--md PATH]
+                                 [--trace PATH] [--git-commit SHA]
 
-The step is bench/throughput.py's (same model build, synthetic batch, IDDPM loss under bf16 autocast,
-AdamW, ENGINE_BACKEND of the variant). After the first step (which compiles, for the compile variants)
-and --warmup more:
+The step is bench/throughput.py's for the preset's family (same model build, synthetic batch, loss
+under bf16 autocast, AdamW, ENGINE_BACKEND of the variant): PixArt-α's IDDPM step, or with a
+MicroDiT preset (``microdit-xl2``) its EDM step, on the tokens --mask-ratio keeps (0.75 in its
+first stage; default 0). After the first step (which compiles, for the compile variants) and
+--warmup more:
 
 1. the step's wall time is the median of --steps unprofiled steps, timed by CUDA events
    (bench/hardware.py's ``median_seconds``): img/s and every "% of wall" divide by it;
@@ -20,8 +22,9 @@ ones no rule matched, so that the table can be extended. The profiled GPU span p
 kernel start to last kernel end, divided by --steps) is reported next to the unprofiled wall time
 as a check on the profiler's own overhead.
 
-Without a GPU it profiles the ``tiny`` preset on the CPU and sums the CPU self time of aten (and
-engine::) ops instead of kernels: a smoke test of the script whose numbers say nothing about a GPU.
+Without a GPU it profiles the ``tiny`` preset (or the one given, e.g. ``microdit-tiny``) on the CPU
+and sums the CPU self time of aten (and engine::) ops instead of kernels: a smoke test of the
+script whose numbers say nothing about a GPU.
 
 The file is not named profile.py: a script of that name in bench/ shadows the standard library's
 ``profile`` module, which ``torch._dynamo`` imports (through cProfile), and breaks every bench script.
@@ -160,11 +163,12 @@ def summarise(kernels: list[KernelTime], steps: int, wall_ms: float, batch: int)
 
 
 def profile_variant(variant: throughput.Variant, config, resolution: int, batch: int, device: torch.device,
-                    steps: int, warmup: int, trace: Path | None) -> dict:
+                    steps: int, warmup: int, trace: Path | None, mask_ratio: float | None = None) -> dict:
     """Wall time of unprofiled steps, then the kernels of ``steps`` profiled ones, summarised."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with throughput.engine_backend(variant.backend), throughput.single_cpu_thread(device):
-        train_step, losses = throughput.make_train_step(variant, config, resolution, batch, device)
+        train_step, losses = throughput.make_train_step(variant, config, resolution, batch, device,
+                                                        mask_ratio=mask_ratio)
         train_step()  # compiles, for the compile variants
         wall_s = hardware.median_seconds(train_step, device, repeats=steps, warmup=warmup)
         if device.type == "cuda":
@@ -190,8 +194,9 @@ def format_markdown(result: dict) -> str:
     s, env, step = result["settings"], result["environment"], result["step"]
     device = env["gpu_name"] or "CPU"
     time_kind = "device time of GPU kernels" if result["representative"] else "CPU self time of aten ops"
-    lines = [f"## Training step profile: {s['variant']}, {s['preset']} {s['resolution']}px, batch {s['batch']}, "
-             f"{device}", ""]
+    masked = f", mask {s['mask_ratio']:g}" if s.get("mask_ratio") is not None else ""
+    lines = [f"## Training step profile: {s['variant']}, {s['preset']} {s['resolution']}px, batch {s['batch']}"
+             f"{masked}, {device}", ""]
     if result["note"]:
         lines += [f"**{result['note']}.**", ""]
     lines += [
@@ -234,6 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--res", type=int, default=None, help="image side in pixels (default: the preset's, 256 for "
                                                          "pixart-xl2)")
     p.add_argument("--batch", type=int, default=None, help="images per step (default: 64 on GPU, 2 on CPU)")
+    p.add_argument("--mask-ratio", type=float, default=None,
+                   help="MicroDiT presets: share of patch tokens dropped after the patch-mixer (default 0)")
     p.add_argument("--steps", type=int, default=None,
                    help="unprofiled timed steps, then as many profiled ones (default: 5 GPU, 1 CPU)")
     p.add_argument("--warmup", type=int, default=None,
@@ -267,8 +274,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = args.device
-    ((preset_name, resolution, batch),) = throughput.measurement_plan(args, schedule=None)  # checks preset / res
+    # checks preset, res and mask ratio
+    ((preset_name, resolution, batch, mask_ratio),) = throughput.measurement_plan(args, schedule=None)
     variant = throughput.VARIANTS[args.variant]
+    config = throughput.preset(preset_name, resolution)
+    try:
+        throughput.check_variant(throughput.family_step(config, resolution, mask_ratio), variant)
+    except ValueError as exc:
+        raise SystemExit(f"--variant: {exc}") from None
     command = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
     if device.type != "cuda":
         print(f"NOTE: {CPU_NOTE}.", flush=True)
@@ -278,13 +291,13 @@ def main(argv: list[str] | None = None) -> dict:
         note=None if device.type == "cuda" else CPU_NOTE,
         environment=hardware.environment(command, git_commit=args.git_commit),
         settings=dict(variant=variant.name, backend=variant.backend, compiled=variant.compiled, preset=preset_name,
-                      resolution=resolution, batch=batch, steps=args.steps, warmup=args.warmup,
+                      resolution=resolution, batch=batch, mask_ratio=mask_ratio, steps=args.steps, warmup=args.warmup,
                       wall="median of --steps unprofiled steps by CUDA events (perf_counter on CPU), after the "
                            "first step and --warmup more",
                       kernel_time="torch.profiler over --steps further steps: device time of every GPU kernel, "
                                   "copy and fill (CPU: self time of aten / engine ops), summed per step"),
-        **profile_variant(variant, throughput.preset(preset_name, resolution), resolution, batch, device,
-                          args.steps, args.warmup, args.trace),
+        **profile_variant(variant, config, resolution, batch, device, args.steps, args.warmup, args.trace,
+                          mask_ratio),
         category_rules=[list(rule) for rule in CATEGORY_RULES],
     )
     markdown = format_markdown(result)

@@ -1,7 +1,9 @@
-"""Training throughput of PixArt-α side by side: engine kernels vs eager vs torch.compile vs diffusers.
+"""Training throughput of the engine's models side by side: engine kernels vs eager vs torch.compile
+(vs diffusers, for PixArt-α).
 
     python bench/throughput.py [--preset pixart-xl2] [--res 256] [--batch 64] [--variants LIST]
-                               [--steps N] [--warmup N] [--schedule] [--json PATH] [--csv PATH] [--plot PATH]
+                               [--mask-ratio R] [--steps N] [--warmup N] [--schedule]
+                               [--json PATH] [--csv PATH] [--plot PATH]
 
 One row per variant, all on the same model config, synthetic inputs, optimizer and loss:
 
@@ -11,30 +13,49 @@ One row per variant, all on the same model config, synthetic inputs, optimizer a
                        (engine.step_graph), as `python -m train` runs one-GPU fixed-shape stages
     compile            torch.compile of the eager engine model
     engine+compile     fused backends under torch.compile
-    diffusers          diffusers' PixArtTransformer2DModel of the same architecture
-    diffusers+compile  the same under torch.compile
+    diffusers          diffusers' PixArtTransformer2DModel of the same architecture (PixArt only)
+    diffusers+compile  the same under torch.compile (PixArt only)
 
-A training step is: IDDPM loss (engine.diffusion.iddpm, learned variance) under bf16 autocast over
-fp32 master weights, backward, AdamW step: torch's (fused on CUDA), except on the engine and
-engine+graph rows, whose step is engine.optim.AdamW (the same update, one Triton pass that also
-writes the bf16 weight copies the engine's Linears read instead of casting; --optimizer torch
-gives every row torch's, for an A/B). Inputs: latents (B, 4, res/8, res/8),
-text features (B, text_len, caption_channels) with random valid lengths in [1, text_len], integer
-timesteps. Each variant builds a fresh model and optimizer; its first step (which compiles, for
-compile variants) and --warmup more steps are untimed; the step time is the median over --steps,
-timed by CUDA events. On the GPU each variant runs in its own process (--no-isolate to turn that off),
-so a faulting kernel cannot take the later rows down and every variant starts with all GPU memory
-free. A variant that fails (out of memory, compile error, crash) shows its error in its row and the
-run goes on; the JSON and CSV are rewritten after every row, so a run cut short keeps what it
-measured.
+The preset's family says what a training step is (``FamilyStep``: the objective, the synthetic
+batch, the loss); two families are measured:
 
-FLOPs per image are the engine model's ``flops_per_sample`` (docs/design.md §10) at the padded text length,
-used for the diffusers rows too (same architecture). MFU is reported against the bf16 matmul rate
-measured in the same run (8192^3) and against the datasheet dense peak.
+- PixArt-α (``pixart-xl2``, ``tiny``, their ``-ms`` twins): IDDPM loss (engine.diffusion.iddpm,
+  learned variance) on latents (B, 4, res/8, res/8), text features (B, text_len, caption_channels)
+  with random valid lengths in [1, text_len] and integer timesteps.
+- MicroDiT (``microdit-xl2``, ``microdit-tiny``): the EDM loss as MicroDiT trains it (σ_data 0.9;
+  ln σ ~ N(-0.6, 1.2²) below 512 px as its 256 px stages, N(0, 0.6²) from 512 px as its 512 px
+  stages; MICRODIT.md) on latents and random caption features (B, text_len, caption_channels),
+  77 x 1024 for microdit-xl2. With --mask-ratio R > 0 each sample keeps int(T (1 - R)) of its T
+  patch tokens after the patch-mixer and the loss counts those patches only (stage 1: R = 0.75).
+  The caption drop and the kept tokens come from the family's own ``training_conditions`` and the
+  loss from the objective's ``training_losses`` with the loss mask, as `python -m train run` calls
+  them (train.loop.micro_batch_loss); here they are drawn once from a seeded generator and the
+  same batch is trained on every step. There is no diffusers MicroDiT: its diffusers rows say so
+  in their error, and the default variant list leaves them out. The expert-choice MoE blocks run
+  engine.ops.moe with the row's ENGINE_BACKEND (under "auto", the backend that op prefers).
 
---schedule measures every resolution of bench/schedule_pixart_alpha.json (256 and 512 px with
---preset, 1024 px with its micro-conditioned "-ms" twin) and projects the schedule to GPU-days on
-this GPU and to A100-equivalent GPU-days, per variant.
+Every step runs under bf16 autocast over fp32 master weights, then backward, then AdamW: torch's
+(fused on CUDA), except on the engine and engine+graph rows, whose step is engine.optim.AdamW (the
+same update, one Triton pass that also writes the bf16 weight copies the engine's Linears read
+instead of casting; --optimizer torch gives every row torch's, for an A/B). The noise level
+(timestep or σ) and, for MicroDiT, the kept tokens are fixed inputs of the step (the captured ones
+of engine+graph); the noise is drawn in the step. Each variant builds a fresh model and optimizer;
+its first step (which compiles, for compile variants) and --warmup more steps are untimed; the
+step time is the median over --steps, timed by CUDA events. On the GPU each variant runs in its
+own process (--no-isolate to turn that off), so a faulting kernel cannot take the later rows down
+and every variant starts with all GPU memory free. A variant that fails (out of memory, compile
+error, crash) shows its error in its row and the run goes on; the JSON and CSV are rewritten after
+every row, so a run cut short keeps what it measured.
+
+FLOPs per image are the engine model's ``flops_per_sample`` (docs/design.md §10): PixArt's at the
+padded text length, used for the diffusers rows too (same architecture); MicroDiT's at the row's
+mask ratio (``mask_ratio`` in the row: None for PixArt), which counts the experts' GEMMs on the
+tokens they take and no routing. MFU is reported against the bf16 matmul rate measured in the
+same run (8192^3) and against the datasheet dense peak.
+
+--schedule (PixArt-α only for now) measures every resolution of bench/schedule_pixart_alpha.json
+(256 and 512 px with --preset, 1024 px with its micro-conditioned "-ms" twin) and projects the
+schedule to GPU-days on this GPU and to A100-equivalent GPU-days, per variant.
 
 Device time: on an H200 the default run at 256 px took about 5 minutes, mostly compiling (the first
 step of a compile variant took 64-82 s); a non-compiled variant takes 10-20 s. --schedule measures
@@ -44,8 +65,8 @@ three resolutions, so where commands have a time limit, repeat
 
 until every row is in: each run keeps the error-free rows of the last and measures the rest.
 
-Without a GPU it runs the ``tiny`` preset on the CPU: a smoke test of the whole path whose numbers
-say nothing about GPU training.
+Without a GPU it runs the ``tiny`` preset on the CPU (``microdit-tiny`` for MicroDiT): a smoke test
+of the whole path whose numbers say nothing about GPU training.
 """
 
 from __future__ import annotations
@@ -67,17 +88,20 @@ import torch
 import torch.nn as nn
 
 import hardware
-from engine.config import PixArtConfig, latent_size, preset
+from engine.config import MicroDiTConfig, PixArtConfig, latent_size, preset
 
 # Run as a script, this folder is first on sys.path, where its kernels.py would shadow the
 # installed `kernels` package that transformers imports (diffusers -> transformers) when present:
 # move it behind the installed packages (its sibling modules still import by name).
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+from engine import family as engine_family
+from engine.diffusion.edm import EDM
 from engine.diffusion.iddpm import GaussianDiffusion
 from engine.model import build_model
 from engine.optim import AdamW
 from engine.step_graph import StepGraph
+from train.config import TrainSection
 
 SCHEDULE_PATH = Path(__file__).resolve().parent / "schedule_pixart_alpha.json"
 SECONDS_PER_DAY = 86400.0
@@ -169,7 +193,7 @@ def single_cpu_thread(device: torch.device):
 
 
 def synthetic_batch(config: PixArtConfig, resolution: int, batch: int, device: torch.device, num_timesteps: int):
-    """Latents, timesteps and caption features for one step; the same for every variant (fixed seed)."""
+    """Latents, timesteps and caption features for one PixArt step; the same for every variant (fixed seed)."""
     g = torch.Generator(device=device).manual_seed(0)
     side = latent_size(resolution)
     x0 = torch.randn(batch, config.in_channels, side, side, generator=g, device=device)  # (B, C, h, w)
@@ -183,14 +207,141 @@ def synthetic_batch(config: PixArtConfig, resolution: int, batch: int, device: t
     return x0, t, kwargs
 
 
-def flops_per_image(config: PixArtConfig, resolution: int) -> float:
+# ------------------------------------------------------------------------------ a family's step
+
+
+class FamilyStep:
+    """What a training step of one model family is, for one config, resolution and mask ratio: its
+    objective, its fixed synthetic batch and its loss. The rest (model build, optimizer, autocast,
+    timing, CUDA graph) is shared by every family. A subclass per family, in FAMILY_STEPS:
+
+    - ``models``: the Variant.model kinds that exist for the family;
+    - ``mask_ratio``: the share of patch tokens the step drops (None: the family has no masking);
+    - ``flops(model)``: training FLOPs per image, the model's own count;
+    - ``inputs(model, batch, device)`` -> (static, fixed): the tensors a CUDA graph captures as the
+      step's inputs (``x0``, the noise ``level``, ...) and the model's other keyword arguments,
+      drawn from a generator seeded 0, so every variant trains on the same batch;
+    - ``loss(forward, static, fixed)``: the batch's mean loss through ``forward`` (the caller
+      sets autocast)."""
+
+    title = ""
+    models: tuple[str, ...] = ("engine",)
+
+    def __init__(self, config, resolution: int):
+        self.config, self.resolution = config, resolution
+        self.mask_ratio: float | None = None
+
+
+class PixArtStep(FamilyStep):
+    """PixArt-α: IDDPM with learned variance, caption features of random valid lengths."""
+
+    title = "PixArt-α"
+    models = ("engine", "diffusers")  # diffusers' PixArtTransformer2DModel: the same architecture
+
+    def __init__(self, config: PixArtConfig, resolution: int, mask_ratio: float | None = None):
+        super().__init__(config, resolution)
+        if mask_ratio:
+            raise ValueError(f"PixArt-α drops no tokens: --mask-ratio {mask_ratio} needs a MicroDiT preset")
+        self.objective = GaussianDiffusion(learn_sigma=config.learn_sigma)
+
+    def flops(self, model: nn.Module) -> float:
+        return model.flops_per_sample(self.resolution, self.resolution, self.config.text_len)
+
+    def inputs(self, model: nn.Module, batch: int, device: torch.device) -> tuple[dict, dict]:
+        x0, t, kwargs = synthetic_batch(self.config, self.resolution, batch, device, self.objective.num_timesteps)
+        return {"x0": x0, "level": t}, kwargs
+
+    def loss(self, forward, static: dict, fixed: dict) -> torch.Tensor:
+        return self.objective.training_losses(forward, static["x0"], static["level"], fixed)["loss"].mean()
+
+
+# MicroDiT's EDM (MICRODIT.md, from the official model.py): σ_data, and the (P_mean, P_std) of ln σ
+# of its 256 px stages and of its 512 px stages. Smaller images (the CPU's tiny runs) take the
+# 256 px values.
+MICRODIT_SIGMA_DATA = 0.9
+MICRODIT_NOISE_LEVELS = {256: (-0.6, 1.2), 512: (0.0, 0.6)}
+
+
+class MicroDiTStep(FamilyStep):
+    """MicroDiT: EDM with the loss on the kept patches, caption drop and kept tokens drawn by the
+    family's ``training_conditions`` and the loss by the objective's ``training_losses``, as
+    train.loop.micro_batch_loss calls them."""
+
+    title = "MicroDiT"
+    models = ("engine",)
+
+    def __init__(self, config: MicroDiTConfig, resolution: int, mask_ratio: float | None = None):
+        super().__init__(config, resolution)
+        self.mask_ratio = 0.0 if mask_ratio is None else float(mask_ratio)
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"--mask-ratio must be in [0, 1), got {mask_ratio}")
+        p_mean, p_std = MICRODIT_NOISE_LEVELS[512 if resolution >= 512 else 256]
+        self.objective = EDM(sigma_data=MICRODIT_SIGMA_DATA, p_mean=p_mean, p_std=p_std)
+        self.family = engine_family.of_config(config)
+        self.train = TrainSection(mask_ratio=self.mask_ratio)  # and a run's default caption dropout
+
+    def flops(self, model: nn.Module) -> float:
+        return model.flops_per_sample(self.resolution, self.resolution, self.mask_ratio)
+
+    def inputs(self, model: nn.Module, batch: int, device: torch.device) -> tuple[dict, dict]:
+        c = self.config
+        g = torch.Generator(device=device).manual_seed(0)
+        side = latent_size(self.resolution)
+        x0 = torch.randn(batch, c.in_channels, side, side, generator=g, device=device)  # (B, C, h, w)
+        caption = torch.randn(batch, c.text_len, c.caption_channels, generator=g, device=device)  # (B, L, Ct)
+        # micro_batch_loss's order of draws: caption drop and kept tokens, then σ
+        fixed = self.family.training_conditions(model, {"latent": x0, "caption": caption}, g, self.train)
+        static = {"x0": x0, "level": self.objective.sample_noise_level(batch, g, device)}  # level: σ (B,)
+        if "keep" in fixed:
+            static.update(keep=fixed.pop("keep"), loss_mask=fixed.pop("loss_mask"))  # (B, K), (B, T)
+        return static, fixed
+
+    def loss(self, forward, static: dict, fixed: dict) -> torch.Tensor:
+        kwargs = dict(fixed, keep=static["keep"]) if "keep" in static else fixed
+        losses = self.objective.training_losses(forward, static["x0"], static["level"], kwargs,
+                                                mask=static.get("loss_mask"))
+        return losses["loss"].mean()
+
+
+FAMILY_STEPS = {"pixart": PixArtStep, "microdit": MicroDiTStep}
+
+
+def family_step(config, resolution: int, mask_ratio: float | None = None) -> FamilyStep:
+    """The step of ``config``'s family; ValueError for a family not measured here or a mask ratio
+    it cannot take."""
+    name = engine_family.of_config(config).name
+    if name not in FAMILY_STEPS:
+        raise ValueError(f"this benchmark measures the {' and '.join(FAMILY_STEPS)} families, not {name!r}")
+    return FAMILY_STEPS[name](config, resolution, mask_ratio)
+
+
+def check_variant(step: FamilyStep, variant: Variant) -> None:
+    """ValueError when the family has no model of the variant's kind (diffusers for MicroDiT)."""
+    if variant.model not in step.models:
+        rows = ", ".join(v.name for v in VARIANTS.values() if v.model in step.models)
+        raise ValueError(f"variant {variant.name}: there is no {variant.model} {step.title} model "
+                         f"({step.title} rows: {rows})")
+
+
+def default_variants(preset_name: str, listed: str) -> list[str]:
+    """The comma-separated ``listed`` variants that exist for the preset's family."""
+    try:
+        step_class = FAMILY_STEPS.get(engine_family.of_preset(preset_name).name)
+    except ValueError:
+        step_class = None
+    if step_class is None:  # a preset this benchmark cannot measure: measurement_plan says so
+        return listed.split(",")
+    return [v for v in listed.split(",") if VARIANTS[v].model in step_class.models]
+
+
+def flops_per_image(config, resolution: int, mask_ratio: float | None = None) -> float:
     """Training FLOPs per image from the engine model itself (built on the meta device: no memory)."""
     with torch.device("meta"):
         model = build_model(config)
-    return model.flops_per_sample(resolution, resolution, config.text_len)
+    return family_step(config, resolution, mask_ratio).flops(model)
 
 
-def _build(variant: Variant, config: PixArtConfig, device: torch.device) -> nn.Module:
+def _build(variant: Variant, config, device: torch.device) -> nn.Module:
     with torch.device(device):  # initialise on the device: no host copy of the fp32 weights
         model = build_model(config) if variant.model == "engine" else DiffusersPixArt(config)
     return model.to(device).train()
@@ -215,24 +366,26 @@ def optimizer_name(variant: Variant, choice: str) -> str:
     return variant.optimizer if choice == "auto" else choice
 
 
-def make_train_step(variant: Variant, config: PixArtConfig, resolution: int, batch: int, device: torch.device,
-                    optimizer: str = "auto"):
-    """(train_step, losses): one training step of a freshly built ``variant`` on a fixed synthetic
-    batch (bf16 autocast, the variant's AdamW unless ``optimizer`` is "torch"), and the list each
-    step's loss is appended to.
+def make_train_step(variant: Variant, config, resolution: int, batch: int, device: torch.device,
+                    optimizer: str = "auto", mask_ratio: float | None = None):
+    """(train_step, losses): one training step of a freshly built ``variant`` on the fixed synthetic
+    batch of the config's family (FamilyStep; ``mask_ratio`` for MicroDiT), under bf16 autocast,
+    with the variant's AdamW unless ``optimizer`` is "torch"; and the list each step's loss is
+    appended to.
 
     Call inside ``engine_backend(variant.backend)``: the ops read ENGINE_BACKEND at call time.
     """
-    diffusion = GaussianDiffusion(learn_sigma=config.learn_sigma)
-    x0, t, model_kwargs = synthetic_batch(config, resolution, batch, device, diffusion.num_timesteps)
+    step = family_step(config, resolution, mask_ratio)
+    check_variant(step, variant)
     model = _build(variant, config, device)
+    static, fixed = step.inputs(model, batch, device)
     forward = torch.compile(model) if variant.compiled else model
     optimizer = make_optimizer(optimizer_name(variant, optimizer), model, device)
     losses = []
 
     def forward_backward(inputs: dict) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = diffusion.training_losses(forward, inputs["x0"], inputs["t"], model_kwargs)["loss"].mean()
+            loss = step.loss(forward, inputs, fixed)
         loss.backward()
         return {"loss": loss.detach()}
 
@@ -240,7 +393,6 @@ def make_train_step(variant: Variant, config: PixArtConfig, resolution: int, bat
         if device.type != "cuda":
             raise ValueError(f"variant {variant.name} needs a CUDA device (CUDA graphs)")
         graph = StepGraph(device, model.parameters())
-        static = {"x0": x0, "t": t}
 
         def train_step():
             losses.append(graph.run(forward_backward, static)["loss"].clone())
@@ -248,21 +400,21 @@ def make_train_step(variant: Variant, config: PixArtConfig, resolution: int, bat
         return train_step, losses
 
     def train_step():
-        losses.append(forward_backward({"x0": x0, "t": t})["loss"])
+        losses.append(forward_backward(static)["loss"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return train_step, losses
 
 
-def measure_variant(variant: Variant, config: PixArtConfig, resolution: int, batch: int, device: torch.device,
-                    steps: int, warmup: int, optimizer: str = "auto") -> dict:
+def measure_variant(variant: Variant, config, resolution: int, batch: int, device: torch.device,
+                    steps: int, warmup: int, optimizer: str = "auto", mask_ratio: float | None = None) -> dict:
     """Time training steps of one freshly built variant; raises on any failure."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch._dynamo.utils.counters.clear()
     with engine_backend(variant.backend), single_cpu_thread(device):
-        train_step, losses = make_train_step(variant, config, resolution, batch, device, optimizer)
+        train_step, losses = make_train_step(variant, config, resolution, batch, device, optimizer, mask_ratio)
         start = time.perf_counter()
         train_step()  # compiles, for the compile variants
         if device.type == "cuda":
@@ -294,11 +446,11 @@ def _release_memory(device: torch.device) -> None:
 
 
 def measure_or_error(name: str, preset_name: str, resolution: int, batch: int, device: torch.device, steps: int,
-                     warmup: int, optimizer: str = "auto") -> dict:
+                     warmup: int, optimizer: str = "auto", mask_ratio: float | None = None) -> dict:
     """measure_variant's figures, or {"error": ...}: one variant failing (OOM, compile error) must not end the run."""
     try:
         measured = measure_variant(VARIANTS[name], preset(preset_name, resolution), resolution, batch, device,
-                                   steps, warmup, optimizer)
+                                   steps, warmup, optimizer, mask_ratio)
     except Exception as exc:
         measured = dict(error=describe_error(exc))
     try:
@@ -308,8 +460,8 @@ def measure_or_error(name: str, preset_name: str, resolution: int, batch: int, d
     return measured
 
 
-def run_isolated(fn, *args) -> dict:
-    """fn(*args) in a fresh (spawned) process.
+def run_isolated(fn, *args, **kwargs) -> dict:
+    """fn(*args, **kwargs) in a fresh (spawned) process.
 
     On the GPU each variant runs this way: a kernel that faults (an illegal memory access
     poisons the CUDA context for the rest of the process) or crashes the interpreter then
@@ -319,7 +471,7 @@ def run_isolated(fn, *args) -> dict:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         try:
-            return pool.submit(fn, *args).result()
+            return pool.submit(fn, *args, **kwargs).result()
         except concurrent.futures.process.BrokenProcessPool as exc:
             return dict(error=f"worker process died: {exc}")
 
@@ -382,7 +534,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="images per step (default: 64 on GPU, 4 on CPU)")
     p.add_argument("--variants", default=None,
                    help=f"comma-separated, from {','.join(VARIANTS)} "
-                        "(default: all on GPU; eager,engine,diffusers on CPU)")
+                        "(default: all on GPU; eager,engine,diffusers on CPU; no diffusers for MicroDiT)")
+    p.add_argument("--mask-ratio", type=float, default=None,
+                   help="MicroDiT presets: share of patch tokens dropped after the patch-mixer, the loss on the "
+                        "kept ones (stage 1: 0.75; default 0)")
     p.add_argument("--optimizer", choices=OPTIMIZER_CHOICES, default="auto",
                    help="auto: each row's own AdamW (engine.optim.AdamW on engine and engine+graph, torch's fused "
                         "elsewhere); torch: torch's fused AdamW on every row (an A/B of the optimizer)")
@@ -390,7 +545,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps after the first (compiling) step (default: 3 GPU, 1 CPU)")
     p.add_argument("--schedule", action="store_true",
-                   help="measure the schedule's resolutions (256/512/1024 px) and project it to GPU-days")
+                   help="PixArt presets: measure the schedule's resolutions (256/512/1024 px) and project it to "
+                        "GPU-days")
     p.add_argument("--schedule-batches", default=None,
                    help="batch sizes for the schedule's resolutions, ascending (default: 64,32,8 on GPU for "
                         "256,512,1024 px)")
@@ -415,9 +571,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
     defaults = GPU_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS
-    for name in ("preset", "batch", "steps", "warmup", "variants", "schedule_batches"):
+    for name in ("preset", "batch", "steps", "warmup", "schedule_batches"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
+    if args.variants is None:
+        args.variants = ",".join(default_variants(args.preset, defaults["variants"]))
     args.matmul_n, args.copy_bytes = defaults["matmul_n"], defaults["copy_bytes"]
     if args.isolate is None:
         args.isolate = args.device.type == "cuda"
@@ -433,18 +591,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def measurement_plan(args, schedule: dict | None) -> list[tuple[str, int, int]]:
-    """(preset, resolution, batch) to measure, in order: --res, or each resolution of the schedule.
+def measurement_plan(args, schedule: dict | None) -> list[tuple[str, int, int, float | None]]:
+    """(preset, resolution, batch, mask ratio) to measure, in order: --res, or each resolution of
+    the schedule. The mask ratio is the family step's: --mask-ratio (0 when not given) for MicroDiT,
+    None for PixArt, which drops no tokens.
 
     A schedule stage with micro_conditions is measured with the "-ms" twin of --preset.
     """
     if schedule is None:
         try:
             resolution = args.res if args.res is not None else preset(args.preset).input_size * 8
-            preset(args.preset, resolution)
+            step = family_step(preset(args.preset, resolution), resolution, args.mask_ratio)
         except ValueError as exc:
             raise SystemExit(f"--preset {args.preset!r} --res {args.res}: {exc}") from None
-        return [(args.preset, resolution, args.batch)]
+        return [(args.preset, resolution, args.batch, step.mask_ratio)]
+    try:
+        owner = engine_family.of_preset(args.preset).name
+    except ValueError as exc:
+        raise SystemExit(f"--preset {args.preset!r}: {exc}") from None
+    if owner != "pixart":
+        raise SystemExit(f"--schedule projects PixArt-α's schedule ({args.schedule_file.name}); preset "
+                         f"{args.preset!r} is a {owner} model, whose schedule this benchmark does not project yet")
+    if args.mask_ratio:
+        raise SystemExit(f"--mask-ratio {args.mask_ratio}: PixArt-α drops no tokens")
     points = sorted({(s["resolution"], bool(s.get("micro_conditions"))) for s in schedule["stages"]})
     if len({res for res, _ in points}) != len(points):
         raise SystemExit(f"{args.schedule_file}: a resolution appears with and without micro_conditions")
@@ -456,12 +625,13 @@ def measurement_plan(args, schedule: dict | None) -> list[tuple[str, int, int]]:
             preset(name, resolution)
         except ValueError as exc:
             raise SystemExit(f"--schedule cannot measure {resolution} px with preset {name!r}: {exc}") from None
-        plan.append((name, resolution, batch))
+        plan.append((name, resolution, batch, None))
     return plan
 
 
 def earlier_rows(args, gpu_name: str | None) -> dict[tuple, dict]:
-    """The measured fields of --resume's error-free rows, keyed by (preset, resolution, batch, variant)."""
+    """The measured fields of --resume's error-free rows, keyed by (preset, resolution, batch, mask
+    ratio, variant)."""
     if args.resume is None or not args.resume.exists():
         return {}
     earlier = json.loads(args.resume.read_text())
@@ -473,8 +643,8 @@ def earlier_rows(args, gpu_name: str | None) -> dict[tuple, dict]:
         raise SystemExit(f"--resume {args.resume} was measured with {settings}; this run has steps={args.steps}, "
                          f"warmup={args.warmup}, optimizer={args.optimizer}")
     measured_fields = ("img_per_s", "step_ms", "first_step_s", "peak_mem_gib", "graph_breaks", "measured_at")
-    return {(r["preset"], r["resolution"], r["batch"], r["variant"]): {k: r[k] for k in measured_fields}
-            for r in earlier["rows"] if r["error"] is None}
+    return {(r["preset"], r["resolution"], r["batch"], r.get("mask_ratio"), r["variant"]):
+            {k: r[k] for k in measured_fields} for r in earlier["rows"] if r["error"] is None}
 
 
 def measure_hardware(args) -> dict:
@@ -502,6 +672,7 @@ _TABLE_COLUMNS = (
     ("preset", -14, lambda r: r["preset"]),
     ("res", 5, lambda r: str(r["resolution"])),
     ("batch", 5, lambda r: str(r["batch"])),
+    ("mask", 4, lambda r: _fmt(r.get("mask_ratio"), ".2f")),
     ("variant", -18, lambda r: r["variant"]),
     ("img/s", 9, lambda r: _fmt(r["img_per_s"], ".2f")),
     ("vs eager", 8, lambda r: _fmt_speedup(r["speedup_vs_eager"])),
@@ -559,7 +730,7 @@ def write_json(path: Path, result: dict) -> None:
 
 
 _CSV_ENV_FIELDS = ("gpu_name", "torch", "triton", "diffusers", "cuda", "date", "git_commit", "command")
-_CSV_ROW_FIELDS = ("preset", "resolution", "batch", "variant", "img_per_s", "step_ms", "speedup_vs_eager",
+_CSV_ROW_FIELDS = ("preset", "resolution", "batch", "mask_ratio", "variant", "img_per_s", "step_ms", "speedup_vs_eager",
                    "speedup_vs_diffusers", "flops_per_sample", "tflops", "mfu_measured", "mfu_datasheet",
                    "peak_mem_gib", "first_step_s", "graph_breaks", "error", "measured_at")
 
@@ -599,7 +770,9 @@ def write_plot(path: Path, result: dict) -> None:
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         fontsize=8)
         ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"{rows[0]['preset']} {res}px, batch {rows[0]['batch']}", fontsize=9)
+        mask = rows[0].get("mask_ratio")
+        ax.set_title(f"{rows[0]['preset']} {res}px, batch {rows[0]['batch']}" + (f", mask {mask:g}" if mask else ""),
+                     fontsize=9)
         ax.set_ylabel("images/s (labels: MFU vs measured matmul)", fontsize=8)
     env = result["environment"]
     device = env["gpu_name"] or "CPU (not representative)"
@@ -624,8 +797,9 @@ def main(argv: list[str] | None = None) -> dict:
         settings=dict(steps=args.steps, warmup=args.warmup, optimizer=args.optimizer, variants=args.variants,
                       isolate=args.isolate,
                       timing="median step time by CUDA events (perf_counter on CPU), first step + warmup untimed",
-                      flops="model.flops_per_sample(res, res, text_len) of the engine model, text_len = padded "
-                            "length; used for the diffusers rows too"),
+                      flops="model.flops_per_sample of the engine model: PixArt (res, res, text_len), text_len = "
+                            "padded length, used for the diffusers rows too; MicroDiT (res, res, mask_ratio), "
+                            "routing not counted"),
         rows=[],
         schedule=None,
     )
@@ -647,25 +821,28 @@ def main(argv: list[str] | None = None) -> dict:
             write_csv(args.csv, result)
 
     earlier = earlier_rows(args, hw["gpu_name"])
-    for preset_name, resolution, batch in plan:
-        flops = flops_per_image(preset(preset_name, resolution), resolution)
+    for preset_name, resolution, batch, mask_ratio in plan:
+        flops = flops_per_image(preset(preset_name, resolution), resolution, mask_ratio)
+        masked = f" mask {mask_ratio:g}" if mask_ratio is not None else ""
+        options = {} if mask_ratio is None else dict(mask_ratio=mask_ratio)  # PixArt steps take none
         resolution_rows = []
         for name in args.variants:
-            row = dict(preset=preset_name, resolution=resolution, batch=batch, variant=name,
+            row = dict(preset=preset_name, resolution=resolution, batch=batch, mask_ratio=mask_ratio, variant=name,
                        backend=VARIANTS[name].backend,
                        optimizer=optimizer_name(VARIANTS[name], args.optimizer), img_per_s=None, step_ms=None, first_step_s=None,
                        peak_mem_gib=None, graph_breaks=None, error=None,
                        measured_at=result["environment"]["date"])
-            if (preset_name, resolution, batch, name) in earlier:
-                row.update(earlier[preset_name, resolution, batch, name])
+            if (preset_name, resolution, batch, mask_ratio, name) in earlier:
+                row.update(earlier[preset_name, resolution, batch, mask_ratio, name])
             else:
                 job = (name, preset_name, resolution, batch, device, args.steps, args.warmup, args.optimizer)
-                row.update(run_isolated(measure_or_error, *job) if args.isolate else measure_or_error(*job))
+                row.update(run_isolated(measure_or_error, *job, **options) if args.isolate
+                           else measure_or_error(*job, **options))
             add_rates(row, flops, peaks)
             resolution_rows.append(row)
             result["rows"].append(row)
             add_speedups(resolution_rows)
-            print(f"  {preset_name} {resolution}px batch {batch} {name}: "
+            print(f"  {preset_name} {resolution}px batch {batch}{masked} {name}: "
                   f"{_fmt(row['img_per_s'], '.2f')} img/s {row['error'] or ''}", flush=True)
             save()
 

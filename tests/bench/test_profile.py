@@ -222,6 +222,17 @@ def test_cpu_run_writes_json_markdown_and_trace(tmp_path):
     assert "traceEvents" in json.loads(trace.read_text())
 
 
+def test_cpu_run_profiles_a_masked_microdit_step(tmp_path):
+    md = tmp_path / "profile.md"
+    result = step_profile.main([*FAST, "--preset", "microdit-tiny", "--mask-ratio", "0.75", "--md", str(md)])
+    s = result["settings"]
+    assert (s["preset"], s["resolution"], s["mask_ratio"], s["variant"]) == ("microdit-tiny", 64, 0.75, "engine")
+    assert result["categories"]["gemm"]["ms_per_step"] > 0 and result["categories"]["attention"]["ms_per_step"] > 0
+    assert "microdit-tiny 64px, batch 2, mask 0.75" in md.read_text()
+    with pytest.raises(SystemExit, match="no diffusers MicroDiT model"):
+        step_profile.main([*FAST, "--preset", "microdit-tiny", "--variant", "diffusers"])
+
+
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(SystemExit, match="unknown 'fastest'"):
         step_profile.main(["--variant", "fastest"])

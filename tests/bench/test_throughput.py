@@ -18,6 +18,7 @@ import throughput  # noqa: E402
 
 from engine.config import preset  # noqa: E402
 from engine.model import build_model  # noqa: E402
+from engine.model.microdit import MicroDiT  # noqa: E402
 from engine.model.pixart import PixArt  # noqa: E402
 
 FAST = ["--steps", "1", "--warmup", "0", "--batch", "2"]
@@ -219,6 +220,90 @@ def test_bad_arguments_are_clear_errors():
         throughput.main(["--preset", "no-such-preset"])
     with pytest.raises(SystemExit, match="--steps must be >= 1"):
         throughput.main(["--steps", "0"])
+
+
+# ------------------------------------------------------------------------------ MicroDiT rows
+
+MICRODIT_RES = 64  # microdit-tiny's own size: an 8 x 8 latent, 16 patch tokens
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.0])
+def test_microdit_rows_run_and_count_the_models_flops(tmp_path, ratio):
+    out = tmp_path / "out.csv"
+    result = throughput.main([*FAST, "--preset", "microdit-tiny", "--mask-ratio", str(ratio),
+                              "--variants", "eager,engine", "--csv", str(out)])
+    expected = MicroDiT(preset("microdit-tiny", MICRODIT_RES)).flops_per_sample(MICRODIT_RES, MICRODIT_RES, ratio)
+    assert [r["variant"] for r in result["rows"]] == ["eager", "engine"]
+    for row in result["rows"]:
+        assert row["error"] is None, row["error"]
+        assert row["img_per_s"] > 0 and row["mask_ratio"] == ratio and row["resolution"] == MICRODIT_RES
+        assert row["flops_per_sample"] == expected
+        assert math.isclose(row["tflops"], row["img_per_s"] * expected / 1e12, rel_tol=1e-12)
+    assert f" {ratio:.2f} eager" in throughput.format_table(result["rows"])
+    header, first = out.read_text().splitlines()[:2]
+    assert header.split(",")[3] == "mask_ratio" and first.split(",")[3] == str(ratio)
+
+
+def _independent_masked_edm_loss(model, x0, sigma, caption, keep, noise, patch):
+    """MICRODIT.md's loss: D = c_skip x + c_out F(c_in x, ln σ / 4), w = (σ² + σd²) / (σ σd)², per patch
+    the mean of w (D - x0)² over channels and p x p, then the mean over the kept patches of a
+    sample (all of them unmasked), then over the batch; σd = 0.9."""
+    sd = 0.9
+    s = sigma.view(-1, 1, 1, 1)
+    x = x0 + s * noise
+    c_in, c_skip, c_out = 1 / (s**2 + sd**2).sqrt(), sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()
+    denoised = c_skip * x + c_out * model(c_in * x, sigma.log() / 4, caption=caption, keep=keep)
+    error = (s**2 + sd**2) / (s * sd) ** 2 * (denoised - x0) ** 2  # (B, C, H, W)
+    B, C, H, W = error.shape
+    per_patch = error.view(B, C, H // patch, patch, W // patch, patch).mean(dim=(1, 3, 5)).flatten(1)  # (B, T)
+    per_sample = per_patch.mean(1) if keep is None else per_patch.gather(1, keep).mean(1)
+    return per_sample.mean()
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.0])
+def test_microdit_step_loss_is_the_masked_edm_loss(ratio):
+    config = preset("microdit-tiny", MICRODIT_RES)
+    model = MicroDiT(config)
+    with torch.no_grad():  # off the zero init (adaLN, final layer): every block changes the output
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    step = throughput.family_step(config, MICRODIT_RES, ratio)
+    assert (step.objective.sigma_data, step.objective.p_mean, step.objective.p_std) == (0.9, -0.6, 1.2)
+    B, T = 3, (MICRODIT_RES // 8 // config.patch_size) ** 2
+    static, fixed = step.inputs(model, B, torch.device("cpu"))
+    keep = static.get("keep")
+    if ratio:
+        assert keep.shape == (B, int(T * (1 - ratio)))
+        assert all(len(set(row)) == keep.shape[1] for row in keep.tolist())  # distinct tokens per sample
+    else:
+        assert keep is None and "loss_mask" not in static
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = step.loss(model, static, fixed)
+        torch.manual_seed(1)  # the noise the step drew
+        noise = torch.randn_like(static["x0"])
+        expected = _independent_masked_edm_loss(model, static["x0"], static["level"], fixed["caption"], keep, noise,
+                                                config.patch_size)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=0), (got, expected)
+    # the 512 px stages' noise levels
+    assert (throughput.family_step(config, 512, ratio).objective.p_mean,
+            throughput.family_step(config, 512, ratio).objective.p_std) == (0.0, 0.6)
+
+
+def test_microdit_has_no_diffusers_rows_no_schedule_and_dit_is_not_measured():
+    args = throughput.parse_args(["--preset", "microdit-tiny"])
+    assert "eager" in args.variants and not any(v.startswith("diffusers") for v in args.variants)
+    (row,) = throughput.main([*FAST, "--preset", "microdit-tiny", "--variants", "diffusers"])["rows"]
+    assert row["error"].startswith("ValueError: variant diffusers: there is no diffusers MicroDiT model")
+    assert row["img_per_s"] is None
+    with pytest.raises(SystemExit, match="--schedule .*'microdit-tiny'"):
+        throughput.main(["--schedule", "--preset", "microdit-tiny"])
+    with pytest.raises(SystemExit, match="microdit.*not 'dit'"):
+        throughput.main(["--preset", "tiny-dit"])
+    with pytest.raises(SystemExit, match="PixArt-α drops no tokens"):
+        throughput.main(["--preset", "tiny", "--mask-ratio", "0.5"])
+    with pytest.raises(SystemExit, match=r"\[0, 1\)"):
+        throughput.main(["--preset", "microdit-tiny", "--mask-ratio", "1"])
 
 
 def test_runs_as_a_script_with_isolated_variants(tmp_path):
