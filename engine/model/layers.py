@@ -92,19 +92,21 @@ class TimestepEmbedder(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names), optionally followed by tanh-GELU, through
-    ``engine.ops.linear``: its backward sums the bias gradient, and for GELU runs GELU's backward,
-    in one fused pass instead of autograd's separate ones (used for the token-wide layers, where
-    that sum reads B x N x D). With ``chunks`` > 1 (a fused QKV or KV projection) the output comes
-    as that many equal parts of the last dimension, through ``engine.ops.linear.linear_chunks``,
-    whose backward packs the parts' gradients and sums them in one pass.
+    """nn.Linear (same parameters and state-dict names; ``bias=False`` registers none, as
+    nn.Linear's), optionally followed by tanh-GELU, through ``engine.ops.linear``: its backward
+    sums the bias gradient, and for GELU runs GELU's backward, in one fused pass instead of
+    autograd's separate ones (used for the token-wide layers, where that sum reads B x N x D).
+    With ``chunks`` > 1 (a fused QKV or KV projection) the output comes as that many equal parts
+    of the last dimension, through ``engine.ops.linear.linear_chunks``, whose backward packs the
+    parts' gradients (and sums them for the bias, when there is one) in one pass.
 
     ``weight_copy`` / ``bias_copy``: the optimizer's low-precision copies of the parameters
     (engine.optim.ParameterCopy, set by engine.optim.AdamW.attach_copies; None without), handed to
     the op while they hold the parameters' values, so that it reads them instead of casting."""
 
-    def __init__(self, in_features: int, out_features: int, activation: str | None = None, chunks: int = 1):
-        super().__init__(in_features, out_features)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
+                 chunks: int = 1):
+        super().__init__(in_features, out_features, bias=bias)
         if chunks > 1 and activation is not None:
             raise ValueError(f"Linear: chunks = {chunks} takes no activation, got {activation!r}")
         self.activation = activation

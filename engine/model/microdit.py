@@ -23,8 +23,21 @@ Backbone block i has the attention width and FFN size of the layer-wise scaling 
 mixture of experts (engine.ops.moe). The caption is used without a padding mask: its zero
 features count as tokens, as the official model sees its text encoder's 77 tokens.
 
-Attention runs through torch's scaled_dot_product_attention; the model is eager PyTorch apart
-from the patchify and moe ops.
+How it runs: the same math on the engine's ops, as engine/model/pixart.py. Every Linear but the
+MoE router is an engine.model.layers.Linear (engine.ops.linear; it reads the optimizer's
+low-precision weight copies, engine.optim.AdamW.attach_copies). Every residual add is fused with
+the LayerNorm after it (engine.ops.add_norm_modulate), so a block hands on its FFN output and
+gate, and the next block, the mixer's output projection or the final layer adds them:
+
+    r, h = add_norm_modulate(x, ffn_prev, gate_mlp_prev, shift_msa, scale_msa')   residual + norm1
+    x, h = add_norm_modulate(r, self_attn(h), gate_msa, 0, w2 - 1)                residual + norm2
+    x, h = add_norm_modulate(x, cross_attn(h, y), None, shift_mlp, scale_mlp')    residual + norm3
+    hand on ffn(h), gate_mlp
+
+The ops' LayerNorm has no affine: a LayerNorm of weight w is folded into the modulation,
+LN(x) w (1 + scale) + shift = LN(x) (1 + scale') + shift with scale' = w (1 + scale) - 1, and an
+unmodulated one is shift 0, scale' = w - 1 (``norm_args``). Attention runs through torch's
+scaled_dot_product_attention with the qk-norm in plain torch; the SwiGLU is three Linears.
 """
 
 from __future__ import annotations
@@ -38,11 +51,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.config import VAE_DOWNSAMPLE, MicroDiTConfig
-from engine.model.layers import PositionEmbedding, timestep_frequencies
+from engine.model.layers import Linear, PositionEmbedding, timestep_frequencies
 from engine.ops.moe import moe, tokens_per_expert
+from engine.ops.norm_modulate import add_norm_modulate, norm_modulate
 from engine.ops.patchify import patchify, unpatchify
 
-EPS = 1e-6  # every LayerNorm's, the qk-norms' included
+EPS = 1e-6  # every LayerNorm's, the qk-norms' included; engine.ops.norm_modulate's is the same
 FREQ_DIM = 512  # sinusoidal features of the noise level
 CAPTION_FFN_RATIO = 4.0  # the caption refinement block's SwiGLU, before its 2/3 and rounding
 
@@ -110,8 +124,27 @@ def layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=EPS, bias=False)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+def norm_args(weight: torch.Tensor, batch: int, shift: torch.Tensor | None = None,
+              scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale') for the engine's norm ops (LayerNorm without affine) standing for a
+    LayerNorm of weight w followed by the modulation: LN(x) w (1 + scale) + shift
+    = LN(x) (1 + scale') + shift with scale' = w (1 + scale) - 1, (B, D). Without shift and
+    scale, the plain LayerNorm of ``batch`` samples: shift 0, scale' = w - 1. The gradient reaches
+    w through scale'. Folded in fp32 at least (the ops read fp32 modulation anyway): in bf16 (FSDP2's
+    gathered weights) 1 + scale' would be rounded to steps of 2^-7."""
+    w = weight.to(torch.promote_types(weight.dtype, torch.float32))
+    if scale is None:
+        scale = (w - 1).expand(batch, -1)  # (B, D), one row read by every sample
+        return w.new_zeros(scale.shape), scale
+    return shift, w * (1 + scale.to(w.dtype)) - 1
+
+
+def add_norm(x: torch.Tensor, pending: torch.Tensor | None, gate: torch.Tensor | None, shift: torch.Tensor,
+             scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, h): r = x + gate * pending (x when nothing is pending), h = LN(r) (1 + scale) + shift."""
+    if pending is None:
+        return x, norm_modulate(x, shift, scale)
+    return add_norm_modulate(x, pending, gate, shift, scale)  # (B, N, D) each
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -130,11 +163,11 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, width: int, head_dim: int):
         super().__init__()
         self.head_dim = head_dim
-        self.qkv = nn.Linear(dim, 3 * width, bias=False)
-        self.proj = nn.Linear(width, dim, bias=False)
+        self.qkv = Linear(dim, 3 * width, bias=False, chunks=3)
+        self.proj = Linear(width, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, N, A) each
+        q, k, v = self.qkv(x)  # (B, N, A) each
         return self.proj(attend(q, k, v, self.head_dim))  # (B, N, dim)
 
 
@@ -144,13 +177,15 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, head_dim: int):
         super().__init__()
         self.head_dim = head_dim
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.q = Linear(dim, dim, bias=False)
+        self.kv = Linear(dim, 2 * dim, bias=False, chunks=2)
+        self.proj = Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        k, v = self.kv(y).chunk(2, dim=-1)  # (B, L, dim) each
-        return self.proj(attend(self.q(x), k, v, self.head_dim))  # (B, N, dim)
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (output (B, N, dim), y): y comes back through the kv projection (Linear's branch), for
+        the next blocks, so that the gradients of all its uses are summed inside those GEMMs."""
+        k, v, y = self.kv(y, branch=True)  # (B, L, dim) each
+        return self.proj(attend(self.q(x), k, v, self.head_dim)), y  # (B, N, dim)
 
 
 class SwiGLU(nn.Module):
@@ -158,9 +193,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, hidden, bias=False)
+        self.w2 = Linear(dim, hidden, bias=False)
+        self.w3 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w3(F.silu(self.w1(x)) * self.w2(x))
@@ -168,7 +203,8 @@ class SwiGLU(nn.Module):
 
 class MoE(nn.Module):
     """Expert-choice mixture of experts (engine.ops.moe): a router, and per expert
-    Linear -> GELU -> Linear stored as (E, D, H) and (E, H, D)."""
+    Linear -> GELU -> Linear stored as (E, D, H) and (E, H, D). The router is a plain nn.Linear
+    (the op reads its weight and casts it itself, so a low-precision copy would go unread)."""
 
     def __init__(self, dim: int, hidden: int, num_experts: int, capacity: float):
         super().__init__()
@@ -182,16 +218,18 @@ class MoE(nn.Module):
 
 
 class NormMlp(nn.Module):
-    """Linear -> GELU(tanh) -> LayerNorm -> Linear, with biases: the caption and pooled-caption embedders."""
+    """Linear -> GELU(tanh) -> LayerNorm -> Linear, with biases: the caption and pooled-caption
+    embedders. The LayerNorm stays nn.LayerNorm: the pooled caption is (B, D), not the (B, N, D)
+    the norm ops take, and the caption's L tokens are few."""
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, dim)
+        self.fc1 = Linear(in_dim, dim, activation="gelu_tanh")
         self.norm = layer_norm(dim)
-        self.fc2 = nn.Linear(dim, dim)
+        self.fc2 = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.norm(F.gelu(self.fc1(x), approximate="tanh")))
+        return self.fc2(self.norm(self.fc1(x)))
 
 
 class NormLinear(nn.Module):
@@ -200,10 +238,14 @@ class NormLinear(nn.Module):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.norm = layer_norm(in_dim)
-        self.linear = nn.Linear(in_dim, out_dim, bias=False)
+        self.linear = Linear(in_dim, out_dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.norm(x))
+    def forward(self, x: torch.Tensor, pending: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, in_dim), plus ``pending`` times ``gate`` (B, in_dim) when given (the last
+        mixer block's FFN output, added here) -> (B, N, out_dim)."""
+        _, h = add_norm(x, pending, gate, *norm_args(self.norm.weight, x.shape[0]))
+        return self.linear(h)
 
 
 class TimestepEmbedder(nn.Module):
@@ -211,16 +253,17 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(FREQ_DIM, dim)
-        self.fc2 = nn.Linear(dim, dim)
+        self.fc1 = Linear(FREQ_DIM, dim, activation="gelu_tanh")
+        self.fc2 = Linear(dim, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freqs = timestep_frequencies(t, FREQ_DIM).to(self.fc1.weight.dtype)  # (B, 512)
-        return self.fc2(F.gelu(self.fc1(freqs), approximate="tanh"))  # (B, dim)
+        return self.fc2(self.fc1(freqs))  # (B, dim)
 
 
 class CaptionBlock(nn.Module):
-    """The caption's one refinement block: x += SA(LN x); x += SwiGLU(LN x), unmodulated."""
+    """The caption's one refinement block: y += SA(LN y); y += SwiGLU(LN y), unmodulated; the first
+    add fused with the second norm."""
 
     def __init__(self, dim: int, head_dim: int, ffn_hidden: int):
         super().__init__()
@@ -230,12 +273,15 @@ class CaptionBlock(nn.Module):
         self.mlp = SwiGLU(dim, ffn_hidden)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        y = y + self.attn(self.norm1(y))  # (B, L, D)
-        return y + self.mlp(self.norm2(y))
+        B = y.shape[0]
+        h = norm_modulate(y, *norm_args(self.norm1.weight, B))  # (B, L, D)
+        y, h = add_norm_modulate(y, self.attn(h), None, *norm_args(self.norm2.weight, B))
+        return y + self.mlp(h)
 
 
 class Block(nn.Module):
-    """A mixer or backbone block (the module docstring's three residual branches)."""
+    """A mixer or backbone block: the module docstring's three residual branches, each add fused
+    with the norm after it; the FFN's output and gate go to what follows, not yet added."""
 
     def __init__(self, shape: BlockShape, cond_dim: int, head_dim: int, num_experts: int, capacity: float):
         super().__init__()
@@ -246,26 +292,35 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(dim, head_dim)
         self.norm3 = layer_norm(dim)
         self.mlp = MoE(dim, shape.ffn_hidden, num_experts, capacity) if shape.moe else SwiGLU(dim, shape.ffn_hidden)
-        self.adaln = nn.Linear(cond_dim, 6 * dim)  # on gelu_tanh(cond), zero-initialised (adaLN-Zero)
+        self.adaln = Linear(cond_dim, 6 * dim)  # on gelu_tanh(cond), zero-initialised (adaLN-Zero)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x (B, N, dim), y (B, L, dim), cond (B, D) already through GELU(tanh)."""
+    def forward(self, x, pending, pending_gate, y, cond):
+        """x (B, N, dim) the residual stream without ``pending`` (B, N, dim), the previous block's
+        FFN output, to be added times ``pending_gate`` (B, dim) (both None: nothing pending);
+        y (B, L, dim) the caption; cond (B, D) already through GELU(tanh).
+        -> (x, this block's FFN output, gate_mlp, y back through the cross-attention's kv projection)."""
+        B = x.shape[0]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaln(cond).chunk(6, dim=1)  # (B, dim)
-        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + self.cross_attn(self.norm2(x), y)
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        r, h = add_norm(x, pending, pending_gate, *norm_args(self.norm1.weight, B, shift_msa, scale_msa))
+        x, h = add_norm_modulate(r, self.attn(h), gate_msa, *norm_args(self.norm2.weight, B))  # (B, N, dim)
+        cross, y = self.cross_attn(h, y)  # (B, N, dim), (B, L, dim)
+        x, h = add_norm_modulate(x, cross, None, *norm_args(self.norm3.weight, B, shift_mlp, scale_mlp))
+        return x, self.mlp(h), gate_mlp, y
 
 
 class FinalLayer(nn.Module):
+    """Adds the last block's pending FFN output, then norm -> modulate -> Linear."""
+
     def __init__(self, dim: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm = layer_norm(dim)
-        self.adaln = nn.Linear(dim, 2 * dim)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaln = Linear(dim, 2 * dim)
+        self.linear = Linear(dim, patch_size * patch_size * out_channels)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, pending, pending_gate, cond):
         shift, scale = self.adaln(cond).chunk(2, dim=1)  # (B, D) each
-        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*C)
+        _, h = add_norm(x, pending, pending_gate, *norm_args(self.norm.weight, x.shape[0], shift, scale))
+        return self.linear(h)  # (B, N, p*p*C)
 
 
 class MicroDiT(nn.Module):
@@ -274,16 +329,16 @@ class MicroDiT(nn.Module):
         self.config = config
         c, D, Dm, p = config, config.hidden_size, config.mixer_dim, config.patch_size
         mixer_shapes, backbone_shapes = block_shapes(config)
-        self.patch_embed = nn.Linear(c.in_channels * p * p, D)  # = Conv2d(k=p, s=p) on patchified input
+        self.patch_embed = Linear(c.in_channels * p * p, D)  # = Conv2d(k=p, s=p) on patchified input
         self.pos_embed = PositionEmbedding(D, c.input_size // p, c.pe_interpolation)
         self.time_embed = TimestepEmbedder(D)
         self.caption_embed = NormMlp(c.caption_channels, D)
         self.caption_block = CaptionBlock(D, c.head_dim, swiglu_hidden(D, CAPTION_FFN_RATIO, c.multiple_of))
         self.pooled_caption_embed = NormMlp(D, D)
         # into and out of the mixer's width; none when the widths are equal (as MicroDiT_Tiny_2)
-        self.mixer_in = NormLinear(D, Dm) if Dm != D else nn.Identity()
-        self.mixer_caption = NormLinear(D, Dm) if Dm != D else nn.Identity()
-        self.mixer_out = NormLinear(Dm, D) if Dm != D else nn.Identity()
+        self.mixer_in = NormLinear(D, Dm) if Dm != D else None
+        self.mixer_caption = NormLinear(D, Dm) if Dm != D else None
+        self.mixer_out = NormLinear(Dm, D) if Dm != D else None
         self.mixer = nn.ModuleList(Block(s, D, c.head_dim, c.num_experts, c.expert_capacity) for s in mixer_shapes)
         self.blocks = nn.ModuleList(Block(s, D, c.head_dim, c.num_experts, c.expert_capacity) for s in backbone_shapes)
         self.final = FinalLayer(D, p, c.out_channels)
@@ -352,16 +407,23 @@ class MicroDiT(nn.Module):
         tokens = self.patch_embed(patchify(x, p))  # (B, T, D)
         x = tokens + self.pos_embed(H // p, W // p, tokens.dtype)  # (B, T, D)
         y, cond = self.embed_caption(caption, c_noise)  # (B, L, D), (B, D)
-        x = self.mixer_in(x)  # (B, T, Dm)
-        y_mixer = self.mixer_caption(y)  # (B, L, Dm)
+        y_mixer = y
+        if self.mixer_in is not None:
+            x, y_mixer = self.mixer_in(x), self.mixer_caption(y)  # (B, T, Dm), (B, L, Dm)
+        pending, gate = None, None  # a block's FFN output and gate, added by what follows it
         for block in self.mixer:
-            x = block(x, y_mixer, cond)  # (B, T, Dm)
+            x, pending, gate, y_mixer = block(x, pending, gate, y_mixer, cond)  # (B, T, Dm)
         if keep is not None:
-            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, Dm)
-        x = self.mixer_out(x)  # (B, K, D)
+            # The pending add is per token: keeping K tokens of x and of the FFN output, then
+            # adding, is the same as adding on all T tokens first, and moves less.
+            index = keep[..., None].expand(-1, -1, x.shape[-1])
+            x = x.gather(1, index)  # (B, K, Dm)
+            pending = pending.gather(1, index) if pending is not None else None
+        if self.mixer_out is not None:
+            x, pending, gate = self.mixer_out(x, pending, gate), None, None  # (B, K, D)
         for block in self.blocks:
-            x = block(x, y, cond)  # (B, K, D)
-        out = self.final(x, cond)  # (B, K, p*p*C)
+            x, pending, gate, y = block(x, pending, gate, y, cond)  # (B, K, D)
+        out = self.final(x, pending, gate, cond)  # (B, K, p*p*C)
         if keep is not None:
             full = out.new_zeros(B, tokens.shape[1], out.shape[-1])  # (B, T, p*p*C)
             out = full.scatter(1, keep[..., None].expand(-1, -1, out.shape[-1]), out)

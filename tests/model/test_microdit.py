@@ -5,15 +5,18 @@ computes (models/dit.py, models/utils.py), written here as plain functions of th
 state dict that engine.interop.microdit.save produces, so the comparison checks the model and
 the key mapping together. It routes the experts as the official code does (top-k by score, one-hot
 gather and combine) and masks as it does (ids_keep, then a zero token in output space put back
-with ids_restore).
+with ids_restore). The model runs on the engine's fused ops; ``official_forward`` uses none of
+them, so it is the plain reference the fused model is checked against, outputs and gradients.
 """
 
+import copy
 import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -21,8 +24,14 @@ from engine import family
 from engine.config import MicroDiTConfig, preset
 from engine.diffusion import EDM
 from engine.interop import microdit as interop
+from engine.interop import to_engine
 from engine.model import MicroDiT
-from engine.model.layers import sincos_pos_embed
+from engine.model.layers import Linear, sincos_pos_embed
+from engine.model.microdit import FREQ_DIM, block_shapes, swiglu_hidden
+from engine.ops import _gemm
+from engine.ops import norm_modulate as norm_modulate_op
+from engine.ops.backend import triton_interpreted
+from engine.optim import AdamW
 from tests.model.helpers import randomize
 
 EPS = 1e-6
@@ -177,6 +186,206 @@ def test_matches_official_forward(fields, ratio, tmp_path):
         out = model(x, c_noise, caption, keep)
     assert out.shape == x.shape
     assert ((out - expected).abs().max() / expected.abs().max()).item() < 1e-12
+
+
+def _relative_error(t, ref):
+    return ((t.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def official_output_and_grads(model64, x, c_noise, caption, keep, restore, weights):
+    """The fp64 official forward on the model's weights: its output and the gradient of
+    sum(output * weights) for every parameter, brought back to the engine's names and layouts
+    (interop.to_engine: a permutation of the patch embedding and the head's rows, as the weights')."""
+    c = model64.config
+    sd = {k: v.requires_grad_(k not in ("pos_embed", "mask_token")) for k, v in interop.to_official(model64).items()}
+    params = {k: v for k, v in sd.items() if v.requires_grad}
+    out = official_forward(sd, x, c_noise, caption, c.head_dim, c.expert_capacity, keep, restore)
+    grads = dict(zip(params, torch.autograd.grad((out * weights).sum(), list(params.values()))))
+    return out.detach(), to_engine(grads, interop.key_table(c), c.patch_size, c.out_channels)
+
+
+def output_and_grads(model, x, c_noise, caption, keep, weights):
+    model.zero_grad(set_to_none=True)
+    out = model(x, c_noise, caption, keep)
+    (out.double() * weights).sum().backward()
+    return out.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+# A smaller model than the tiny preset, for the Triton interpreter's sake: 2 mixer blocks (the
+# second MoE) at width 96 and 2 backbone blocks at 128, so the mixer projections run too.
+SMALL = dict(depth=2, mixer_depth=2)
+
+
+@pytest.mark.skipif(not triton_interpreted(), reason="runs the Triton kernels on the CPU under the interpreter")
+@pytest.mark.parametrize("ratio", [0.0, 0.75])
+def test_fused_model_matches_official_math_on_each_backend(ratio, _fresh_seed, monkeypatch):
+    """fp32, against the fp64 official forward, output and every parameter gradient, in relative
+    Frobenius norm: the eager backend within fp32 rounding (1e-4), the triton backend within
+    2 x eager's error + 1e-5 (the rule of tests/model/test_backends.py). Every op on triton but
+    moe, whose auto is eager on the GPU too and whose kernels have their own tests."""
+    config = tiny(**SMALL)
+    model64 = randomize(MicroDiT(config).double(), std=0.05)
+    x, c_noise, caption = inputs(config, batch=2)
+    T = (config.input_size // config.patch_size) ** 2
+    keep, restore = draw_mask(2, T, ratio) if ratio else (None, None)
+    weights = torch.randn(x.shape, dtype=torch.float64)
+    ref_out, ref_grads = official_output_and_grads(model64, x, c_noise, caption, keep, restore, weights)
+    model32 = copy.deepcopy(model64).float()
+    x32, c_noise32, caption32 = x.float(), c_noise.float(), caption.float()
+    results = {}
+    for backend in ("eager", "triton"):
+        monkeypatch.setenv("ENGINE_BACKEND", backend)
+        monkeypatch.setenv("ENGINE_BACKEND_MOE", "eager")
+        results[backend] = output_and_grads(model32, x32, c_noise32, caption32, keep, weights)
+    assert results["eager"][1].keys() == ref_grads.keys()
+    failures = []
+    for name in ["output", *ref_grads]:
+        ref = ref_out if name == "output" else ref_grads[name]
+        err = {b: _relative_error(r[0] if name == "output" else r[1][name], ref) for b, r in results.items()}
+        if not (err["eager"] < 1e-4 and err["triton"] <= 2 * err["eager"] + 1e-5):
+            failures.append(f"{name}: eager {err['eager']:.3g}, triton {err['triton']:.3g}")
+    assert not failures, f"seed {_fresh_seed}: " + "; ".join(failures)
+    if keep is not None:  # masked patches: exactly zero on every backend
+        for out, _ in results.values():
+            kept = torch.zeros(2, T, dtype=torch.bool).scatter_(1, keep, True)
+            p = config.patch_size
+            side = config.input_size // p
+            per_patch = out.reshape(2, -1, side, p, side, p).abs().sum(dim=(1, 3, 5)).flatten(1)
+            assert (per_patch[~kept] == 0).all()
+
+
+def test_norm_ops_share_the_model_eps():
+    from engine.model import microdit
+
+    assert microdit.EPS == norm_modulate_op.EPS == 1e-6
+
+
+def test_bias_free_engine_linear_is_an_nn_linear():
+    """layers.Linear(bias=False): no bias parameter or state-dict entry, nn.Linear's output."""
+    ours, theirs = Linear(24, 36, bias=False, chunks=3), nn.Linear(24, 36, bias=False)
+    assert ours.bias is None and list(ours.state_dict()) == ["weight"]
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 5, 24)
+    torch.testing.assert_close(torch.cat(ours(x), dim=-1), theirs(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not triton_interpreted(), reason="runs the Triton linear on the CPU under the interpreter")
+def test_linears_read_the_optimizer_copies(monkeypatch):
+    """With AdamW's bf16 copies attached, under bf16 autocast every Linear of the model but the MoE
+    routers (whose weights the moe op reads itself) hands its op the copies of its weight and bias,
+    which the op reads instead of casting: the same output as casting, bit for bit; zeroed copies
+    change it. The linear op's triton backend (the GPU's auto) is the one that reads copies."""
+    monkeypatch.setenv("ENGINE_BACKEND", "eager")
+    monkeypatch.setenv("ENGINE_BACKEND_LINEAR", "triton")
+    config = tiny()
+    model = randomize(MicroDiT(config))
+    x, c_noise, caption = (t.float() for t in inputs(config, batch=2))
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    plain = [m for m in model.modules() if isinstance(m, nn.Linear) and not isinstance(m, Linear)]
+    routers = [b.mlp.gate for b in [*model.mixer, *model.blocks] if hasattr(b.mlp, "gate")]
+    assert len(plain) == len(routers) > 0 and all(any(m is r for r in routers) for m in plain)
+    # Forward only: the copies are read there (the weight gradient goes to the parameter anyway).
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x, c_noise, caption)
+
+    cast = run()
+    optimizer = AdamW(model.parameters())
+    assert optimizer.attach_copies(model, torch.bfloat16) == sum(1 + (m.bias is not None) for m in linears)
+    read = []
+    cast_operands = _gemm.cast_operands
+
+    def spy(x, weight, bias, dtype, weight_lp=None, bias_lp=None):
+        read.append((weight, weight_lp, bias, bias_lp))
+        return cast_operands(x, weight, bias, dtype, weight_lp, bias_lp)
+
+    monkeypatch.setattr(_gemm, "cast_operands", spy)
+    with_copies = run()
+    assert torch.equal(with_copies, cast)
+    copied = {id(w) for w, w_lp, _, _ in read if w_lp is optimizer.copies[w].tensor}
+    copied |= {id(b) for _, _, b, b_lp in read if b is not None and b_lp is optimizer.copies[b].tensor}
+    expected = {id(p) for m in linears for p in (m.weight, m.bias) if p is not None}
+    assert copied == expected and len(read) >= len(linears)
+    for c in optimizer.copies.values():
+        c.tensor.zero_()
+    assert not torch.equal(run(), cast)
+
+
+def expected_state_shapes(config: MicroDiTConfig) -> dict[str, tuple[int, ...]]:
+    """The model's state dict as it was written before the model ran on the engine's ops (nn.Linear,
+    nn.LayerNorm(bias=False) and the experts' parameters): names and shapes, spelled out."""
+    c, D, Dm, p = config, config.hidden_size, config.mixer_dim, config.patch_size
+    shapes = {}
+
+    def linear(name, n_in, n_out, bias=True):
+        shapes[f"{name}.weight"] = (n_out, n_in)
+        if bias:
+            shapes[f"{name}.bias"] = (n_out,)
+
+    def norm(name, dim):
+        shapes[f"{name}.weight"] = (dim,)
+
+    def norm_mlp(name, n_in):
+        linear(f"{name}.fc1", n_in, D)
+        norm(f"{name}.norm", D)
+        linear(f"{name}.fc2", D, D)
+
+    def swiglu(name, dim, hidden):
+        linear(f"{name}.w1", dim, hidden, False)
+        linear(f"{name}.w2", dim, hidden, False)
+        linear(f"{name}.w3", hidden, dim, False)
+
+    def block(name, s):
+        w = s.width
+        norm(f"{name}.norm1", w)
+        linear(f"{name}.attn.qkv", w, 3 * s.attn_width, False)
+        linear(f"{name}.attn.proj", s.attn_width, w, False)
+        norm(f"{name}.norm2", w)
+        linear(f"{name}.cross_attn.q", w, w, False)
+        linear(f"{name}.cross_attn.kv", w, 2 * w, False)
+        linear(f"{name}.cross_attn.proj", w, w, False)
+        norm(f"{name}.norm3", w)
+        if s.moe:
+            linear(f"{name}.mlp.gate", w, c.num_experts, False)
+            shapes[f"{name}.mlp.w1"] = (c.num_experts, w, s.ffn_hidden)
+            shapes[f"{name}.mlp.w2"] = (c.num_experts, s.ffn_hidden, w)
+        else:
+            swiglu(f"{name}.mlp", w, s.ffn_hidden)
+        linear(f"{name}.adaln", D, 6 * w)
+
+    linear("patch_embed", c.in_channels * p * p, D)
+    linear("time_embed.fc1", FREQ_DIM, D)
+    linear("time_embed.fc2", D, D)
+    norm_mlp("caption_embed", c.caption_channels)
+    norm("caption_block.norm1", D)
+    linear("caption_block.attn.qkv", D, 3 * D, False)
+    linear("caption_block.attn.proj", D, D, False)
+    norm("caption_block.norm2", D)
+    swiglu("caption_block.mlp", D, swiglu_hidden(D, 4.0, c.multiple_of))
+    norm_mlp("pooled_caption_embed", D)
+    if Dm != D:
+        for name, n_in, n_out in (("mixer_in", D, Dm), ("mixer_caption", D, Dm), ("mixer_out", Dm, D)):
+            norm(f"{name}.norm", n_in)
+            linear(f"{name}.linear", n_in, n_out, False)
+    mixer, backbone = block_shapes(config)
+    for i, s in enumerate(mixer):
+        block(f"mixer.{i}", s)
+    for i, s in enumerate(backbone):
+        block(f"blocks.{i}", s)
+    norm("final.norm", D)
+    linear("final.adaln", D, 2 * D)
+    linear("final.linear", D, p * p * c.out_channels)
+    return shapes
+
+
+@pytest.mark.parametrize("name,fields", [("microdit-tiny", {}), ("microdit-tiny", CONFIGS[1]), ("microdit-xl2", {})])
+def test_state_dict_keys_and_shapes_are_unchanged(name, fields):
+    with torch.device("meta"):
+        model = MicroDiT(preset(name, **fields))
+    state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert state == expected_state_shapes(model.config)
+    assert all(interop.official_key(k) for k in state)  # every key has its official name
 
 
 def test_masked_positions_are_zero():
