@@ -204,7 +204,9 @@ class SwiGLU(nn.Module):
 class MoE(nn.Module):
     """Expert-choice mixture of experts (engine.ops.moe): a router, and per expert
     Linear -> GELU -> Linear stored as (E, D, H) and (E, H, D). The router is a plain nn.Linear
-    (the op reads its weight and casts it itself, so a low-precision copy would go unread)."""
+    (the op reads its weight and casts it itself, so a low-precision copy would go unread); the
+    experts' weights have copies (``w1_copy``, ``w2_copy``: engine.optim.AdamW.attach_copies),
+    read instead of casting them every step."""
 
     def __init__(self, dim: int, hidden: int, num_experts: int, capacity: float):
         super().__init__()
@@ -212,9 +214,12 @@ class MoE(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w1_copy = self.w2_copy = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return moe(x, self.gate.weight, self.w1, self.w2, self.capacity)  # (B, N, dim)
+        copies = {f"{name}_lp": copy.current() if copy is not None else None
+                  for name, copy in (("w1", self.w1_copy), ("w2", self.w2_copy))}
+        return moe(x, self.gate.weight, self.w1, self.w2, self.capacity, **copies)  # (B, N, dim)
 
 
 class NormMlp(nn.Module):

@@ -46,6 +46,13 @@ Backends:
   not tf32), outputs and gradients in the compute dtype.
 - ``cuda``: none (no csrc/ kernel); asking for it is an error.
 
+Weights. w1 and w2 are the fp32 master weights; the experts compute in the autocast dtype.
+``w1_lp`` / ``w2_lp`` are the optimizer's copies of them in that dtype (engine.optim.AdamW's
+ParameterCopy, as engine.ops.linear reads): given, the op reads them instead of casting the
+weights every step. The triton backend's weight-gradient GEMMs write d_w1 / d_w2 in the weights'
+own dtype from their fp32 accumulators, so no low-precision gradient is made and cast back; the
+eager backend's bmm gives them in the compute dtype and autograd casts them, as for a cast weight.
+
 ``auto`` is eager everywhere until the triton backend is measured against it. The reference
 ``moe_ref`` is a third formulation, for the tests: every expert on every token, with zero combine
 weight for the (token, expert) pairs not chosen; E times the FLOPs, written for clarity.
@@ -107,15 +114,37 @@ def _choose(x: torch.Tensor, gate_weight: torch.Tensor, capacity: float) -> tupl
     return score.transpose(0, 1).reshape(E, B * k), rows.transpose(0, 1).reshape(E * B * k)
 
 
+class _ReadCopy(torch.autograd.Function):
+    """``copy`` (the weight already in the compute dtype) in the weight's place: the forward
+    skips the cast, the backward hands the gradient to the weight in its own dtype, as the
+    cast's backward would."""
+
+    @staticmethod
+    def forward(ctx, weight, copy):
+        ctx.dtype = weight.dtype
+        return copy.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
+def _compute_weight(weight: torch.Tensor, copy: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in ``dtype`` for autograd: its copy when there is one of that dtype, else a cast."""
+    if copy is not None and copy.dtype == dtype:
+        return _ReadCopy.apply(weight, copy)
+    return weight.to(dtype)
+
+
 def _moe_gather(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                capacity: float) -> torch.Tensor:
+                capacity: float, w1_lp: torch.Tensor | None = None, w2_lp: torch.Tensor | None = None) -> torch.Tensor:
     """The eager backend: gather the chosen rows, two batched GEMMs over the experts, indexed add."""
     B, T, D = x.shape
     E = gate_weight.shape[0]
     score, rows = _choose(x, gate_weight, capacity)
     chosen = x.reshape(B * T, D).index_select(0, rows).view(E, -1, D)  # (E, B k, D)
-    hidden = F.gelu(torch.bmm(chosen, w1.to(x.dtype)))  # (E, B k, H)
-    out = torch.bmm(hidden, w2.to(x.dtype))  # (E, B k, D)
+    hidden = F.gelu(torch.bmm(chosen, _compute_weight(w1, w1_lp, x.dtype)))  # (E, B k, H)
+    out = torch.bmm(hidden, _compute_weight(w2, w2_lp, x.dtype))  # (E, B k, D)
     weight = score.reshape(-1, 1)  # (E B k, 1) fp32 (fp64)
     combined = out.reshape(-1, D).to(weight.dtype) * weight  # (E B k, D)
     total = combined.new_zeros(B * T, D).index_add_(0, rows, combined)  # (B T, D) the sum over experts
@@ -335,8 +364,9 @@ def _forward_impl(x2d, w1, w2, score, rows, slots):
     return out, pre
 
 
-def _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre):
-    """(d_x2d, d_w1, d_w2, d_score) of the expert path for d_out (B T, D)."""
+def _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, grad_dtype):
+    """(d_x2d, d_w1, d_w2, d_score) of the expert path for d_out (B T, D); the weight gradients in
+    ``grad_dtype`` (the master weights'), written from the fp32 accumulators."""
     E, D, H = w1.shape
     M = score.shape[1]
     dout = dout.to(x2d.dtype).contiguous()
@@ -344,9 +374,9 @@ def _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre):
     partial = _new_output((triton.cdiv(H, ROWS_CONFIG[1]), E * M), torch.float32, x2d.device)
     _rows_gemm(dout, rows, w2.transpose(1, 2), dpre, pre=pre, score=score, partial=partial)
     dscore = partial.sum(0).view(E, M)  # the column blocks' shares, summed in a fixed order
-    dw2 = _new_output((E, H, D), x2d.dtype, x2d.device)
+    dw2 = _new_output((E, H, D), grad_dtype, x2d.device)
     _weight_grad_gemm(pre, None, dout, rows, dw2, M, score=score, gelu_a=True)
-    dw1 = _new_output((E, D, H), x2d.dtype, x2d.device)
+    dw1 = _new_output((E, D, H), grad_dtype, x2d.device)
     _weight_grad_gemm(x2d, rows, dpre, None, dw1, M)
     dx_rows = _new_output((E, M, D), x2d.dtype, x2d.device)
     _rows_gemm(dpre, None, w1.transpose(1, 2), dx_rows)
@@ -375,31 +405,36 @@ def _(x2d, w1, w2, score, rows, slots):
 
 @torch.library.custom_op("engine::moe_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, score: torch.Tensor,
-            rows: torch.Tensor, slots: torch.Tensor, pre: torch.Tensor
+            rows: torch.Tensor, slots: torch.Tensor, pre: torch.Tensor, grad_dtype: torch.dtype
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre)
+    return _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, grad_dtype)
 
 
 @_bwd_op.register_fake
-def _(dout, x2d, w1, w2, score, rows, slots, pre):
-    return x2d.new_empty(x2d.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape), score.new_empty(score.shape)
+def _(dout, x2d, w1, w2, score, rows, slots, pre, grad_dtype):
+    return (x2d.new_empty(x2d.shape), w1.new_empty(w1.shape, dtype=grad_dtype), w2.new_empty(w2.shape, dtype=grad_dtype),
+            score.new_empty(score.shape))
 
 
 class _MoEExpertsFunction(torch.autograd.Function):
-    """The expert path of the triton backend: x2d, w1, w2 and the chosen scores in, the combined
-    output out. The scores' gradient goes back to the router through autograd (sort, softmax,
-    gate Linear), which also adds the router's share of d_x."""
+    """The expert path of the triton backend: x2d, the master weights w1, w2 (for their
+    gradients' dtype), the weights in the compute dtype (their copies, or casts made here
+    outside autograd) and the chosen scores in, the combined output out. The scores' gradient
+    goes back to the router through autograd (sort, softmax, gate Linear), which also adds the
+    router's share of d_x."""
 
     @staticmethod
-    def forward(ctx, x2d, w1, w2, score, rows, slots):
-        out, pre = (_fwd_op if torch.compiler.is_compiling() else _forward_impl)(x2d, w1, w2, score, rows, slots)
-        ctx.save_for_backward(x2d, w1, w2, score, rows, slots, pre)
+    def forward(ctx, x2d, w1, w2, w1c, w2c, score, rows, slots):
+        out, pre = (_fwd_op if torch.compiler.is_compiling() else _forward_impl)(x2d, w1c, w2c, score, rows, slots)
+        ctx.save_for_backward(x2d, w1c, w2c, score, rows, slots, pre)
+        ctx.grad_dtype = w1.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        dx, dw1, dw2, dscore = (_bwd_op if torch.compiler.is_compiling() else _backward_impl)(dout, *ctx.saved_tensors)
-        return dx, dw1, dw2, dscore, None, None
+        backward = _bwd_op if torch.compiler.is_compiling() else _backward_impl
+        dx, dw1, dw2, dscore = backward(dout, *ctx.saved_tensors, ctx.grad_dtype)
+        return dx, dw1, dw2, None, None, dscore, None, None
 
 
 def _slots(rows: torch.Tensor, tokens: int, experts: int) -> torch.Tensor:
@@ -416,8 +451,15 @@ def _slots(rows: torch.Tensor, tokens: int, experts: int) -> torch.Tensor:
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _low_precision(weight: torch.Tensor, copy: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in ``dtype``, contiguous, outside autograd: its copy when there is one of that dtype."""
+    if copy is not None and copy.dtype == dtype:
+        return copy.detach().contiguous()
+    return weight.detach().to(dtype).contiguous()
+
+
 def _moe_triton(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                capacity: float) -> torch.Tensor:
+                capacity: float, w1_lp: torch.Tensor | None = None, w2_lp: torch.Tensor | None = None) -> torch.Tensor:
     """The triton backend: routing by torch ops (as eager), the experts and the combine by kernels."""
     B, T, D = x.shape
     E = gate_weight.shape[0]
@@ -428,9 +470,9 @@ def _moe_triton(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2
                         "use backend='eager'")
     score, rows = _choose(x, gate_weight, capacity)
     rows = rows.to(torch.int32)
-    out = _MoEExpertsFunction.apply(x.reshape(B * T, D).to(dtype).contiguous(), w1.to(dtype).contiguous(),
-                                    w2.to(dtype).contiguous(), score.float().contiguous(), rows,
-                                    _slots(rows, B * T, E))
+    out = _MoEExpertsFunction.apply(x.reshape(B * T, D).to(dtype).contiguous(), w1, w2,
+                                    _low_precision(w1, w1_lp, dtype), _low_precision(w2, w2_lp, dtype),
+                                    score.float().contiguous(), rows, _slots(rows, B * T, E))
     return out.view(B, T, D)
 
 # auto's order on CUDA: empty until the triton backend is measured against eager, so auto runs eager.
@@ -463,15 +505,21 @@ def _check_inputs(x, gate_weight, w1, w2, capacity) -> None:
 
 
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, capacity: float = 2.0,
-        backend: str | None = None) -> torch.Tensor:
+        backend: str | None = None, w1_lp: torch.Tensor | None = None,
+        w2_lp: torch.Tensor | None = None) -> torch.Tensor:
     """Expert-choice MoE FFN (see the module docstring) -> (B, T, D): x (B, T, D), gate_weight
     (E, D), w1 (E, D, H), w2 (E, H, D); each expert takes int(capacity * T / E) tokens of each
-    sample. backend: "eager", "triton", "auto" or None (engine.ops.backend); "cuda" is an error
-    (no csrc/ kernel)."""
+    sample. ``w1_lp`` / ``w2_lp``: copies of w1 / w2 in the compute dtype, read instead of casting
+    (a copy of another dtype is ignored). backend: "eager", "triton", "auto" or None
+    (engine.ops.backend); "cuda" is an error (no csrc/ kernel)."""
     _check_inputs(x, gate_weight, w1, w2, capacity)
+    for name, copy, weight in (("w1_lp", w1_lp, w1), ("w2_lp", w2_lp, w2)):
+        if copy is not None and (copy.shape != weight.shape or copy.device != weight.device):
+            raise ValueError(f"moe: {name} {tuple(copy.shape)} on {copy.device} must have its weight's shape "
+                             f"{tuple(weight.shape)} and device {weight.device}")
     name = resolve(backend, x.device, "moe", prefer=AUTO_PREFERENCE)
     if name == "eager":
-        return _moe_gather(x, gate_weight, w1, w2, capacity)
+        return _moe_gather(x, gate_weight, w1, w2, capacity, w1_lp, w2_lp)
     if name == "cuda":
         raise RuntimeError("moe: there is no 'cuda' backend (no csrc/ kernel); use 'triton' or 'eager'")
-    return _moe_triton(x, gate_weight, w1, w2, capacity)
+    return _moe_triton(x, gate_weight, w1, w2, capacity, w1_lp, w2_lp)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import engine.model.microdit as microdit_module
 from engine import family
 from engine.config import MicroDiTConfig, preset
 from engine.diffusion import EDM
@@ -273,8 +274,9 @@ def test_bias_free_engine_linear_is_an_nn_linear():
 def test_linears_read_the_optimizer_copies(monkeypatch):
     """With AdamW's bf16 copies attached, under bf16 autocast every Linear of the model but the MoE
     routers (whose weights the moe op reads itself) hands its op the copies of its weight and bias,
-    which the op reads instead of casting: the same output as casting, bit for bit; zeroed copies
-    change it. The linear op's triton backend (the GPU's auto) is the one that reads copies."""
+    and every MoE block the copies of its experts' weights, which the ops read instead of casting:
+    the same output as casting, bit for bit; zeroed copies change it. The linear op's triton
+    backend (the GPU's auto) is the one that reads copies."""
     monkeypatch.setenv("ENGINE_BACKEND", "eager")
     monkeypatch.setenv("ENGINE_BACKEND_LINEAR", "triton")
     config = tiny()
@@ -292,8 +294,17 @@ def test_linears_read_the_optimizer_copies(monkeypatch):
 
     cast = run()
     optimizer = AdamW(model.parameters())
-    assert optimizer.attach_copies(model, torch.bfloat16) == sum(1 + (m.bias is not None) for m in linears)
-    read = []
+    experts = [b.mlp for b in [*model.mixer, *model.blocks] if hasattr(b.mlp, "gate")]
+    assert optimizer.attach_copies(model, torch.bfloat16) == sum(1 + (m.bias is not None) for m in linears) + 2 * len(
+        experts)
+    read, expert_copies = [], []
+    moe_op = microdit_module.moe
+
+    def moe_spy(x, gate, w1, w2, capacity, w1_lp=None, w2_lp=None):
+        expert_copies.append((w1_lp is optimizer.copies[w1].tensor, w2_lp is optimizer.copies[w2].tensor))
+        return moe_op(x, gate, w1, w2, capacity, w1_lp=w1_lp, w2_lp=w2_lp)
+
+    monkeypatch.setattr(microdit_module, "moe", moe_spy)
     cast_operands = _gemm.cast_operands
 
     def spy(x, weight, bias, dtype, weight_lp=None, bias_lp=None):
@@ -307,6 +318,7 @@ def test_linears_read_the_optimizer_copies(monkeypatch):
     copied |= {id(b) for _, _, b, b_lp in read if b is not None and b_lp is optimizer.copies[b].tensor}
     expected = {id(p) for m in linears for p in (m.weight, m.bias) if p is not None}
     assert copied == expected and len(read) >= len(linears)
+    assert expert_copies == [(True, True)] * len(experts)
     for c in optimizer.copies.values():
         c.tensor.zero_()
     assert not torch.equal(run(), cast)

@@ -267,6 +267,26 @@ def test_triton_under_autocast(seed):
     assert_rule(NAMES, kernel, eager, ref, seed)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_copies_are_read_and_gradients_reach_the_weights(backend, seed):
+    """With w1_lp / w2_lp the experts compute with the copies (here made to differ from the
+    weights, which a real copy never does, so that reading one shows): output and d_x those of
+    moe on the copies' values, and the copies' gradients land on w1 / w2 in their own dtype."""
+    x, gate, w1, w2 = make_inputs(2, 37, 24, 4, 40, torch.float32)
+    w1_lp, w2_lp = 1.5 * w1, w2 - 0.25
+    dout = torch.randn(2, 37, 24)
+    leaves = [t.clone().requires_grad_() for t in (x, gate, w1, w2)]
+    out = moe(*leaves, 2.0, backend=backend, w1_lp=w1_lp, w2_lp=w2_lp)
+    got = [out, *torch.autograd.grad(out, leaves, dout)]
+    want = run([x, gate, w1_lp, w2_lp], 2.0, backend, dout)
+    assert_same(got, want, seed, rtol=1e-6)
+    assert [t.dtype for t in got[3:]] == [torch.float32] * 2
+    plain = moe(x, gate, w1, w2, 2.0, backend=backend)
+    assert not torch.allclose(plain, out), "the copies were not read"
+    with pytest.raises(ValueError, match="w2_lp"):
+        moe(x, gate, w1, w2, 2.0, backend=backend, w2_lp=w2_lp[:, :-1])
+
+
 def test_custom_ops_pass_opcheck():
     B, T, D, E, H, capacity = 2, 9, 8, 3, 16, 2.0
     x, gate, w1, w2 = make_inputs(B, T, D, E, H, torch.float32)
@@ -276,7 +296,8 @@ def test_custom_ops_pass_opcheck():
     args = (x.reshape(B * T, D), w1, w2, score.contiguous(), rows, slots)
     torch.library.opcheck(moe_module._fwd_op, args)
     _, pre = moe_module._forward_impl(*args)
-    torch.library.opcheck(moe_module._bwd_op, (torch.randn(B * T, D), *args, pre))
+    torch.library.opcheck(moe_module._bwd_op, (torch.randn(B * T, D), *args, pre, torch.float32))
+    torch.library.opcheck(moe_module._bwd_op, (torch.randn(B * T, D), *args, pre, torch.float64))
 
 
 def test_torch_compile_fullgraph_matches_eager_call():
