@@ -49,8 +49,14 @@ _POLICY = re.compile(r"(?P<parts>[A-Za-z_][A-Za-z0-9_]*(,[A-Za-z_][A-Za-z0-9_]*)
 
 def block_parts(model: nn.Module) -> tuple[str, ...]:
     """The names of the direct submodules with parameters that every block has (for PixArt:
-    attn, cross_attn, mlp): what a policy can name besides ``block``."""
+    attn, cross_attn, mlp): what a policy can name besides ``block``. A block class that calls
+    some of its submodules' forward and only reads the others' parameters (MicroDiT's norms,
+    whose weights go into the fused norm ops) lists the called ones in ``recompute_parts``:
+    recomputing a module whose forward never runs would save nothing."""
     blocks = blocks_of(model)
+    declared = getattr(blocks[0], "recompute_parts", None)
+    if declared is not None:
+        return tuple(declared)
     names = [name for name, child in blocks[0].named_children() if any(True for _ in child.parameters())]
     return tuple(name for name in names if all(isinstance(getattr(b, name, None), nn.Module) for b in blocks))
 

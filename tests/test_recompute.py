@@ -129,3 +129,27 @@ def test_choose_picks_the_cheapest_policy_that_fits():
         assert all(measured[p] > budget * 0.99 for p in cheaper), [str(p) for p in cheaper if measured[p] <= budget]
     choice = recompute.choose(model, step, run_batch, ordered[0] // 2, CPU)
     assert not choice.fits and choice.policy == Recompute.parse("block") and "NOT fit" in choice.describe()
+
+
+def test_microdit_blocks_offer_the_parts_they_call():
+    """MicroDiT's blocks read their norms' weights in the fused ops and never call the norms:
+    the parts offered are those whose forward runs, and recomputing them keeps the gradients."""
+    from engine.model.microdit import MicroDiT
+    from tests.model.test_microdit import inputs, tiny
+    from tests.model.test_microdit import randomize as randomize_microdit
+
+    config = tiny()
+    model = randomize_microdit(MicroDiT(config)).double()
+    assert recompute.block_parts(model) == ("attn", "cross_attn", "mlp")
+    x, c_noise, caption = (t.double() for t in inputs(config, batch=2))
+
+    def grads():
+        model(x, c_noise, caption).square().mean().backward()
+        out = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    reference = grads()
+    recompute.apply(model, Recompute.parse("attn,cross_attn,mlp"))
+    for name, g in grads().items():
+        torch.testing.assert_close(g, reference[name], rtol=1e-12, atol=1e-14)

@@ -288,6 +288,10 @@ class Block(nn.Module):
     """A mixer or backbone block: the module docstring's three residual branches, each add fused
     with the norm after it; the FFN's output and gate go to what follows, not yet added."""
 
+    # what engine.recompute can recompute: the norms' weights are read by the fused ops, their
+    # forward never runs, and the adaLN Linear works on (B, D) only
+    recompute_parts = ("attn", "cross_attn", "mlp")
+
     def __init__(self, shape: BlockShape, cond_dim: int, head_dim: int, num_experts: int, capacity: float):
         super().__init__()
         dim = shape.width
