@@ -147,11 +147,20 @@ def add_norm(x: torch.Tensor, pending: torch.Tensor | None, gate: torch.Tensor |
     return add_norm_modulate(x, pending, gate, shift, scale)  # (B, N, D) each
 
 
+def qk_norm(t: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over each token's whole vector, no affine, eps 1e-6: (B, N, A) -> (B, N, A) in t's
+    dtype. Through the fused norm op with zero modulation, which normalises in fp32 and writes
+    the compute dtype: under autocast F.layer_norm would write fp32 q and k for attention to
+    cast back, three times the bytes of a bf16 write and read, on every attention's q and k."""
+    zero = torch.zeros(t.shape[0], t.shape[-1], dtype=torch.float32, device=t.device)  # (B, A)
+    return norm_modulate(t, zero, zero)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
     """softmax(LN(q) LN(k)ᵀ / sqrt(d)) v in heads of d = head_dim: q (B, N, A), k, v (B, M, A) -> (B, N, A).
     The qk-norm is over each token's whole q (or k) vector, all heads together, without affine."""
     A = q.shape[-1]
-    q, k = F.layer_norm(q, (A,), eps=EPS), F.layer_norm(k, (A,), eps=EPS)
+    q, k = qk_norm(q), qk_norm(k)
     q, k, v = (t.unflatten(-1, (A // head_dim, head_dim)).transpose(1, 2) for t in (q, k, v))  # (B, h, N|M, d)
     out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
     return out.transpose(1, 2).flatten(2)  # (B, N, A)
