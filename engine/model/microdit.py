@@ -422,6 +422,14 @@ class MicroDiT(nn.Module):
         if C != c.in_channels or H % p or W % p:
             raise ValueError(f"MicroDiT expects latents (B, {c.in_channels}, H, W) with H, W multiples of {p}; "
                              f"got {tuple(x.shape)}")
+        if caption.dim() != 3 or caption.shape[0] != B or caption.shape[1:] != (c.text_len, c.caption_channels):
+            raise ValueError(f"MicroDiT expects caption features ({B}, text_len = {c.text_len}, caption_channels = "
+                             f"{c.caption_channels}); got {tuple(caption.shape)}")
+        T = (H // p) * (W // p)
+        if keep is not None and (keep.dim() != 2 or keep.shape[0] != B or not 1 <= keep.shape[1] <= T
+                                 or keep.dtype != torch.int64):
+            raise ValueError(f"MicroDiT expects keep as ({B}, K) int64 token indices with 1 <= K <= T = {T}; got "
+                             f"{tuple(keep.shape)} {keep.dtype}")
         tokens = self.patch_embed(patchify(x, p))  # (B, T, D)
         x = tokens + self.pos_embed(H // p, W // p, tokens.dtype)  # (B, T, D)
         y, cond = self.embed_caption(caption, c_noise)  # (B, L, D), (B, D)

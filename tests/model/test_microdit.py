@@ -563,3 +563,20 @@ def test_family_flops_follow_the_mask_ratio():
     assert fam.flops(model, batch, SimpleNamespace(mask_ratio=0.0)) == 2 * model.flops_per_sample(64, 64)
     assert fam.flops(model, batch, SimpleNamespace(mask_ratio=0.75)) == 2 * model.flops_per_sample(64, 64, 0.75)
     assert fam.describe(config).startswith("MicroDiT (4 blocks of width 128")
+
+
+def test_forward_rejects_captions_and_keep_sets_that_do_not_fit():
+    """Caption features of another width or length and keep sets of no token, too many tokens or
+    the wrong dtype are refused before any work, naming what was expected."""
+    config = tiny()
+    model = MicroDiT(config)
+    x, c_noise, caption = inputs(config, batch=2)
+    T = (config.input_size // config.patch_size) ** 2
+    for bad, message in ((caption[..., :-1], "caption_channels = 32"), (caption[:, :-1], "text_len = 8"),
+                         (caption[:1], r"caption features \(2,")):
+        with pytest.raises(ValueError, match=message):
+            model(x, c_noise, bad)
+    for keep in (torch.zeros(2, 0, dtype=torch.int64), torch.zeros(2, T + 1, dtype=torch.int64),
+                 torch.zeros(2, 3, dtype=torch.int32), torch.zeros(3, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=f"1 <= K <= T = {T}"):
+            model(x, c_noise, caption, keep)
