@@ -1,7 +1,7 @@
 """`python -m train prepare`: build a latent cache from images and captions (docs/data.md).
 
     python -m train prepare --images SRC --out CACHE --vae PATH --text-encoder PATH \\
-        [--resolution 256] [--multi-aspect] [--labels] [--max-tokens 120] [--strict]
+        [--resolution 256] [--multi-aspect] [--labels] [--max-tokens 120] [--pad-captions] [--strict]
 
 Several processes split the work with ``--rank/--world`` (or torchrun's RANK/WORLD_SIZE);
 the last one to finish writes the index, or run ``prepare --out CACHE --merge`` afterwards.
@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--multi-aspect", action="store_true", help="resize to the nearest aspect-ratio bucket")
     parser.add_argument("--labels", action="store_true", help="class labels from folder names (SRC/<class>/<image>)")
     parser.add_argument("--max-tokens", type=int, default=120, help="longest caption kept, in tokens")
+    parser.add_argument("--pad-captions", action="store_true",
+                        help="keep all --max-tokens positions of every caption, the encoder's outputs at the padding "
+                             "included (encoded without an attention mask), for models without a caption mask "
+                             "(MicroDiT: --max-tokens 77)")
     parser.add_argument("--device", help="encoder device (default: cuda when available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
     parser.add_argument("--shard-size", type=int, default=512, help="source items per shard")
@@ -58,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
                     device=args.device, batch_size=args.batch_size, shard_size=args.shard_size,
                     rank=args.rank, world=args.world, strict=args.strict, workers=args.workers,
                     text_dtype=getattr(torch, args.text_dtype) if args.text_dtype else None,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, pad_captions=args.pad_captions)
     except (BadInputError, FileNotFoundError, ValueError) as error:
         print(f"prepare: {error}", file=sys.stderr)
         return 2

@@ -72,6 +72,17 @@ class Plan:
     cuda_graph_off: str = ""    # why the step is not a CUDA graph (empty when it is)
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """``saved`` (a run.json config) with the settings it lacks, added to the engine after the run
+    was saved, at their defaults: what the run trained with. Sections only; model fields are the
+    run's own."""
+    out = dict(saved)
+    for section, values in defaults.items():
+        if isinstance(values, dict) and isinstance(saved.get(section), dict) and section != "model":
+            out[section] = {**values, **saved[section]}
+    return out
+
+
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(a) | set(b))
     out = []
@@ -194,6 +205,7 @@ def _resume_point(args: argparse.Namespace, out: Path, config, cache) -> tuple[P
     newest checkpoint that verifies, trained with this config (up to what may change between
     segments) on this cache unless --allow-data-change."""
     from train.checkpoint import complete_checkpoints, newest_verified, read_run_info
+    from train.config import RunConfig
 
     done = complete_checkpoints(out)
     if not args.resume:
@@ -212,7 +224,8 @@ def _resume_point(args: argparse.Namespace, out: Path, config, cache) -> tuple[P
                          + "\n  ".join(skipped))
     run_info = read_run_info(resume_from)
     current = json.loads(json.dumps(config.to_dict()))  # as run.json stores it (tuples become lists)
-    changed = [name for name in _differences(run_info["config"], current) if not name.startswith(_RESUMABLE_CHANGES)]
+    saved_config = _with_defaults(run_info["config"], json.loads(json.dumps(RunConfig().to_dict())))
+    changed = [name for name in _differences(saved_config, current) if not name.startswith(_RESUMABLE_CHANGES)]
     if changed:
         raise ValueError(f"--resume: the config differs from the one {resume_from} was trained with in {changed}; "
                          f"only {list(_RESUMABLE_CHANGES)} may change between segments of a run")
@@ -257,7 +270,8 @@ def _cache_identity(cache) -> dict:
     meta = cache.meta
     index = Path(cache.path) / "index.json"
     return {key: meta.get(key) for key in ("resolution", "multi_aspect", "latent_channels", "latent_downsample", "vae",
-                                           "text_encoder", "text_width", "max_tokens", "labels", "classes")} | {
+                                           "text_encoder", "text_width", "max_tokens", "padded_captions", "labels",
+                                           "classes")} | {
         "path": str(Path(cache.path).resolve()), "num_samples": cache.num_samples,
         "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest()}
 

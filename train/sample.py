@@ -142,8 +142,11 @@ def _condition(model_family, model, args, run_info: dict, folder: Path, device) 
     from engine.data.encode import TextEncoder
 
     encoder_path = _default(args.text_encoder, run_info, "text_encoder", "--text-encoder PATH")
-    max_tokens = run_info.get("cache", {}).get("max_tokens", model_family.text_len(model.config))
-    features = TextEncoder(encoder_path, device, max_tokens).encode([args.prompt])[0]
+    cache = run_info.get("cache", {})
+    max_tokens = cache.get("max_tokens", model_family.text_len(model.config))
+    # the prompt encoded as the training captions were (all positions of a padded cache)
+    encoder = TextEncoder(encoder_path, device, max_tokens, padded=cache.get("padded_captions", False))
+    features = encoder.encode([args.prompt])[0]
     return [features] * args.count
 
 

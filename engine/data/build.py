@@ -187,10 +187,11 @@ def merge_cache(out: str | os.PathLike) -> dict | None:
 
 
 def _load_encoders(vae: str, text_encoder: str | None, device: torch.device, max_tokens: int,
-                   text_dtype: torch.dtype | None, table: list) -> tuple:
+                   text_dtype: torch.dtype | None, table: list, pad_captions: bool = False) -> tuple:
     """(image encoder, text encoder or None), checked to divide every bucket into whole latents."""
     image_encoder = load_vae(vae, device)
-    text = TextEncoder(text_encoder, device, max_tokens, text_dtype) if text_encoder is not None else None
+    text = (TextEncoder(text_encoder, device, max_tokens, text_dtype, padded=pad_captions)
+            if text_encoder is not None else None)
     for _, height, width in table:
         if height % image_encoder.downsample or width % image_encoder.downsample:
             raise ValueError(f"bucket {height}x{width} is not divisible by the VAE's downsampling "
@@ -214,6 +215,7 @@ def _settings(src: str | os.PathLike, source: Source, table: list, image_encoder
         "text_encoder": text.identity if text is not None else None,
         "text_width": text.width if text is not None else 0,
         "max_tokens": max_tokens,
+        "padded_captions": bool(text is not None and text.padded),
         "labels": labels,
         "classes": source.classes,
         "shard_size": shard_size,
@@ -257,13 +259,15 @@ def build_cache(src: str | os.PathLike, out: str | os.PathLike, vae: str, text_e
                 resolution: int = 256, multi_aspect: bool = False, labels: bool = False, max_tokens: int = 120,
                 device: str | torch.device | None = None, batch_size: int = 32, shard_size: int = 512,
                 rank: int | None = None, world: int | None = None, strict: bool = False, workers: int | None = None,
-                text_dtype: torch.dtype | None = None, progress: bool = True) -> dict | None:
+                text_dtype: torch.dtype | None = None, progress: bool = True,
+                pad_captions: bool = False) -> dict | None:
     """Encode ``src`` into the cache ``out`` (this rank's shards); return the index once merged.
 
     ``vae``: a diffusers AutoencoderKL folder or "pixels"; ``text_encoder``: a transformers
     folder, optional only with ``labels``. ``rank``/``world`` default to torchrun's RANK and
     WORLD_SIZE. ``strict``: the first bad input raises BadInputError naming it, instead of
-    being skipped and listed in skipped.jsonl.
+    being skipped and listed in skipped.jsonl. ``pad_captions``: every caption's features at
+    ``max_tokens`` positions, padding included (TextEncoder's ``padded``).
     """
     from tqdm import tqdm
 
@@ -276,7 +280,7 @@ def build_cache(src: str | os.PathLike, out: str | os.PathLike, vae: str, text_e
     table = bucket_table(resolution, multi_aspect)
     source = open_source(src, labels=labels)
     device = _default_device() if device is None else torch.device(device)
-    image_encoder, text = _load_encoders(vae, text_encoder, device, max_tokens, text_dtype, table)
+    image_encoder, text = _load_encoders(vae, text_encoder, device, max_tokens, text_dtype, table, pad_captions)
     settings = _settings(src, source, table, image_encoder, text, resolution=resolution, multi_aspect=multi_aspect,
                          max_tokens=max_tokens, labels=labels, shard_size=shard_size)
     _claim_settings(out, settings)

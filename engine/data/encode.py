@@ -90,9 +90,15 @@ _ENCODER_ONLY_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5
 
 class TextEncoder:
     """A transformers encoder + tokenizer. Features are the last hidden states of the caption's
-    real tokens (attention mask = 1), at most ``max_tokens`` of them, kept at their true length."""
+    real tokens (attention mask = 1), at most ``max_tokens`` of them, kept at their true length.
 
-    def __init__(self, path: str, device: torch.device, max_tokens: int = 120, dtype: torch.dtype | None = None):
+    ``padded``: every caption is padded to ``max_tokens`` and encoded without an attention mask,
+    and all ``max_tokens`` hidden states are kept, padding positions included: what a model
+    without a caption mask reads (MicroDiT takes OpenCLIP's 77 positions after ln_final,
+    MICRODIT.md), rather than zeros after the caption's last token."""
+
+    def __init__(self, path: str, device: torch.device, max_tokens: int = 120, dtype: torch.dtype | None = None,
+                 padded: bool = False):
         import transformers
 
         if not Path(path).is_dir():
@@ -112,16 +118,25 @@ class TextEncoder:
         if self.tokenizer.pad_token is None:  # padded positions are masked out, so any token will do
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_tokens = max_tokens
+        self.padded = padded
         self.width = int(config.d_model if hasattr(config, "d_model") else config.hidden_size)
         self.identity = {"path": str(Path(path).resolve()), "fingerprint": fingerprint(path),
                          "class": type(self.model).__name__}
 
     @torch.inference_mode()
     def encode(self, captions: list[str]) -> list[np.ndarray]:
-        """One (L_i, width) fp16 array per caption; an empty caption gets zero tokens."""
+        """One (L_i, width) fp16 array per caption (L_i = max_tokens when padded); an empty caption
+        gets zero tokens."""
         out = [np.zeros((0, self.width), np.float16) for _ in captions]
         todo = [i for i, caption in enumerate(captions) if caption]
         if not todo:
+            return out
+        if self.padded:
+            tokens = self.tokenizer([captions[i] for i in todo], max_length=self.max_tokens, truncation=True,
+                                    padding="max_length", return_tensors="pt").to(self.device)
+            hidden = self.model(input_ids=tokens.input_ids).last_hidden_state.half().cpu()  # (B, max_tokens, width)
+            for row, i in enumerate(todo):
+                out[i] = hidden[row].numpy()
             return out
         tokens = self.tokenizer([captions[i] for i in todo], max_length=self.max_tokens, truncation=True,
                                 padding="longest", return_tensors="pt").to(self.device)

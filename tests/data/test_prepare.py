@@ -269,3 +269,33 @@ def test_encoding_on_cuda_matches_the_cpu_cache(cache_dir, source, tiny_vae, tin
                                        rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(torch.tensor(a["text"][0]).float(), torch.tensor(b["text"][0]).float(),
                                    rtol=1e-2, atol=1e-2)
+
+
+def test_padded_captions_keep_every_position_encoded_without_a_mask(source, tiny_vae, tiny_text_encoder,
+                                                                    tmp_path):
+    """--pad-captions: each caption's features at all --max-tokens positions, the encoder's outputs
+    at the padding included, as the encoder gives them for the max-length padded ids without an
+    attention mask (what a model without a caption mask reads); the cache records it."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    max_tokens = 32  # longer than every demo caption
+    out = tmp_path / "padded"
+    assert train_main(["prepare", "--images", str(source[0]), "--out", str(out), "--vae", tiny_vae,
+                       "--text-encoder", tiny_text_encoder, "--resolution", str(RES), "--shard-size", str(SHARD),
+                       "--batch-size", "4", "--device", "cpu", "--no-progress", "--max-tokens", str(max_tokens),
+                       "--pad-captions"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_encoder)
+    encoder = T5EncoderModel.from_pretrained(tiny_text_encoder).eval()
+    cache = open_cache(out)
+    assert cache.meta["padded_captions"] is True
+    ids = _by_source(cache)
+    for record in source[1][:2]:
+        tokens = tokenizer(record["caption"], max_length=max_tokens, padding="max_length", truncation=True,
+                           return_tensors="pt")
+        assert tokens.attention_mask[0, -1] == 0, "the caption fills max_tokens: the test shows no padding"
+        with torch.no_grad():
+            want = encoder(input_ids=tokens.input_ids).last_hidden_state[0]  # (max_tokens, 16)
+        got = _read(cache, ids[record["file"]])
+        assert got["caption_lens"].tolist() == [max_tokens]
+        torch.testing.assert_close(torch.tensor(got["text"][0]).float(), want, rtol=2 ** -10, atol=1e-4)
+        assert got["text"][0][-1].any(), "a padding position holds the encoder's output, not zeros"

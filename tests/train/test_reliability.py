@@ -159,6 +159,23 @@ def test_resume_on_another_cache_is_refused(finished, captioned_cache, tmp_path,
     assert "--allow-data-change: continuing on" in capsys.readouterr().out
 
 
+def test_resume_of_a_run_saved_before_a_setting_existed(finished, captioned_cache, tmp_path, capsys):
+    """A run whose saved config lacks a setting added to the engine later resumes when the setting
+    is at its default (what the run trained with), and is refused when it is not."""
+    run = _copy_run(finished, tmp_path)
+    for folder in (run / "checkpoints").iterdir():
+        info_path = folder / "run.json"
+        info = json.loads(info_path.read_text())
+        del info["config"]["train"]["edm_sigma_data"]
+        info_path.write_text(json.dumps(info))
+        manifest = json.loads((folder / checkpoint.MANIFEST).read_text())  # as an older engine wrote it
+        manifest["files"]["run.json"] = {"bytes": info_path.stat().st_size, "sha256": checkpoint._sha256(info_path)}
+        (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert _run(captioned_cache, run, "--resume", "--max-steps", STEPS + 2, "--set", "train.edm_sigma_data=0.9") == 2
+    assert "train.edm_sigma_data" in capsys.readouterr().err
+    assert _run(captioned_cache, run, "--resume", "--max-steps", STEPS + 2) == 0
+
+
 def test_full_disk_names_the_path_and_leaves_no_temporary_folder(tmp_path, monkeypatch):
     info = {"config": {}, "model": {"family": "pixart", "config": {}}}
     stale = tmp_path / "checkpoints" / ".step-0000001.tmp-999999"
