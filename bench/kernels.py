@@ -27,7 +27,7 @@ cross_attention's triton row is issue 5's bar. The ``kernel`` column names the S
 self_attention's eager and cuda backends ran.
 
 Shapes (``--shapes`` takes a comma-separated list; each op runs the shapes its format accepts):
-norm_modulate, add_norm_modulate, gated_add ``BxNxD``; cross_attention ``BxNxHxdxL`` (L caption keys, all
+norm_modulate, add_norm_modulate, gated_add ``BxNxD``; swiglu ``BxNxH``; cross_attention ``BxNxHxdxL`` (L caption keys, all
 valid) or ``BxNxHxdxLr`` (random caption lengths in [1, L]); self_attention ``BxNxHxd``;
 patchify, unpatchify ``BxCxHxWpP``: the latent image (B, C, H, W) and patch size P (patchify's
 input, unpatchify's output; PixArt's head unpatchifies C = 8: noise and learned variance);
@@ -70,6 +70,7 @@ from engine.ops._gemm import gemm_tuning_report  # noqa: E402
 from engine.ops.backend import unavailable_reason  # noqa: E402
 from engine.ops.cross_attention import cross_attention  # noqa: E402
 from engine.ops.gated_add import gated_add  # noqa: E402
+from engine.ops.swiglu import swiglu  # noqa: E402
 from engine.ops.linear import linear  # noqa: E402
 from engine.ops.mlp import mlp  # noqa: E402
 from engine.ops.moe import moe  # noqa: E402
@@ -235,6 +236,12 @@ def _gated_add_inputs(shape, dtype, device):
     B, N, D = shape
     return InputSet(inputs=[_activation(shape, dtype, device).requires_grad_(),
                             _activation(shape, dtype, device).requires_grad_(), _modulation(B, D, device)],
+                    extra=[], grad_outputs=[_activation(shape, dtype, device)])
+
+
+def _swiglu_inputs(shape, dtype, device):
+    return InputSet(inputs=[_activation(shape, dtype, device).requires_grad_(),
+                            _activation(shape, dtype, device).requires_grad_()],
                     extra=[], grad_outputs=[_activation(shape, dtype, device)])
 
 
@@ -469,6 +476,21 @@ OPS = {
         bytes_moved=lambda shape, dtype: {"fwd": 3 * _activation_bytes(shape, dtype),
                                           "bwd": 3 * _activation_bytes(shape, dtype)},
         bytes_note="fwd r,a,out; bwd dout,a,da",
+        missing_backends=("cuda",),
+    ),
+    "swiglu": OpSpec(
+        name="swiglu",
+        # MicroDiT-XL/2 at 256 px, batch 256: a mixer SwiGLU (all 256 tokens, hidden 2048) and a
+        # backbone one (64 kept tokens, hidden 2816), as (B, N, H)
+        gpu_shapes=("256x256x2048", "256x64x2816"),
+        cpu_shape="2x32x256",
+        parse_shape=parse_bnd,
+        make_inputs=_swiglu_inputs,
+        call=lambda backend, a, b: (swiglu(a, b, backend=backend),),
+        # fwd reads a, b, writes h; bwd reads dh, a, b, writes da, db.
+        bytes_moved=lambda shape, dtype: {"fwd": 3 * _activation_bytes(shape, dtype),
+                                          "bwd": 5 * _activation_bytes(shape, dtype)},
+        bytes_note="fwd a,b,h; bwd dh,a,b,da,db",
         missing_backends=("cuda",),
     ),
     "cross_attention": OpSpec(

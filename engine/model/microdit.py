@@ -37,7 +37,9 @@ gate, and the next block, the mixer's output projection or the final layer adds 
 The ops' LayerNorm has no affine: a LayerNorm of weight w is folded into the modulation,
 LN(x) w (1 + scale) + shift = LN(x) (1 + scale') + shift with scale' = w (1 + scale) - 1, and an
 unmodulated one is shift 0, scale' = w - 1 (``norm_args``). Attention runs through torch's
-scaled_dot_product_attention with the qk-norm in plain torch; the SwiGLU is three Linears.
+scaled_dot_product_attention, its qk-norm through the norm op with zero modulation (``qk_norm``);
+the SwiGLU is three Linears around engine.ops.swiglu; the MoE blocks read the optimizer's copies
+of the experts' weights too.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from engine.model.layers import Linear, PositionEmbedding, timestep_frequencies
 from engine.ops.moe import moe, tokens_per_expert
 from engine.ops.norm_modulate import add_norm_modulate, norm_modulate
 from engine.ops.patchify import patchify, unpatchify
+from engine.ops.swiglu import swiglu
 
 EPS = 1e-6  # every LayerNorm's, the qk-norms' included; engine.ops.norm_modulate's is the same
 FREQ_DIM = 512  # sinusoidal features of the noise level
@@ -198,7 +201,7 @@ class CrossAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w3(silu(w1 x) * w2 x), no biases."""
+    """w3(silu(w1 x) * w2 x), no biases; the gating through engine.ops.swiglu (one pass each way)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -207,7 +210,7 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+        return self.w3(swiglu(self.w1(x), self.w2(x)))
 
 
 class MoE(nn.Module):

@@ -5,7 +5,7 @@ engine.ops.linear import linear``); ``_gemm`` holds the GEMM plumbing linear and
 """
 
 from engine.ops import (backend, cross_attention, gated_add, linear, mlp, moe, norm_modulate, patchify,
-                        self_attention, split_sums)
+                        self_attention, split_sums, swiglu)
 
 __all__ = ["backend", "cross_attention", "gated_add", "linear", "mlp", "moe", "norm_modulate", "patchify",
-           "self_attention", "split_sums"]
+           "self_attention", "split_sums", "swiglu"]
