@@ -30,6 +30,7 @@ PROG = "python -m train"
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "caption": ("train.caption", "dense captions for an image source from a local vision-language model"),
     "prepare": ("train.prepare", "encode images and captions into a latent cache"),
     "run": ("train.run", "train one stage on a latent cache (checkpoints, resume, DDP / FSDP2)"),
     "sample": ("train.sample", "generate images from a checkpoint"),
