@@ -340,9 +340,16 @@ def read_init(path: str | os.PathLike, use_ema: bool = True):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--init {path} does not exist")
-    if (path / MARKER).is_file() or (path / CHECKPOINTS).is_dir() or path.name == CHECKPOINTS:
+    if is_engine_checkpoint(path):
         return load_model(path, ema=use_ema)
     return path
+
+
+def is_engine_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names an engine checkpoint, a run's checkpoints/ folder or a run folder
+    (find_checkpoint then picks the checkpoint), rather than a file in another format."""
+    path = Path(path)
+    return (path / MARKER).is_file() or (path / CHECKPOINTS).is_dir() or path.name == CHECKPOINTS
 
 
 def load_init(module, path: str | os.PathLike, use_ema: bool = True, objective=None, source=None) -> str:

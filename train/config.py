@@ -40,6 +40,7 @@ PARALLEL = ("auto", "none", "ddp", "fsdp2")
 CUDA_GRAPH = ("auto", "on", "off")
 OPTIMIZERS = ("auto", "adamw", "engine", "apex")
 LR_SCALING = ("sqrt", "linear", "none")
+LR_SCHEDULES = ("constant", "cosine")
 LOADER_BACKENDS = ("auto", "torch", "dali")
 _STAGE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -74,7 +75,15 @@ class OptimSection:
     lr: float = 2e-5             # before batch scaling
     lr_scaling: str = "sqrt"     # lr * sqrt(global_batch / lr_base_batch)
     lr_base_batch: int = 256
-    warmup_steps: int = 1000     # linear warm-up, then constant
+    warmup_steps: int = 1000     # linear warm-up to the peak lr (train.loop.lr_at)
+    # warm-up step s (from 0) trains at peak (s + 1) / warmup_steps; true: peak s / warmup_steps, so
+    # the first step has lr 0 and only fills Adam's moments (composer's and diffusers' warm-ups)
+    warmup_from_zero: bool = False
+    # after the warm-up: "constant" (the peak), or "cosine": half a cosine from the peak down to
+    # lr_floor x peak, reached at step decay_steps (0: train.steps), the floor after it
+    schedule: str = "constant"
+    lr_floor: float = 0.0        # cosine: the lr it ends at, as a fraction of the peak
+    decay_steps: int = 0         # cosine: the step it ends at; 0 = train.steps
     weight_decay: float = 0.03
     eps: float = 1e-10
     betas: tuple[float, float] = (0.9, 0.999)
@@ -92,6 +101,9 @@ class TrainSection:
     edm_p_std: float = 1.2
     edm_sigma_data: float = 0.5  # objective "edm": the data's standard deviation in the preconditioning (EDM paper: 0.5)
     ema_decay: float = 0.9999
+    # the EMA is a copy of the weights over the first ema_start steps, then averages with
+    # ema_decay (0: it averages from the first step on, starting at the initial weights)
+    ema_start: int = 0
     caption_dropout: float = 0.1  # caption-conditioned families: caption -> the model's null caption
     label_dropout: float = 0.1    # label-conditioned families: label -> the null class
     mask_ratio: float = 0.0       # families with deferred masking: share of patch tokens dropped after the mixer
@@ -108,6 +120,12 @@ class TrainSection:
     cuda_graph: str = "auto"      # forward + backward replayed as one CUDA graph; auto: where train/run.py allows
     max_nonfinite_steps: int = 20  # this many skipped steps in a row save and stop the run
     init_ema: bool = True          # --init from an engine checkpoint takes its EMA weights
+    # a stage that continues an earlier one: --init is required, and an engine checkpoint given
+    # to it must come from a run of this stage name ("" = --init optional, from any stage)
+    init_from_stage: str = ""
+    # --init from an engine checkpoint of the same model also takes its optimizer state (Adam's
+    # moments and step counts; the lr, betas, eps and weight decay stay this config's)
+    init_optimizer: bool = False
 
 
 @dataclass
@@ -195,7 +213,8 @@ def validate(config: RunConfig) -> RunConfig:
                         ("log.sample_steps", config.log.sample_steps)):
         _positive(name, value)
     for name, value in (("train.micro_batch", t.micro_batch),
-                        ("optim.warmup_steps", o.warmup_steps), ("checkpoint.every", config.checkpoint.every),
+                        ("optim.warmup_steps", o.warmup_steps), ("optim.decay_steps", o.decay_steps),
+                        ("train.ema_start", t.ema_start), ("checkpoint.every", config.checkpoint.every),
                         ("log.sample_every", config.log.sample_every), ("data.workers", d.workers),
                         ("train.seed", t.seed)):
         _positive(name, value, allow_zero=True)
@@ -205,6 +224,7 @@ def validate(config: RunConfig) -> RunConfig:
     _choice("train.cuda_graph", t.cuda_graph, CUDA_GRAPH)
     _choice("optim.name", o.name, OPTIMIZERS)
     _choice("optim.lr_scaling", o.lr_scaling, LR_SCALING)
+    _choice("optim.schedule", o.schedule, LR_SCHEDULES)
     _choice("data.backend", d.backend, LOADER_BACKENDS)
     if t.activation_checkpointing != "auto":
         try:
@@ -213,7 +233,7 @@ def validate(config: RunConfig) -> RunConfig:
             raise ConfigError(f"train.activation_checkpointing: {error} (or \"auto\")") from None
     _finite_floats(config, "")
     for name, value in (("train.ema_decay", t.ema_decay), ("train.caption_dropout", t.caption_dropout),
-                        ("train.label_dropout", t.label_dropout)):
+                        ("train.label_dropout", t.label_dropout), ("optim.lr_floor", o.lr_floor)):
         _fraction(name, value)
     if not 0.0 <= t.mask_ratio < 1.0:
         raise ConfigError(f"train.mask_ratio = {t.mask_ratio!r}: expected a value in [0, 1)")
@@ -226,6 +246,9 @@ def validate(config: RunConfig) -> RunConfig:
                                         ("log.sample_cfg", config.log.sample_cfg, 0.0, True)):
         if not (value >= low if inclusive else value > low):
             raise ConfigError(f"{name} = {value!r}: expected a value {'>=' if inclusive else '>'} {low:g}")
+    if t.init_from_stage and not _STAGE_NAME.fullmatch(t.init_from_stage):
+        raise ConfigError(f"train.init_from_stage = {t.init_from_stage!r}: a stage name (letters, digits, '.', '_', "
+                          f"'-') or \"\" for none")
     if not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas = {list(o.betas)}: expected two values in [0, 1)")
     if config.model.pe_interpolation is not None and not config.model.pe_interpolation > 0:

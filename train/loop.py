@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Callable
@@ -52,9 +53,44 @@ def micro_seed(seed: int, step: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, step, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def lr_at(step: int, peak: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps (step 0 already gets peak / warmup), then constant."""
-    return peak * min(1.0, (step + 1) / warmup) if warmup else peak
+def lr_at(step: int, peak: float, warmup: int, schedule: str = "constant", end: int = 0, floor: float = 0.0,
+          from_zero: bool = False) -> float:
+    """The learning rate of step ``step`` (counted from 0): a pure function of the step, so a
+    resumed run repeats the uninterrupted one.
+
+    Warm-up, steps s < ``warmup``: peak (s + 1) / warmup, or peak s / warmup with ``from_zero``
+    (the first step at lr 0). Then "constant": the peak; "cosine": with x = (s - warmup) /
+    (end - warmup) clipped to [0, 1],
+
+        peak (floor + (1 - floor) (1 + cos(pi x)) / 2)
+
+    from the peak at the warm-up's end down to ``floor`` x peak at step ``end``, which no step
+    of a run of ``end`` steps reaches (its last step is end - 1). With ``from_zero`` this is
+    composer's CosineAnnealingWithWarmupScheduler (t_max = the run's duration, alpha_f =
+    floor) at the batch count before the step, which MicroDiT's official stage 1 uses
+    (train/configs/microdit.toml)."""
+    if step < warmup:
+        return peak * (step if from_zero else step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    x = min(1.0, (step - warmup) / (end - warmup)) if end > warmup else 1.0
+    return peak * (floor + (1.0 - floor) * (1.0 + math.cos(math.pi * x)) / 2.0)
+
+
+def step_lr(config: RunConfig, step: int) -> float:
+    """lr_at with the run config's optim section and peak (RunConfig.lr)."""
+    o = config.optim
+    return lr_at(step, config.lr(), o.warmup_steps, o.schedule, o.decay_steps or config.train.steps, o.lr_floor,
+                 o.warmup_from_zero)
+
+
+def ema_decay_at(step: int, decay: float, start: int) -> float:
+    """The EMA decay of step ``step`` (from 0): 0 (the EMA becomes a copy of the weights) while the
+    step is one of the first ``start``, ``decay`` after. As composer's EMA with ema_start = start
+    batches (MicroDiT's 512 px configs), which starts by copying the weights at the end of the
+    batch that brings the count to ``start``; start = 0 averages from the first step, beginning
+    at the initial weights."""
+    return decay if step >= start else 0.0
 
 
 def optimizer_name(optim: OptimSection, device: torch.device, parallel: str, compiled: bool) -> str:
@@ -262,6 +298,27 @@ def restore(tr: Trainer, folder: Path, data_changed: bool = False) -> None:
     tr.progress = Progress(**train_state["progress"])
 
 
+def take_optimizer_state(tr: Trainer, folder: Path) -> str:
+    """Load the optimizer state of checkpoint ``folder`` (another run's, train.init_optimizer):
+    Adam's moments and step counts carry over, the hyperparameters (lr, betas, eps, weight decay)
+    stay this run's. Returns a line for the log; a state that does not fit this model's
+    parameters is a ValueError."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    optimizer_state, _ = load_training_state(folder)
+    ours = [{key: value for key, value in group.items() if key != "params"} for group in tr.optimizer.param_groups]
+    try:
+        set_optimizer_state_dict(tr.model, tr.optimizer, optimizer_state,
+                                 options=StateDictOptions(full_state_dict=True))
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise ValueError(f"--init {folder}: its optimizer state does not fit this model's parameters "
+                         f"({type(error).__name__}: {error})") from None
+    for group, hyper in zip(tr.optimizer.param_groups, ours):
+        group.update(hyper)
+    steps = {int(s["step"]) for s in tr.optimizer.state.values() if "step" in s}
+    return f"optimizer state taken from {folder} (Adam step {max(steps) if steps else 0})"
+
+
 def _step_summary(tr: Trainer, loss_sum: torch.Tensor, grad_norm: torch.Tensor,
                   params_bad: torch.Tensor) -> torch.Tensor:
     """A (4,) device tensor: the loss summed over ranks, the number of ranks whose loss or gradient
@@ -417,7 +474,7 @@ def train(tr: Trainer) -> int:
     from engine.step_graph import StepGraph
 
     cfg, device = tr.config, tr.device
-    peak_lr, accumulation = cfg.lr(), tr.accumulation
+    accumulation = tr.accumulation
     params = [p for p in tr.module.parameters() if p.requires_grad]
     max_norm = cfg.optim.grad_clip or float("inf")  # inf: measure the norm, clip nothing
     log = MetricsLog(tr.out, tr.rank, cfg.train.steps, tr.progress.step, cfg.log.tensorboard)
@@ -435,9 +492,12 @@ def train(tr: Trainer) -> int:
         while tr.progress.step < cfg.train.steps:
             step = tr.progress.step
             step_start, wait = time.perf_counter(), 0.0
-            lr = lr_at(step, peak_lr, cfg.optim.warmup_steps)
+            lr = step_lr(cfg, step)
             for group in tr.optimizer.param_groups:
                 group["lr"] = lr
+            tr.ema.decay = ema_decay_at(step, cfg.train.ema_decay, cfg.train.ema_start)
+            if grad_scale is not None:  # engine AdamW moves the EMA in its own pass (_fused_updates)
+                tr.optimizer.ema_decay = tr.ema.decay
             fetch = time.perf_counter()
             step_batches = [next(batches) for _ in range(accumulation)]
             wait += time.perf_counter() - fetch

@@ -72,17 +72,6 @@ class Plan:
     cuda_graph_off: str = ""    # why the step is not a CUDA graph (empty when it is)
 
 
-def _with_defaults(saved: dict, defaults: dict) -> dict:
-    """``saved`` (a run.json config) with the settings it lacks, added to the engine after the run
-    was saved, at their defaults: what the run trained with. Sections only; model fields are the
-    run's own."""
-    out = dict(saved)
-    for section, values in defaults.items():
-        if isinstance(values, dict) and isinstance(saved.get(section), dict) and section != "model":
-            out[section] = {**values, **saved[section]}
-    return out
-
-
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(a) | set(b))
     out = []
@@ -155,6 +144,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     init = Path(args.init) if args.init else None
     if init is not None and not init.exists():
         raise FileNotFoundError(f"--init {init} does not exist")
+    _check_init(config, init, args.resume)
     cache = open_cache(args.data)
     check_cache(config, model_family, model_config, cache)
     bucket_sizes = np.unique(cache.sample_buckets, return_counts=True)[1]
@@ -166,6 +156,38 @@ def plan_run(args: argparse.Namespace) -> Plan:
     _check_recompute(t.activation_checkpointing, model_family, model_config)
     return Plan(config, model_family, model_config, cache, out, world, micro, init, resume_from, cuda_graph, notes,
                 data_changed, graph_off)
+
+
+def _check_init(config, init: Path | None, resume: bool) -> None:
+    """What train.init_from_stage and train.init_optimizer ask of --init, checked before anything
+    is built: a stage that continues another has --init (unless it resumes its own run), an
+    engine checkpoint given to it comes from a run of that stage, and the optimizer state comes
+    from an engine checkpoint."""
+    from train.checkpoint import find_checkpoint, is_engine_checkpoint, read_run_info
+    from train.config import ConfigError
+
+    t = config.train
+    wanted = t.init_from_stage
+    if resume:
+        return  # the run's own checkpoint has the weights (--resume with --init is an error of its own)
+    if init is None:
+        if wanted:
+            raise ConfigError(f"stage {config.stage} continues from stage {wanted}'s weights "
+                              f"(train.init_from_stage = \"{wanted}\"): pass --init with stage {wanted}'s run folder "
+                              f"or checkpoint")
+        return
+    if not is_engine_checkpoint(init):
+        if t.init_optimizer:
+            raise ConfigError(f"train.init_optimizer = true takes Adam's state from an engine checkpoint, and --init "
+                              f"{init} is a file of another format: --set train.init_optimizer=false to start the "
+                              f"optimizer afresh")
+        return  # another format (an official release): the family reads it; its stage is not recorded
+    folder = find_checkpoint(init)
+    trained = read_run_info(folder).get("config", {}).get("stage")
+    if wanted and trained != wanted:
+        raise ConfigError(f"--init {init} is a checkpoint of stage {trained!r}, and stage {config.stage} continues "
+                          f"from stage {wanted!r} (train.init_from_stage): pass stage {wanted}'s run folder or "
+                          f"checkpoint")
 
 
 def _check_recompute(setting, model_family, model_config) -> None:
@@ -205,7 +227,6 @@ def _resume_point(args: argparse.Namespace, out: Path, config, cache) -> tuple[P
     newest checkpoint that verifies, trained with this config (up to what may change between
     segments) on this cache unless --allow-data-change."""
     from train.checkpoint import complete_checkpoints, newest_verified, read_run_info
-    from train.config import RunConfig
 
     done = complete_checkpoints(out)
     if not args.resume:
@@ -224,11 +245,18 @@ def _resume_point(args: argparse.Namespace, out: Path, config, cache) -> tuple[P
                          + "\n  ".join(skipped))
     run_info = read_run_info(resume_from)
     current = json.loads(json.dumps(config.to_dict()))  # as run.json stores it (tuples become lists)
-    saved_config = _with_defaults(run_info["config"], json.loads(json.dumps(RunConfig().to_dict())))
-    changed = [name for name in _differences(saved_config, current) if not name.startswith(_RESUMABLE_CHANGES)]
+    changed = [name for name in _differences(_with_defaults(run_info["config"]), current)
+               if not name.startswith(_RESUMABLE_CHANGES)]
     if changed:
         raise ValueError(f"--resume: the config differs from the one {resume_from} was trained with in {changed}; "
                          f"only {list(_RESUMABLE_CHANGES)} may change between segments of a run")
+    saved_steps = run_info["config"]["train"]["steps"]
+    o = config.optim
+    if o.schedule == "cosine" and not o.decay_steps and saved_steps != config.train.steps:
+        raise ValueError(f"--resume: train.steps = {config.train.steps}, and {resume_from} was trained with "
+                         f"{saved_steps}: the cosine schedule ends at train.steps (optim.decay_steps = 0), so every "
+                         f"later step's lr would change; keep train.steps = {saved_steps} (a run that may stop early "
+                         f"sets optim.decay_steps from its start)")
     saved, now = run_info.get("cache", {}), _cache_identity(cache)
     fields = ("index_sha256",) if "index_sha256" in saved else ("path", "num_samples")
     moved = [f for f in fields if saved.get(f) != now[f]]
@@ -241,6 +269,18 @@ def _resume_point(args: argparse.Namespace, out: Path, config, cache) -> tuple[P
         notes.append(f"--allow-data-change: continuing on {cache.path}, not the checkpoint's {saved.get('path')}, "
                      f"from the start of the next epoch")
     return resume_from, notes, bool(moved)
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A config from run.json with the fields added since it was written at their defaults, which
+    is how that run trained (e.g. optim.schedule "constant"), as run.json stores a config now; a
+    config this version cannot read is returned as it is."""
+    from train.config import ConfigError, run_config_from_dict
+
+    try:
+        return json.loads(json.dumps(run_config_from_dict(saved).to_dict()))
+    except (ConfigError, TypeError):
+        return saved
 
 
 def init_distributed(world: int):
@@ -371,7 +411,7 @@ def build_trainer(plan: Plan, rank: int, device):
     trainer and the lines to print before training."""
     from engine.data import make_loader
     from train import loop
-    from train.checkpoint import model_info
+    from train.checkpoint import find_checkpoint, model_info
     from train.config import ConfigError
 
     cfg = plan.config
@@ -404,6 +444,8 @@ def build_trainer(plan: Plan, rank: int, device):
         ema=loop.EMA(module, cfg.train.ema_decay), objective=objective, loader=loader, device=device, rank=rank,
         world=plan.world, out=plan.out, run_info=run_info, autocast_dtype=autocast_dtype, cuda_graph=plan.cuda_graph,
         cuda_graph_off=plan.cuda_graph_off, recompute=str(policy))
+    if plan.init is not None and plan.resume_from is None and cfg.train.init_optimizer:
+        messages.append(loop.take_optimizer_state(trainer, find_checkpoint(plan.init)))
     if plan.resume_from is not None:
         loop.restore(trainer, plan.resume_from, plan.data_changed)
         messages.append(f"resumed from {plan.resume_from} (step {trainer.progress.step})")

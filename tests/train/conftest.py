@@ -30,13 +30,14 @@ def text_encoder(tmp_path_factory):
     return path
 
 
-def build_pixel_cache(tmp_path_factory, name, count, resolution, text_encoder=None, labels=False):
-    """A `prepare --vae pixels` cache of ``count`` demo images (captioned, or class-labelled)."""
+def build_pixel_cache(tmp_path_factory, name, count, resolution, text_encoder=None, labels=False, max_tokens=120):
+    """A `prepare --vae pixels` cache of ``count`` demo images (captioned, or class-labelled),
+    captions cut at ``max_tokens``."""
     images = tmp_path_factory.mktemp(f"{name}_images")
     demo.generate(images, count, resolution=resolution, seed=len(name), layout="imagenet" if labels else "folder")
     out = tmp_path_factory.mktemp(name) / "cache"
     build_cache(images, out, "pixels", str(text_encoder) if text_encoder else None, resolution=resolution,
-                labels=labels, progress=False, workers=1, device="cpu")
+                labels=labels, max_tokens=max_tokens, progress=False, workers=1, device="cpu")
     return out
 
 
