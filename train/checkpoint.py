@@ -43,10 +43,19 @@ _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 def debug_kill(point: str, step: int) -> None:
     """Test hook: ``ENGINE_DEBUG_KILL=<point>:<step>`` makes this process SIGKILL itself there
     (``after-step`` once a step and its checkpoint are done, ``mid-checkpoint`` between the
-    files of a checkpoint), so tests can interrupt a run at an exact place."""
-    if os.environ.get("ENGINE_DEBUG_KILL") == f"{point}:{step}":
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
+    files of a checkpoint), so tests can interrupt a run at an exact place. ``<point>:<step>@<rank>``
+    kills that rank only (torchrun's RANK), and only in the first attempt of an elastic job
+    (TORCHELASTIC_RESTART_COUNT 0 or unset): one fault, which the restart then recovers from."""
+    wanted = os.environ.get("ENGINE_DEBUG_KILL")
+    if wanted is None:
+        return
+    spot, _, rank = wanted.partition("@")
+    if spot != f"{point}:{step}":
+        return
+    if rank and (rank != os.environ.get("RANK", "0") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"):
+        return
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------ finding

@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoints, metrics.jsonl, samples")
     parser.add_argument("--init", metavar="CKPT", help="initial weights (see the module docstring)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out that verifies")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="--resume when --out holds a checkpoint, else start (with --init if given): the one "
+                             "command an elastic restart (torchrun --max-restarts) runs again after a failure")
     parser.add_argument("--allow-data-change", action="store_true",
                         help="with --resume: continue on another latent cache than the checkpoint was trained on")
     parser.add_argument("--max-steps", type=int, metavar="N", help="override train.steps")
@@ -141,6 +144,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
         except ImportError:
             raise ConfigError("optim.name = 'apex' but apex is not installed; use optim.name = 'adamw'") from None
 
+    auto_notes = _auto_resume(args)
     init = Path(args.init) if args.init else None
     if init is not None and not init.exists():
         raise FileNotFoundError(f"--init {init} does not exist")
@@ -151,11 +155,32 @@ def plan_run(args: argparse.Namespace) -> Plan:
     _check_batches(cache, bucket_sizes, t.global_batch, micro, world)
     out = Path(args.out)
     resume_from, notes, data_changed = _resume_point(args, out, config, cache)
+    notes = auto_notes + notes
     cuda_graph, graph_off = use_cuda_graph(t.cuda_graph, torch.cuda.is_available(), world, t.compile,
                                            batch_shapes=int((bucket_sizes >= micro).sum()))  # partial batches dropped
     _check_recompute(t.activation_checkpointing, model_family, model_config)
     return Plan(config, model_family, model_config, cache, out, world, micro, init, resume_from, cuda_graph, notes,
                 data_changed, graph_off)
+
+
+def _auto_resume(args: argparse.Namespace) -> list[str]:
+    """--auto-resume: set args.resume from whether --out holds a complete checkpoint (then --init,
+    which seeded the run's first start, is not read again); notes for the log."""
+    from train.checkpoint import complete_checkpoints
+
+    if not args.auto_resume:
+        return []
+    if args.resume:
+        raise ValueError("--auto-resume resumes by itself when --out holds a checkpoint: drop --resume")
+    done = complete_checkpoints(Path(args.out))
+    args.resume = bool(done)
+    if not done:
+        return []
+    notes = [f"--auto-resume: {args.out} holds checkpoints (newest: step {done[-1][0]}), continuing the run"]
+    if args.init:
+        notes.append(f"--auto-resume: --init {args.init} seeded the run's first start and is not read again")
+        args.init = None
+    return notes
 
 
 def _check_init(config, init: Path | None, resume: bool) -> None:
@@ -292,13 +317,19 @@ def init_distributed(world: int):
         on_gpu = torch.cuda.is_available()
         return 0, torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
+    # The store the elastic agent keeps across restarts still holds the previous attempt's keys
+    # (a dead rank's address among them: the restarted ranks connected to it and failed or hung,
+    # torch 2.13 with --standalone): each attempt rendezvous under its own prefix.
+    store, rank, size = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"engine/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)  # NCCL_NVLS_ENABLE and friends: as the environment sets them
+        # NCCL_NVLS_ENABLE and friends: as the environment sets them
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=size, device_id=device)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=size)
     return dist.get_rank(), device
 
 

@@ -1,5 +1,6 @@
 """Data parallel on CPU (gloo, torchrun): two ranks train the same weights as one process at the
-same global batch, with DDP and with FSDP2, up to float summation order."""
+same global batch, with DDP and with FSDP2, up to float summation order; a rank killed mid-run
+is restarted by torchrun's elastic agent and the run ends as if nothing had happened."""
 
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ def single_process(captioned_cache, tmp_path_factory):
     return out
 
 
-def _torchrun(cache, out, parallel: str) -> None:
+def _torchrun(cache, out, parallel: str, *extra, restarts: int = 0, **env) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "train", "run", *map(str, COMMON), "--data", str(cache), "--out", str(out),
-               "--set", f'train.parallel="{parallel}"']
-    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+               "--max-restarts", str(restarts), "-m", "train", "run", *map(str, COMMON), "--data", str(cache),
+               "--out", str(out), "--set", f'train.parallel="{parallel}"', *extra]
+    result = subprocess.run(command, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
     assert "2 rank(s) x 4 x 1 accumulation = 8 per step" in result.stdout
     assert f"parallel {parallel}" in result.stdout
+    return result
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
@@ -46,3 +48,26 @@ def test_two_ranks_match_one_process(captioned_cache, single_process, tmp_path, 
     # the comparison can fail: the last two steps alone moved the weights far beyond the tolerance
     before, after = load_weights(single_process, STEPS - 2), load_weights(single_process, STEPS)
     assert max(float((after[k] - before[k]).abs().max()) for k in after) > 1e-3
+
+
+def test_a_rank_killed_mid_run_is_restarted_from_the_last_checkpoint(captioned_cache, tmp_path):
+    """torchrun --max-restarts 1 with --auto-resume: rank 1 SIGKILLs itself after step 3 (the last
+    checkpoint is step 2's), the elastic agent restarts both ranks with the same command, and they
+    continue from step 2 to the end: weights, EMA and optimizer state bitwise those of a run of
+    the same two ranks that nothing killed."""
+    reference, restarted = tmp_path / "unkilled", tmp_path / "killed"
+    _torchrun(captioned_cache, reference, "ddp", "--auto-resume", restarts=1)
+    result = _torchrun(captioned_cache, restarted, "ddp", "--auto-resume", restarts=1,
+                       ENGINE_DEBUG_KILL="after-step:3@1")
+    assert "--auto-resume:" in result.stdout and "resumed from" in result.stdout and "(step 2)" in result.stdout, \
+        result.stdout[-3000:]
+    for which in ("model", "ema"):
+        expected, actual = load_weights(reference, STEPS, which), load_weights(restarted, STEPS, which)
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[k], actual[k]) for k in expected), which
+    final = f"checkpoints/step-{STEPS:07d}/optimizer.pt"
+    expected = torch.load(reference / final, weights_only=True)["state"]
+    actual = torch.load(restarted / final, weights_only=True)["state"]
+    for name, state in expected.items():
+        for key, value in state.items():
+            assert torch.equal(value, actual[name][key]), f"optimizer state {name}.{key}"
