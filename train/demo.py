@@ -146,8 +146,8 @@ def train_stage(stage: str, cache: Path, out: Path, init: Path | None, caption_w
 
     settings = stage_settings(stage, caption_width)
     args = argparse.Namespace(config=str(CONFIG), preset=None, stage=stage, data=str(cache), out=str(out),
-                              init=str(init) if init else None, resume=False, allow_data_change=False, max_steps=None, ckpt_every=None,
-                              set=settings)
+                              init=str(init) if init else None, resume=False, auto_resume=False, allow_data_change=False,
+                              max_steps=None, ckpt_every=None, set=settings)
     start = time.perf_counter()
     plan = run.plan_run(args)
     rank, device = run.init_distributed(plan.world)

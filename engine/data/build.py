@@ -44,6 +44,21 @@ class _Decoded:
     label: int
 
 
+def read_image(item: SourceItem):
+    """The item's image as 8-bit RGB (each mode by its real range, transparency over white), or
+    the reason it cannot be used: what `prepare` and `caption` list in skipped.jsonl."""
+    try:
+        data = item.image.read()
+    except FileNotFoundError:
+        return "missing file"
+    if not data:
+        return "empty file"
+    try:
+        return decode_image(data)
+    except UndecodableImage as error:
+        return str(error)
+
+
 def _decode(item: SourceItem, source: Source, table: list, labels: bool) -> _Decoded | str:
     """The item ready to encode, or the reason it is bad."""
     try:
@@ -58,16 +73,9 @@ def _decode(item: SourceItem, source: Source, table: list, labels: bool) -> _Dec
         return "no caption"
     elif not caption:
         return "empty caption"
-    try:
-        data = item.image.read()
-    except FileNotFoundError:
-        return "missing file"
-    if not data:
-        return "empty file"
-    try:
-        image = decode_image(data)  # 8-bit RGB by each mode's real range, transparency over white
-    except UndecodableImage as error:
-        return str(error)
+    image = read_image(item)
+    if isinstance(image, str):
+        return image
     bucket = nearest_bucket(image.height, image.width, table)
     _, height, width = table[bucket]
     pixels = np.asarray(resize_crop(image, height, width))  # (H, W, 3)

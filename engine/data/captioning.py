@@ -40,9 +40,8 @@ import torch
 
 import engine
 from engine.data import caption_output, density
-from engine.data.build import _bounded_map, _default_device, _resolve_rank
+from engine.data.build import _bounded_map, _default_device, _resolve_rank, read_image
 from engine.data.cache import SKIPPED_FILE, atomic_write_bytes, atomic_write_json, fsync_dir
-from engine.data.images import UndecodableImage, decode_image
 from engine.data.sources import Source, SourceItem, open_source
 from engine.data.vlm import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT, Captioner, Sampling, inspect_vlm
 
@@ -179,24 +178,10 @@ class Journal:
 
 # ------------------------------------------------------------------------------ captioning
 
-def _decode(item: SourceItem):
-    """The item's image as RGB, or the reason it cannot be captioned (the reasons `prepare` gives)."""
-    try:
-        data = item.image.read()
-    except FileNotFoundError:
-        return "missing file"
-    if not data:
-        return "empty file"
-    try:
-        return decode_image(data)
-    except UndecodableImage as error:
-        return str(error)
-
-
 def _batches(todo: list[SourceItem], pool: ThreadPoolExecutor, batch_size: int):
     """(items, images, skipped records) per batch of ``batch_size`` decodable images, in order."""
     items, images, skipped = [], [], []
-    for item, image in zip(todo, _bounded_map(pool, _decode, todo, 2 * batch_size)):
+    for item, image in zip(todo, _bounded_map(pool, read_image, todo, 2 * batch_size)):
         if isinstance(image, str):
             skipped.append({"source": item.key, "reason": image})
         else:
