@@ -35,6 +35,7 @@ from engine.recompute import Recompute
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 OBJECTIVES = ("iddpm", "edm")
+SAMPLE_SOLVERS = ("dpm", "heun")  # DPM-Solver++ (any objective); Karras et al.'s Heun (EDM only)
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
 CUDA_GRAPH = ("auto", "on", "off")
@@ -142,6 +143,7 @@ class LogSection:
     sample_count: int = 8    # images in a grid (fixed prompts / labels)
     sample_steps: int = 20
     sample_cfg: float = 4.5
+    sample_solver: str = "dpm"  # SAMPLE_SOLVERS: the training grids' and `train sample`'s default
 
 
 @dataclass
@@ -219,6 +221,9 @@ def validate(config: RunConfig) -> RunConfig:
                         ("train.seed", t.seed)):
         _positive(name, value, allow_zero=True)
     _choice("train.objective", t.objective, OBJECTIVES)
+    _choice("log.sample_solver", config.log.sample_solver, SAMPLE_SOLVERS)
+    if config.log.sample_solver == "heun" and t.objective != "edm":
+        raise ConfigError(f'log.sample_solver = "heun" samples EDM-trained models; train.objective is {t.objective!r}')
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.parallel", t.parallel, PARALLEL)
     _choice("train.cuda_graph", t.cuda_graph, CUDA_GRAPH)

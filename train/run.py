@@ -510,7 +510,7 @@ def _grid_writer(plan: Plan, vae: str, device):
     return sample.training_grid_writer(plan.family, plan.model_config, condition, sample.Decoder(vae, device),
                                        samples, cfg.log.sample_steps, cfg.log.sample_cfg, device,
                                        plan.cache.meta["latent_downsample"], cfg.train.objective,
-                                       cfg.train.edm_sigma_data)
+                                       cfg.train.edm_sigma_data, cfg.log.sample_solver)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -22,8 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", metavar="TEXT", help="caption (text-conditioned checkpoints)")
     what.add_argument("--label", type=int, metavar="N", help="class id (class-conditional checkpoints)")
-    parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps")
-    parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale")
+    parser.add_argument("--steps", type=int, help="solver steps (default: the run's log.sample_steps)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's log.sample_cfg)")
+    parser.add_argument("--solver", choices=("dpm", "heun"),
+                        help="DPM-Solver++, or Karras et al.'s Heun for EDM-trained models (default: the run's "
+                             "log.sample_solver)")
     parser.add_argument("--text-encoder", metavar="PATH", help="default: the one the training cache was built with")
     parser.add_argument("--vae", metavar="PATH|pixels", help="default: the one the training cache was built with")
     parser.add_argument("--out", default="sample.png", metavar="PNG")
@@ -36,34 +39,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------ generation
 
 def generate(model, cond: dict, uncond: dict, count: int, steps: int, guidance: float, seed: int, device,
-             objective: str = "iddpm", sigma_data: float = 0.5):
+             objective: str = "iddpm", sigma_data: float = 0.5, solver: str = "dpm"):
     """Latents (count, C, h, w) at the model's configured size with classifier-free guidance
-    between ``cond`` and ``uncond`` (the family's sampling and null conditions), by DPM-Solver++
-    for the objective the model was trained with (train.objective: "iddpm" or "edm", with
-    train.edm_sigma_data's preconditioning)."""
+    between ``cond`` and ``uncond`` (the family's sampling and null conditions), for the
+    objective the model was trained with (train.objective: "iddpm" or "edm", with
+    train.edm_sigma_data's preconditioning), by ``solver`` (log.sample_solver): DPM-Solver++, or
+    for EDM Karras et al.'s Heun sampler."""
     import torch
 
-    from engine.diffusion import sample, sample_edm
+    from engine.diffusion import sample, sample_edm, sample_edm_heun
 
     c = model.config
     shape = (count, c.in_channels, c.input_size, c.input_size)
     generator = torch.Generator(device)
     generator.manual_seed(seed)
+    if solver == "heun" and objective != "edm":
+        raise ValueError(f"the heun solver samples EDM-trained models; this one was trained with {objective!r}")
     if objective == "edm":
-        return sample_edm(model, shape, cond, uncond, guidance_scale=guidance, steps=steps, generator=generator,
-                          device=device, sigma_data=sigma_data)
+        solve = sample_edm_heun if solver == "heun" else sample_edm
+        return solve(model, shape, cond, uncond, guidance_scale=guidance, steps=steps, generator=generator,
+                     device=device, sigma_data=sigma_data)
     return sample(model, shape, cond, uncond, guidance_scale=guidance, steps=steps, generator=generator, device=device)
 
 
 def draw(model_family, model, condition: list, steps: int, guidance: float, seed: int, device,
-         downsample: int = 8, objective: str = "iddpm", sigma_data: float = 0.5):
+         downsample: int = 8, objective: str = "iddpm", sigma_data: float = 0.5, solver: str = "dpm"):
     """Latents for one image per entry of ``condition`` (caption features or class ids, as the
     family conditions). downsample: image pixels per latent pixel (8 for sd-vae, 1 for pixel
     caches), for conditions given in pixels."""
     count = len(condition)
     cond = model_family.sampling_conditions(model, count, condition, downsample, device)
     return generate(model, cond, model_family.null_conditions(model, count), count, steps, guidance, seed, device,
-                    objective, sigma_data)
+                    objective, sigma_data, solver)
 
 
 class Decoder:
@@ -106,7 +113,8 @@ def save_grid(images: list, path: Path) -> None:
 
 
 def training_grid_writer(model_family, model_config, condition: list, decoder: Decoder, out: Path, steps: int,
-                         guidance: float, device, downsample: int, objective: str, sigma_data: float = 0.5):
+                         guidance: float, device, downsample: int, objective: str, sigma_data: float = 0.5,
+                         solver: str = "dpm"):
     """The callback the training loop calls with (step, EMA state) to write OUT/samples/step-N.png."""
 
     def write(step: int, ema_state: dict) -> None:
@@ -114,7 +122,7 @@ def training_grid_writer(model_family, model_config, condition: list, decoder: D
         model.load_state_dict(ema_state)
         model.to(device).eval()
         latents = draw(model_family, model, condition, steps, guidance, seed=0, device=device, downsample=downsample,
-                       objective=objective, sigma_data=sigma_data)
+                       objective=objective, sigma_data=sigma_data, solver=solver)
         save_grid(decoder(latents), out / f"step-{step:07d}.png")
 
     return write
@@ -165,9 +173,13 @@ def main(args: argparse.Namespace) -> int:
         condition = _condition(model_family, model, args, run_info, folder, device)
         decoder = Decoder(_default(args.vae, run_info, "vae", "--vae PATH|pixels"), device)
         downsample = run_info.get("cache", {}).get("latent_downsample", 8)
-        trained = run_info.get("config", {}).get("train", {})
-        latents = draw(model_family, model, condition, args.steps, args.cfg, args.seed, device, downsample,
-                       trained.get("objective", "iddpm"), trained.get("edm_sigma_data", 0.5))
+        config = run_info.get("config", {})
+        trained, logged = config.get("train", {}), config.get("log", {})
+        steps = args.steps if args.steps is not None else logged.get("sample_steps", 20)
+        guidance = args.cfg if args.cfg is not None else logged.get("sample_cfg", 4.5)
+        solver = args.solver or logged.get("sample_solver", "dpm")
+        latents = draw(model_family, model, condition, steps, guidance, args.seed, device, downsample,
+                       trained.get("objective", "iddpm"), trained.get("edm_sigma_data", 0.5), solver)
         save_grid(decoder(latents), Path(args.out))
     except (FileNotFoundError, ValueError) as error:
         print(f"sample: {error}", file=sys.stderr)

@@ -9,16 +9,18 @@ per-sample losses (``loss``, (B,)) with an optional loss mask (engine.diffusion.
 
 from engine.diffusion.edm import EDM
 from engine.diffusion.iddpm import GaussianDiffusion
-from engine.diffusion.sampling import (guided_eps, make_scheduler, null_caption_kwargs, null_class_kwargs, sample,
-                                      sample_edm)
+from engine.diffusion.sampling import (guided_eps, karras_sigmas, make_scheduler, null_caption_kwargs,
+                                      null_class_kwargs, sample, sample_edm, sample_edm_heun)
 
 __all__ = [
     "EDM",
     "GaussianDiffusion",
     "guided_eps",
+    "karras_sigmas",
     "make_scheduler",
     "null_caption_kwargs",
     "null_class_kwargs",
     "sample",
     "sample_edm",
+    "sample_edm_heun",
 ]

@@ -209,6 +209,9 @@ def test_full_disk_names_the_path_and_leaves_no_temporary_folder(tmp_path, monke
     ('model.fields.hidden_size="big"', "model.fields.hidden_size = 'big': expected int"),
     ("model.fields.mlp_ratio=nan", "model.fields.mlp_ratio = nan: expected a finite number"),
     ("model.pe_interpolation=0", "model.pe_interpolation = 0.0: expected a value > 0"),
+    ('log.sample_solver="euler"', "log.sample_solver = 'euler': choose one of ['dpm', 'heun']"),
+    ('log.sample_solver="heun"', "log.sample_solver = \"heun\" samples EDM-trained models; train.objective is 'iddpm'"),
+    ("train.edm_sigma_data=0", "train.edm_sigma_data = 0.0: expected a value > 0"),
 ])
 def test_config_values_are_checked(setting, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -128,6 +128,12 @@ def test_edm_objective(captioned_cache, tmp_path, monkeypatch):
     assert run_in_process("sample", "--ckpt", out, "--prompt", "a red circle", "--steps", 2,
                           "--out", tmp_path / "a.png") == 0
     assert [kw["sigma_data"] for kw in sampled] == [0.9]  # and the sampler's preconditioning
+    heun = []
+    real_heun = engine.diffusion.sample_edm_heun
+    monkeypatch.setattr(engine.diffusion, "sample_edm_heun", lambda *a, **kw: heun.append(kw) or real_heun(*a, **kw))
+    assert run_in_process("sample", "--ckpt", out, "--prompt", "a red circle", "--solver", "heun", "--steps", 2,
+                          "--out", tmp_path / "b.png") == 0
+    assert [(kw["sigma_data"], kw["steps"]) for kw in heun] == [(0.9, 2)] and len(sampled) == 1
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path, capsys):
