@@ -37,7 +37,7 @@ gate, and the next block, the mixer's output projection or the final layer adds 
 The ops' LayerNorm has no affine: a LayerNorm of weight w is folded into the modulation,
 LN(x) w (1 + scale) + shift = LN(x) (1 + scale') + shift with scale' = w (1 + scale) - 1, and an
 unmodulated one is shift 0, scale' = w - 1 (``norm_args``). Attention runs through torch's
-scaled_dot_product_attention, its qk-norm through the norm op with zero modulation (``qk_norm``);
+scaled_dot_product_attention, its qk-norm through the norm op with zero modulation (``attend``);
 the SwiGLU is three Linears around engine.ops.swiglu; the MoE blocks read the optimizer's copies
 of the experts' weights too.
 """
@@ -150,20 +150,15 @@ def add_norm(x: torch.Tensor, pending: torch.Tensor | None, gate: torch.Tensor |
     return add_norm_modulate(x, pending, gate, shift, scale)  # (B, N, D) each
 
 
-def qk_norm(t: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over each token's whole vector, no affine, eps 1e-6: (B, N, A) -> (B, N, A) in t's
-    dtype. Through the fused norm op with zero modulation, which normalises in fp32 and writes
-    the compute dtype: under autocast F.layer_norm would write fp32 q and k for attention to
-    cast back, three times the bytes of a bf16 write and read, on every attention's q and k."""
-    zero = torch.zeros(t.shape[0], t.shape[-1], dtype=torch.float32, device=t.device)  # (B, A)
-    return norm_modulate(t, zero, zero)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
     """softmax(LN(q) LN(k)ᵀ / sqrt(d)) v in heads of d = head_dim: q (B, N, A), k, v (B, M, A) -> (B, N, A).
-    The qk-norm is over each token's whole q (or k) vector, all heads together, without affine."""
+    The qk-norm is over each token's whole q (or k) vector, all heads together, without affine:
+    the fused norm op with zero modulation, which normalises in fp32 and writes the compute
+    dtype (under autocast F.layer_norm would write fp32 q and k for attention to cast back, three
+    times the bytes of a bf16 write and read)."""
     A = q.shape[-1]
-    q, k = qk_norm(q), qk_norm(k)
+    zero = torch.zeros(q.shape[0], A, dtype=torch.float32, device=q.device)  # (B, A): no shift, no scale
+    q, k = norm_modulate(q, zero, zero), norm_modulate(k, zero, zero)
     q, k, v = (t.unflatten(-1, (A // head_dim, head_dim)).transpose(1, 2) for t in (q, k, v))  # (B, h, N|M, d)
     out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
     return out.transpose(1, 2).flatten(2)  # (B, N, A)

@@ -115,9 +115,9 @@ def _choose(x: torch.Tensor, gate_weight: torch.Tensor, capacity: float) -> tupl
 
 
 class _ReadCopy(torch.autograd.Function):
-    """``copy`` (the weight already in the compute dtype) in the weight's place: the forward
-    skips the cast, the backward hands the gradient to the weight in its own dtype, as the
-    cast's backward would."""
+    """``copy`` (the weight already in the compute dtype: _low_precision's) in the weight's place
+    for autograd: the backward hands the gradient to the weight in its own dtype, as a cast's
+    backward would."""
 
     @staticmethod
     def forward(ctx, weight, copy):
@@ -129,11 +129,13 @@ class _ReadCopy(torch.autograd.Function):
         return grad.to(ctx.dtype), None
 
 
-def _compute_weight(weight: torch.Tensor, copy: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The weight in ``dtype`` for autograd: its copy when there is one of that dtype, else a cast."""
+
+
+def _low_precision(weight: torch.Tensor, copy: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in ``dtype``, contiguous, outside autograd: its copy when there is one of that dtype."""
     if copy is not None and copy.dtype == dtype:
-        return _ReadCopy.apply(weight, copy)
-    return weight.to(dtype)
+        return copy.detach().contiguous()
+    return weight.detach().to(dtype).contiguous()
 
 
 def _moe_gather(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -143,8 +145,8 @@ def _moe_gather(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2
     E = gate_weight.shape[0]
     score, rows = _choose(x, gate_weight, capacity)
     chosen = x.reshape(B * T, D).index_select(0, rows).view(E, -1, D)  # (E, B k, D)
-    hidden = F.gelu(torch.bmm(chosen, _compute_weight(w1, w1_lp, x.dtype)))  # (E, B k, H)
-    out = torch.bmm(hidden, _compute_weight(w2, w2_lp, x.dtype))  # (E, B k, D)
+    hidden = F.gelu(torch.bmm(chosen, _ReadCopy.apply(w1, _low_precision(w1, w1_lp, x.dtype))))  # (E, B k, H)
+    out = torch.bmm(hidden, _ReadCopy.apply(w2, _low_precision(w2, w2_lp, x.dtype)))  # (E, B k, D)
     weight = score.reshape(-1, 1)  # (E B k, 1) fp32 (fp64)
     combined = out.reshape(-1, D).to(weight.dtype) * weight  # (E B k, D)
     total = combined.new_zeros(B * T, D).index_add_(0, rows, combined)  # (B T, D) the sum over experts
@@ -449,13 +451,6 @@ def _slots(rows: torch.Tensor, tokens: int, experts: int) -> torch.Tensor:
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _low_precision(weight: torch.Tensor, copy: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The weight in ``dtype``, contiguous, outside autograd: its copy when there is one of that dtype."""
-    if copy is not None and copy.dtype == dtype:
-        return copy.detach().contiguous()
-    return weight.detach().to(dtype).contiguous()
 
 
 def _moe_triton(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,

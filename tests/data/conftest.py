@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
+from PIL import Image
 
 from engine.data import demo
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    """``image`` as a JPEG file's bytes (quality 90), e.g. to truncate into an undecodable one."""
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def save_tiny_vae(path) -> None:

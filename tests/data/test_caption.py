@@ -5,7 +5,6 @@ the captions read by `prepare`."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from PIL import Image
 from caption import random_llava  # bench/caption.py (bench/ is on the path: tests/conftest.py)
 from engine.data import captioning, demo, open_cache, sources
 from engine.data.vlm import Captioner, Sampling, inspect_vlm
+from tests.data.conftest import jpeg_bytes
 from tests.train.conftest import run_cli
 from train.__main__ import main as train_main
 
@@ -35,12 +35,6 @@ def vlm(tmp_path_factory):
     return path
 
 
-def _jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def folder_source(tmp_path_factory):
     """7 demo images with their own captions, a truncated JPEG and an empty PNG (both bad), and an
@@ -48,7 +42,7 @@ def folder_source(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     demo.generate(root, GOOD - 1, 32, seed=3)
     image = Image.open(root / "000000.png").convert("RGB")
-    data = _jpeg(image)
+    data = jpeg_bytes(image)
     (root / "trunc.jpg").write_bytes(data[: len(data) // 2])
     (root / "empty.png").write_bytes(b"")
     image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(root / "uncaptioned.png")

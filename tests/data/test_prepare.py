@@ -3,7 +3,6 @@ against the encoders run directly."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import tarfile
@@ -15,17 +14,12 @@ from PIL import Image
 
 from engine.data import CacheCorruptError, demo, make_loader, open_cache
 from engine.data.build import BadInputError, build_cache
+from tests.data.conftest import jpeg_bytes
 from train.__main__ import main as train_main
 
 RES = 64
 SHARD = 6
 BAD = {"trunc.jpg": "undecodable image", "empty.png": "empty file", "nocap.png": "no caption"}
-
-
-def _jpeg_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     records = demo.generate(root, 16, RES, seed=1)
     image = Image.open(root / "000000.png").convert("RGB")
-    data = _jpeg_bytes(image)
+    data = jpeg_bytes(image)
     (root / "trunc.jpg").write_bytes(data[: len(data) // 2])
     (root / "trunc.txt").write_text("a red circle in the centre on a beige background")
     (root / "empty.png").write_bytes(b"")

@@ -1,7 +1,9 @@
-"""Shared by the op tests: the Triton interpreter made to convert bf16 as the GPU does."""
+"""Shared by the op tests: the Triton interpreter made to convert bf16 as the GPU does, each
+test's fresh seed, and kernel outputs poisoned with NaN."""
 
 import numpy as np
 import pytest
+import torch
 import triton.language as tl
 
 from engine.ops.backend import triton_interpreted
@@ -35,3 +37,22 @@ def interpreter_rounds_bf16_like_the_gpu(monkeypatch):
         return np.where(np.isnan(data), 0x7FC0, nearest_even).astype(np.uint16).reshape(data.shape)
 
     monkeypatch.setattr(interpreter, "_convert_float", convert)
+
+
+@pytest.fixture
+def seed(_fresh_seed):
+    return _fresh_seed
+
+
+def poison_outputs(monkeypatch, module, name: str = "_new_output") -> list:
+    """Make ``module.<name>``, an op's one allocation point for kernel outputs, return tensors
+    full of NaN, so an element a kernel fails to write shows; returns the list the (shape, dtype)
+    of every allocation is appended to, for the tests that check what a launch allocates."""
+    made = []
+
+    def poisoned(shape, dtype, device):
+        made.append((tuple(shape), dtype))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(module, name, poisoned)
+    return made

@@ -21,11 +21,6 @@ from tests.ops.design_rule import assert_rule
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-@pytest.fixture
-def seed(_fresh_seed):
-    return _fresh_seed
-
-
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every kernel output starts as NaN, so an element a kernel fails to write shows."""

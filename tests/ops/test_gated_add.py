@@ -16,6 +16,7 @@ import torch
 
 import engine.ops.gated_add as ga
 from engine.ops.gated_add import gated_add, gated_add_ref
+from tests.ops.conftest import poison_outputs
 from tests.ops.design_rule import assert_rule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -23,22 +24,10 @@ pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu")  # 
 NAMES = ["out", "dr", "da", "dgate"]
 
 
-@pytest.fixture
-def seed(_fresh_seed):
-    return _fresh_seed
-
-
 @pytest.fixture(autouse=True)
 def allocations(monkeypatch):
     """Every kernel output starts as NaN; the (shape, dtype) of each allocation is recorded."""
-    made = []
-
-    def poisoned(shape, dtype, device):
-        made.append((tuple(shape), dtype))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(ga, "_new_output", poisoned)
-    return made
+    return poison_outputs(monkeypatch, ga)
 
 
 def make_inputs(B, N, D, dtype, gate_dtype, device):

@@ -20,6 +20,7 @@ import engine.ops.linear as lm
 from engine.ops import _gemm
 from engine.ops.backend import extension
 from engine.ops.linear import linear, linear_branch, linear_chunks, linear_ref
+from tests.ops.conftest import poison_outputs
 from tests.ops.design_rule import assert_rule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -27,23 +28,11 @@ pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu")  # 
 NAMES = ["y", "dx", "dw", "db"]
 
 
-@pytest.fixture
-def seed(_fresh_seed):
-    return _fresh_seed
-
-
 @pytest.fixture(autouse=True)
 def allocations(monkeypatch):
     """Every kernel output starts as NaN, so an element the kernel fails to write shows; the
     (shape, dtype) of each allocation is recorded for the tests that check the launch split."""
-    made = []
-
-    def poisoned(shape, dtype, device):
-        made.append((tuple(shape), dtype))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(_gemm, "new_output", poisoned)
-    return made
+    return poison_outputs(monkeypatch, _gemm, "new_output")
 
 
 def make_inputs(tokens, K, N, dtype, device, with_bias=True):

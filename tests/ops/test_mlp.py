@@ -27,11 +27,6 @@ pytestmark = [pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu"),  
               pytest.mark.skipif(extension() is None, reason="engine._C is not built")]
 
 
-@pytest.fixture
-def seed(_fresh_seed):
-    return _fresh_seed
-
-
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every kernel output (allocated in engine.ops._gemm, which both backends use) starts as NaN."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import engine.ops.moe as moe_module
 from engine.ops.moe import moe, moe_ref, tokens_per_expert
+from tests.ops.conftest import poison_outputs
 from tests.ops.design_rule import assert_rule
 
 NAMES = ["out", "dx", "dgate", "dw1", "dw2"]
@@ -23,22 +24,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 BACKENDS = ["eager", "triton"]
 
 
-@pytest.fixture
-def seed(_fresh_seed):
-    return _fresh_seed
-
-
 @pytest.fixture(autouse=True)
 def allocations(monkeypatch):
     """Every kernel output starts as NaN; the (shape, dtype) of each allocation is recorded."""
-    made = []
-
-    def poisoned(shape, dtype, device):
-        made.append((tuple(shape), dtype))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(moe_module, "_new_output", poisoned)
-    return made
+    return poison_outputs(monkeypatch, moe_module)
 
 
 def make_inputs(B, T, D, E, H, dtype=torch.float64, router_scale=2.0):

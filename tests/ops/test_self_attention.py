@@ -19,11 +19,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 BACKEND_NAMES = {"cudnn", "flash", "efficient", "math"}
 
 
-@pytest.fixture
-def seed(_fresh_seed):
-    return _fresh_seed
-
-
 def run(qkv, do, backend, cast=None):
     """[o, dq, dk, dv]; backend: a name for self_attention or a function of (q, k, v)."""
     qkv = (qkv.to(cast) if cast else qkv.detach().clone()).requires_grad_()

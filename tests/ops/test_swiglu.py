@@ -13,6 +13,7 @@ import torch
 
 import engine.ops.swiglu as sw
 from engine.ops.swiglu import swiglu, swiglu_ref
+from tests.ops.conftest import poison_outputs
 from tests.ops.design_rule import assert_rule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -20,22 +21,10 @@ pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu")  # 
 NAMES = ["out", "da", "db"]
 
 
-@pytest.fixture
-def seed(_fresh_seed):
-    return _fresh_seed
-
-
 @pytest.fixture(autouse=True)
 def allocations(monkeypatch):
     """Every kernel output starts as NaN; the (shape, dtype) of each allocation is recorded."""
-    made = []
-
-    def poisoned(shape, dtype, device):
-        made.append((tuple(shape), dtype))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(sw, "_new_output", poisoned)
-    return made
+    return poison_outputs(monkeypatch, sw)
 
 
 def make_inputs(shape, dtype, device):
