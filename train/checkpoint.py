@@ -368,8 +368,10 @@ def load_init(module, path: str | os.PathLike, use_ema: bool = True, objective=N
     source = read_init(path, use_ema) if source is None else source
     try:
         how = family.of_model(module).init(module, source, objective)
-    except (ValueError, FileNotFoundError) as error:
-        raise type(error)(f"--init {path}: {error}") from None
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--init {path}: {error}") from None
+    except ValueError as error:  # subclasses such as UnicodeDecodeError take other arguments: re-raise as ValueError
+        raise ValueError(f"--init {path}: {error}") from None
     except Exception as error:  # a file the family's reader cannot parse (pickle, safetensors, JSON errors)
         raise ValueError(f"--init {path}: cannot be read as a checkpoint ({type(error).__name__}: {error})") from error
     return f"initialised from {path}: {how}"

@@ -88,3 +88,16 @@ def test_unknown_init_file(tmp_path):
     with pytest.raises(ValueError, match=r"holds a PixArt \(official-format\); a class-conditional DiT starts from a DiT"):
         pixart_official.save(_pixart(), tmp_path / "p.pth")
         load_init(build_model(preset("tiny-dit", 16, input_size=16, in_channels=3)), tmp_path / "p.pth")
+
+
+def test_init_file_whose_pickle_is_not_utf8(tmp_path):
+    """A pickle naming a global in bytes that are not UTF-8 makes torch.load raise UnicodeDecodeError
+    (a ValueError whose constructor takes five arguments): --init reports it as a ValueError naming
+    the file, as it does any other unreadable file."""
+    garbage = tmp_path / "weights.pth"
+    garbage.write_bytes(b"c\xea\nx\n")
+    with pytest.raises(UnicodeDecodeError):
+        torch.load(garbage, map_location="cpu", weights_only=True)
+    with pytest.raises(ValueError, match=f"--init {garbage}: ") as caught:
+        load_init(_pixart(), garbage)
+    assert type(caught.value) is ValueError

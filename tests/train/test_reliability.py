@@ -233,7 +233,7 @@ def test_batch_larger_than_the_data_and_unreadable_init(captioned_cache, tmp_pat
     assert _run(captioned_cache, out, "--set", "train.global_batch=4096") == 2
     assert "train.global_batch = 4096 is larger than latent cache" in capsys.readouterr().err
     garbage = tmp_path / "weights.pth"
-    garbage.write_bytes(os.urandom(4096))
+    garbage.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())  # from the printed seed
     assert _run(captioned_cache, out, "--init", garbage) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"run: --init {garbage}: ") and "Traceback" not in err
