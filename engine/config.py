@@ -50,9 +50,12 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     learn_sigma: bool = True
+    pe_interpolation: float = 1.0   # positions of the sin-cos table: token index / this (DiT's own: 1, the integer grid)
 
     def __post_init__(self):
         _check_transformer_shape(self)
+        if not self.pe_interpolation > 0:
+            raise ValueError(f"pe_interpolation must be positive, got {self.pe_interpolation}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {self.num_classes}")
 

@@ -99,17 +99,55 @@ class Decoder:
         return [Image.fromarray(image) for image in pixels]  # (H, W, 3) each
 
 
-def save_grid(images: list, path: Path) -> None:
+LABELLED_TILE = 128  # a labelled grid shows each image at least this wide (integer upscale, nearest)
+
+
+def save_grid(images: list, path: Path, labels: list[str] | None = None) -> None:
+    """A near-square grid of equally sized PIL images, written to ``path``. With ``labels`` (one
+    per image, e.g. its caption) every tile is enlarged to at least LABELLED_TILE pixels and its
+    label is written, word-wrapped, under it."""
     from PIL import Image
 
+    if labels is not None:
+        if len(labels) != len(images):
+            raise ValueError(f"save_grid: {len(labels)} labels for {len(images)} images")
+        images = [_labelled_tile(image, label) for image, label in zip(images, labels)]
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = Image.new("RGB", (columns * width, rows * height))
+    width, height = max(i.size[0] for i in images), max(i.size[1] for i in images)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * width, (i // columns) * height))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+
+
+def _labelled_tile(image, label: str):
+    """``image`` enlarged to at least LABELLED_TILE wide, over ``label`` in black on white, wrapped
+    to the tile's width; a 4-pixel white margin on the right and below separates tiles."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    scale = max(1, math.ceil(LABELLED_TILE / image.size[0]))
+    picture = image.convert("RGB").resize((image.size[0] * scale, image.size[1] * scale), Image.Resampling.NEAREST)
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(picture)
+    lines, line = [], ""
+    for word in label.split():
+        trial = f"{line} {word}".strip()
+        if line and measure.textlength(trial, font=font) > picture.size[0] - 4:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    lines.append(line)
+    top, bottom = measure.textbbox((0, 0), "Ag", font=font)[1::2]
+    line_height = bottom - top + 3
+    tile = Image.new("RGB", (picture.size[0] + 4, picture.size[1] + line_height * len(lines) + 8), "white")
+    tile.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(tile)
+    for k, text in enumerate(lines):
+        draw.text((2, picture.size[1] + 3 + k * line_height - top), text, fill="black", font=font)
+    return tile
 
 
 def training_grid_writer(model_family, model_config, condition: list, decoder: Decoder, out: Path, steps: int,

@@ -19,7 +19,8 @@ and initialises the new model so that it reproduces the DiT at one operating poi
   extra terms they add to t_emb vanish whatever size is passed.
 
 So PixArt(x, t_ref, any caption) == DiT(x, t_ref, null class), provided the position embeddings
-agree: the same input_size and pe_interpolation = 1 (DiT's integer grid), the default here.
+agree: the same input_size and pe_interpolation (the DiT's, 1 for DiT's own integer grid, is the
+default here; another is an error).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ _BACKBONE_FIELDS = ("patch_size", "in_channels", "hidden_size", "depth", "num_he
 
 
 def default_pixart_config(dit_config: DiTConfig) -> PixArtConfig:
-    """The DiT's backbone and latent size, PixArt-XL/2's caption settings, DiT's position grid."""
+    """The DiT's backbone, latent size and position grid, PixArt-XL/2's caption settings."""
     xl2 = preset("pixart-xl2")
     backbone = {f: getattr(dit_config, f) for f in _BACKBONE_FIELDS}
     return PixArtConfig(input_size=dit_config.input_size, caption_channels=xl2.caption_channels,
-                        text_len=xl2.text_len, pe_interpolation=1.0, micro_conditions=False, **backbone)
+                        text_len=xl2.text_len, pe_interpolation=dit_config.pe_interpolation, micro_conditions=False,
+                        **backbone)
 
 
 @torch.no_grad()
@@ -67,6 +69,10 @@ def dit_to_pixart(dit: DiT, pixart_config: PixArtConfig | None = None, t_ref: fl
         if getattr(config, field) != getattr(dit.config, field):
             raise ValueError(f"pixart_config.{field}={getattr(config, field)} differs from the DiT's "
                              f"{getattr(dit.config, field)}")
+    if (config.input_size, config.pe_interpolation) != (dit.config.input_size, dit.config.pe_interpolation):
+        raise ValueError(f"pixart_config has input_size={config.input_size}, pe_interpolation={config.pe_interpolation:g} "
+                         f"and the DiT {dit.config.input_size}, {dit.config.pe_interpolation:g}: the position "
+                         f"embeddings differ, so the PixArt would not start equal to the DiT")
     reference = dit.patch_embed.weight
     pixart = (into if into is not None else PixArt(config)).to(device=reference.device, dtype=reference.dtype)
 

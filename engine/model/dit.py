@@ -50,7 +50,7 @@ class DiT(nn.Module):
         c, D, p = config, config.hidden_size, config.patch_size
         self.patch_embed = nn.Linear(c.in_channels * p * p, D)
         # DiT's fixed embedding: integer coordinates, i.e. PixArt's with base = grid side and scale 1
-        self.pos_embed = PositionEmbedding(D, c.input_size // p, 1.0)
+        self.pos_embed = PositionEmbedding(D, c.input_size // p, c.pe_interpolation)
         self.time_embed = TimestepEmbedder(D, FREQ_DIM)
         self.label_embed = nn.Embedding(c.num_classes + 1, D)  # row num_classes: the null class (guidance)
         self.blocks = nn.ModuleList(DiTBlock(D, c.num_heads, c.mlp_ratio) for _ in range(c.depth))

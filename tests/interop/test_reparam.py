@@ -20,8 +20,8 @@ def randomize_(module: torch.nn.Module) -> None:
             p.normal_(0.0, fan_in**-0.5)
 
 
-def random_dit() -> DiT:
-    model = DiT(preset("tiny-dit"))
+def random_dit(**overrides) -> DiT:
+    model = DiT(preset("tiny-dit", **overrides))
     randomize_(model)
     return model.double().eval()
 
@@ -82,3 +82,14 @@ def test_copies_shared_weights_and_checks_the_backbone():
     assert not pixart.blocks[1].cross_attn.proj.weight.any()
     with pytest.raises(ValueError, match="hidden_size"):
         dit_to_pixart(dit, preset("tiny", hidden_size=192, input_size=8))
+
+
+def test_a_dit_with_another_position_scale_carries_it_over():
+    dit = random_dit(pe_interpolation=0.25)
+    config = dataclasses.replace(default_pixart_config(dit.config), caption_channels=CAPTION_CHANNELS,
+                                 text_len=TEXT_LEN)
+    assert config.pe_interpolation == 0.25
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    assert relative_error(pixart_output(dit_to_pixart(dit, config), x, 500), dit_output(dit, x, 500)) < 1e-12
+    with pytest.raises(ValueError, match="pe_interpolation=1 and the DiT 8, 0.25"):
+        dit_to_pixart(dit, dataclasses.replace(config, pe_interpolation=1.0))
