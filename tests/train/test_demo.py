@@ -8,6 +8,7 @@ captions is at least twice the shuffled-caption (chance) accuracy.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,30 @@ from tests.train.conftest import run_cli
 from train import demo
 
 TIME_LIMIT_S = 900  # the demo's promise on a 2-core CPU
+ROOT = Path(__file__).resolve().parents[2]
+RECORDED = ROOT / "bench" / "results" / "cpu_demo_report.json"  # the run docs/demo.md's figures come from
+# The live run's scores may differ from the recorded run's by this much: a CPU of another kind adds
+# in another order and the samples of a few of the 64 captions change (1/64 = 0.016 each).
+DRIFT = 0.1
+
+
+def _scores(report: dict) -> dict[str, float]:
+    """Every alignment score and held-out loss the docs quote, by name."""
+    out = {}
+    for stage in report["stages"]:
+        for key, value in report["alignment"][f"stage_{stage}"].items():
+            if key.startswith(("colour", "position")):
+                out[f"PixArt stage {stage} {key}"] = value
+    for system, facts in report["masking"]["systems"].items():
+        for key in ("colour", "colour_shuffled", "position", "position_shuffled", "held_out_loss"):
+            out[f"MicroDiT {system} {key}"] = facts["final"][key]
+    return out
+
+
+def _figures(report: dict, recorded: dict):
+    """(name, live value, recorded value) for each score of the recorded run."""
+    live = _scores(report)
+    return [(name, live[name], value) for name, value in _scores(recorded).items()]
 
 
 def test_demo_meets_its_alignment_bar_within_its_time_limit(tmp_path):
@@ -42,9 +67,32 @@ def test_demo_meets_its_alignment_bar_within_its_time_limit(tmp_path):
     for name in ("real_images_main", "real_images_aesthetic"):
         assert report["alignment"][name]["colour"] >= 0.95, report["alignment"][name]
     final = report["alignment"]["stage_3"]
-    assert final["colour"] >= 2 * final["colour_shuffled"], final
+    for attribute in ("colour", "position"):
+        assert final[attribute] >= 2 * final[f"{attribute}_shuffled"], (attribute, final)
     assert report["bar"]["met"] is True
     assert result.returncode == 0
+
+    # MicroDiT: masked (+ unmasked fine-tune) and unmasked for the same training FLOPs
+    masking = report["masking"]
+    for path in masking["files"]["grids"] + [masking["files"]["plot"]]:
+        assert (out / path).stat().st_size > 0, path
+    systems = masking["systems"]
+    unmasked = systems["unmasked"]["stages"]["unmasked"]
+    one_step = unmasked["global_batch"] * unmasked["flops_per_image"]
+    assert abs(systems["unmasked"]["train_flops"] - systems["masked"]["train_flops"]) <= one_step / 2
+    assert systems["masked"]["stages"]["masked"]["mask_ratio"] == 0.75 and unmasked["mask_ratio"] == 0.0
+    assert systems["masked"]["stages"]["masked"]["steps"] > unmasked["steps"]  # the same FLOPs buy more masked steps
+    for system, facts in systems.items():
+        curve = facts["curve"]
+        assert [p["train_flops"] for p in curve] == sorted(p["train_flops"] for p in curve), system
+        assert curve[-1]["train_flops"] == pytest.approx(facts["train_flops"])
+        assert curve[-1]["held_out_loss"] < curve[0]["held_out_loss"], (system, curve)
+        assert facts["final"]["colour"] >= 2 * facts["final"]["colour_shuffled"], (system, facts["final"])
+
+    # docs/demo.md's figures are a run of this code: the live run lands near the recorded one
+    recorded = json.loads(RECORDED.read_text(encoding="utf-8"))
+    for name, live, then in _figures(report, recorded):
+        assert abs(live - then) <= DRIFT, (name, live, then)
 
 
 def test_missing_text_encoder_folder_is_named(tmp_path):
@@ -75,3 +123,13 @@ def test_held_out_records_have_only_unseen_captions(tmp_path):
     candidates = demo_data.generate(tmp_path / "candidates", 4 * 8, 32, seed=1, max_objects=1)  # what _held_out draws
     with pytest.raises(RuntimeError, match="held-out main captions are new"):
         demo._held_out(tmp_path / "again", "main", 32, 1, 8, {r["caption"] for r in candidates}, max_objects=1)
+
+
+def test_docs_quote_the_recorded_run():
+    """docs/demo.md's table is the recorded report's figure_rows, to the digit: when the demo is
+    run again and recorded, the docs must be updated with it."""
+    recorded = json.loads(RECORDED.read_text(encoding="utf-8"))
+    doc = (ROOT / "docs" / "demo.md").read_text(encoding="utf-8")
+    for row in demo.figure_rows(recorded):
+        assert row in doc, f"docs/demo.md lacks this row of {RECORDED.name}:\n{row}"
+    assert recorded["commit"] in doc and recorded["bar"]["met"] is True
