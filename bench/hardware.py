@@ -6,25 +6,23 @@ they are divided by was measured on the same GPU, clocks and software (docs/desi
 - ``measure_matmul_tflops``: dense matmul rate (2 FLOPs per multiply-add), median of repeats;
 - ``measure_copy_bandwidth``: device-to-device copy, bytes read + bytes written per second;
 - ``environment``: GPU, versions, date, git commit and command line for every saved result;
-- ``open_energy_counter``: the GPU's own cumulative energy counter through NVML (``pynvml`` from
-  the optional ``nvidia-ml-py`` package), or the reason there is none;
 - from engine.hardware: ``datasheet_peak_tflops`` (the vendor's dense bf16 peak, never the
-  sparsity figure), ``A100_DENSE_BF16_TFLOPS``, ``median_seconds`` and ``read_git_commit``.
+  sparsity figure), ``A100_DENSE_BF16_TFLOPS``, ``median_seconds``, ``read_git_commit`` and
+  ``open_energy_counter`` (the GPU's own cumulative energy counter through NVML, or the reason
+  there is none).
 """
 
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
-import os
 import platform
 import shlex
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from engine.hardware import A100_DENSE_BF16_TFLOPS, datasheet_peak_tflops, median_seconds, read_git_commit
+from engine.hardware import (A100_DENSE_BF16_TFLOPS, EnergyCounter, datasheet_peak_tflops, median_seconds,
+                             open_energy_counter, package_version, read_git_commit)
 
 __all__ = ["A100_DENSE_BF16_TFLOPS", "EnergyCounter", "datasheet_peak_tflops", "environment", "measure_copy_bandwidth",
            "measure_matmul_tflops", "median_seconds", "open_energy_counter", "read_git_commit"]
@@ -65,13 +63,6 @@ def measure_copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 20, war
     return 2.0 * nbytes / seconds
 
 
-def _package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def environment(argv: list[str], git_commit: str | None = None) -> dict:
     """Where and with what a result was measured: GPU, software versions, date, commit, command.
 
@@ -86,110 +77,10 @@ def environment(argv: list[str], git_commit: str | None = None) -> dict:
         cpu=platform.processor() or platform.machine(),
         python=platform.python_version(),
         torch=torch.__version__,
-        triton=_package_version("triton"),
-        diffusers=_package_version("diffusers"),
+        triton=package_version("triton"),
+        diffusers=package_version("diffusers"),
         cuda=torch.version.cuda,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         git_commit=git_commit or read_git_commit(Path(__file__).resolve().parent),
         command=shlex.join(["python", *argv]),
     )
-
-
-class EnergyCounter:
-    """A GPU's cumulative energy counter, or why it cannot be read.
-
-    ``read_mj()`` returns the counter in millijoules (NVML's ``nvmlDeviceGetTotalEnergyConsumption``:
-    the energy the board has drawn since the driver was loaded), or None once it fails, with the
-    failure in ``reason``; it never raises. ``info`` describes the GPU as NVML sees it (name, power
-    limit, driver) for the result file. Build one with ``open_energy_counter``; tests build one
-    around a fake ``read`` function.
-    """
-
-    def __init__(self, read: Callable[[], int] | None, reason: str | None = None, info: dict | None = None,
-                 close: Callable[[], None] | None = None):
-        self._read, self.reason, self._close = read, reason, close
-        self.info = dict(info or {}, available=read is not None, reason=reason)
-
-    @property
-    def available(self) -> bool:
-        return self._read is not None
-
-    def read_mj(self) -> int | None:
-        if self._read is None:
-            return None
-        try:
-            return int(self._read())
-        except Exception as exc:  # e.g. NVMLError_GpuIsLost: the row's energy becomes null, the run goes on
-            self._read, self.reason = None, f"reading the NVML energy counter failed: {type(exc).__name__}: {exc}"
-            return None
-
-    def close(self) -> None:
-        if self._close is not None:
-            try:
-                self._close()
-            except Exception:
-                pass
-            self._close = None
-
-
-def _nvml_text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _nvml_handle(nvml, device: torch.device):
-    """NVML's handle of the GPU torch calls ``device``, matched by UUID (NVML numbers the GPUs without
-    regard to CUDA_VISIBLE_DEVICES), else by index where no visibility mask reorders them."""
-    index = device.index if device.index is not None else (torch.cuda.current_device() if torch.cuda.is_available()
-                                                            else 0)
-    if torch.cuda.is_available():
-        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-        if uuid is not None:
-            text = str(uuid) if str(uuid).startswith("GPU-") else "GPU-" + str(uuid)
-            for key in (text, text.encode()):  # older nvidia-ml-py releases take bytes only
-                try:
-                    return nvml.nvmlDeviceGetHandleByUUID(key), "uuid"
-                except Exception:
-                    pass
-    if os.environ.get("CUDA_VISIBLE_DEVICES"):
-        raise RuntimeError(f"cannot match CUDA device {index} to an NVML device (no UUID from torch, and "
-                           "CUDA_VISIBLE_DEVICES renumbers the GPUs)")
-    return nvml.nvmlDeviceGetHandleByIndex(index), "index"
-
-
-def open_energy_counter(device) -> EnergyCounter:
-    """The NVML energy counter of ``device``; never raises. Where there is none (not a CUDA device,
-    ``pynvml`` not installed, NVML not answering, a GPU without the counter: it exists from Volta on)
-    the counter is unavailable and ``reason`` says why."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return EnergyCounter(None, f"no NVML energy counter on a {device.type} device")
-    try:
-        import pynvml
-    except ImportError:
-        return EnergyCounter(None, "pynvml is not importable (pip install nvidia-ml-py)")
-    try:
-        pynvml.nvmlInit()
-    except Exception as exc:
-        return EnergyCounter(None, f"NVML did not initialise: {type(exc).__name__}: {exc}")
-    try:
-        handle, matched_by = _nvml_handle(pynvml, device)
-        pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # a GPU without the counter fails here
-    except Exception as exc:
-        pynvml.nvmlShutdown()
-        return EnergyCounter(None, f"the NVML energy counter cannot be read: {type(exc).__name__}: {exc}")
-    info = dict(nvml_device_matched_by=matched_by)
-    for key, query, scale in (("gpu_name", "nvmlDeviceGetName", None),
-                              ("power_limit_w", "nvmlDeviceGetEnforcedPowerLimit", 1e-3),
-                              ("default_power_limit_w", "nvmlDeviceGetPowerManagementDefaultLimit", 1e-3)):
-        try:
-            value = getattr(pynvml, query)(handle)
-            info[key] = value * scale if scale else _nvml_text(value)
-        except Exception:  # optional facts: a missing one leaves the field null
-            info[key] = None
-    try:
-        info["driver_version"] = _nvml_text(pynvml.nvmlSystemGetDriverVersion())
-    except Exception:
-        info["driver_version"] = None
-    info["nvidia_ml_py"] = _package_version("nvidia-ml-py")
-    return EnergyCounter(lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle), info=info,
-                         close=pynvml.nvmlShutdown)

@@ -1,7 +1,8 @@
-"""engine.hardware: datasheet peaks by GPU name, git provenance, the median timer."""
+"""engine.hardware: datasheet peaks by GPU name, git provenance, the median timer, the NVML energy counter."""
 
 import itertools
 import subprocess
+import sys
 import time
 
 import pytest
@@ -99,3 +100,94 @@ def test_bench_uses_these():
 
     for name in ("datasheet_peak_tflops", "median_seconds", "read_git_commit", "A100_DENSE_BF16_TFLOPS"):
         assert getattr(bench_hardware, name) is getattr(hardware, name), name
+
+
+class _FakeNvml:
+    """pynvml's calls that hardware.open_energy_counter makes, answering from fixed numbers."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, readings=(), init_fails=False, counter_fails=False):
+        self.readings, self.init_fails, self.counter_fails = iter(readings), init_fails, counter_fails
+        self.open = 0
+
+    def nvmlInit(self):
+        if self.init_fails:
+            raise self.NVMLError("Driver Not Loaded")
+        self.open += 1
+
+    def nvmlShutdown(self):
+        self.open -= 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return ("gpu", index)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        assert handle == ("gpu", 0)
+        if self.counter_fails:
+            raise self.NVMLError("Not Supported")
+        return next(self.readings)
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H100 80GB HBM3"
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle):
+        return 700_000  # mW
+
+    def nvmlSystemGetDriverVersion(self):
+        return "580.159.04"
+
+
+def test_nvml_counter_opens_reads_and_fails_softly(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpu = torch.device("cuda", 0)  # never touched: torch finds no CUDA here, so NVML's index 0 is used
+    assert hardware.open_energy_counter("cpu").reason == "no NVML energy counter on a cpu device"
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed
+    missing = hardware.open_energy_counter(gpu)
+    assert not missing.available and missing.read_mj() is None
+    assert missing.reason == "pynvml is not importable (pip install nvidia-ml-py)"
+    assert missing.info == dict(available=False, reason=missing.reason)
+
+    monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml(init_fails=True))  # no driver
+    assert hardware.open_energy_counter(gpu).reason == "NVML did not initialise: NVMLError: Driver Not Loaded"
+
+    fake = _FakeNvml(counter_fails=True)  # a GPU without the counter
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    unsupported = hardware.open_energy_counter(gpu)
+    assert unsupported.reason == "the NVML energy counter cannot be read: NVMLError: Not Supported"
+    assert fake.open == 0  # shut down again
+
+    fake = _FakeNvml(readings=[10, 2_000, 7_000])  # the probe read, then two readings, then it runs dry
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    counter = hardware.open_energy_counter(gpu)
+    assert counter.available and counter.reason is None
+    assert counter.info["gpu_name"] == "NVIDIA H100 80GB HBM3" and counter.info["power_limit_w"] == 700.0
+    assert counter.info["default_power_limit_w"] is None  # a query the fake lacks: a null fact, no failure
+    assert counter.info["driver_version"] == "580.159.04" and counter.info["nvml_device_matched_by"] == "index"
+    assert [counter.read_mj(), counter.read_mj()] == [2_000, 7_000]
+    assert counter.read_mj() is None and counter.reason.startswith("reading the NVML energy counter failed")
+    counter.close()
+    assert fake.open == 0
+
+
+def test_nvml_finds_torchs_gpu_by_uuid(monkeypatch):
+    class ByUuid(_FakeNvml):
+        def nvmlDeviceGetHandleByUUID(self, uuid):
+            if uuid != b"GPU-1234-abcd":  # an older nvidia-ml-py: bytes only
+                raise TypeError("bytes or integer address expected instead of str instance")
+            return ("gpu", 0)
+
+        def nvmlDeviceGetHandleByIndex(self, index):
+            raise AssertionError("the UUID must decide")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("P", (), {"uuid": "1234-abcd"})())
+    monkeypatch.setitem(sys.modules, "pynvml", ByUuid(readings=[1, 2]))
+    counter = hardware.open_energy_counter(torch.device("cuda", 3))
+    assert counter.available and counter.info["nvml_device_matched_by"] == "uuid"
+    # no UUID and a visibility mask that renumbers the GPUs: no guessing by index
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: object())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert "cannot match CUDA device 3" in hardware.open_energy_counter(torch.device("cuda", 3)).reason

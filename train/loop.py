@@ -30,10 +30,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from engine.family import Family
+from engine.hardware import open_energy_counter
 from engine.optim import AdamW, clip_coefficient
 from train.checkpoint import debug_kill, load_training_state, load_weights, save_checkpoint
 from train.config import OptimSection, RunConfig
-from train.metrics import Interval, MetricsLog, interval_record
+from train.metrics import EnergyMeter, Interval, MetricsLog, interval_record
 
 EXIT_NONFINITE = 3
 
@@ -486,6 +487,7 @@ def train(tr: Trainer) -> int:
     grad_scale = _fused_updates(tr)
     skip = DeviceSkip(tr.optimizer, device) if grad_scale is not None else None
     interval = Interval()
+    energy = EnergyMeter(open_energy_counter(device) if tr.rank == 0 else None)  # the logging rank's GPU
     params_bad = torch.zeros((), device=device)  # nonzero once an update leaves a parameter inf or NaN
     last_time = time.perf_counter()
     try:
@@ -541,7 +543,7 @@ def train(tr: Trainer) -> int:
             if step % cfg.log.every == 0 or step == cfg.train.steps or stop:
                 log.write(interval_record(step, interval, lr, tr.world, device, cfg.train.steps,
                                           cfg.train.global_batch, tr.progress.gpu_seconds, tr.progress.skipped_total,
-                                          tr.recompute, *_graph_state(tr, graph)))
+                                          tr.recompute, *_graph_state(tr, graph), energy_j=energy.take()))
                 interval = Interval()
 
             every = cfg.checkpoint.every
@@ -563,5 +565,6 @@ def train(tr: Trainer) -> int:
             last_time = time.perf_counter()  # checkpoint and sample time count as used, not as step time
             tr.progress.gpu_seconds += (last_time - now) * tr.world
     finally:
+        energy.close()
         log.close()
     return 0

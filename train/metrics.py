@@ -57,6 +57,28 @@ class Interval:
             self.skipped += 1
 
 
+class EnergyMeter:
+    """Joules a GPU drew between calls of ``take``, from its own cumulative counter
+    (engine.hardware.open_energy_counter); None where the counter cannot be read (a CPU, no
+    nvidia-ml-py, a GPU without one) or a reading failed."""
+
+    def __init__(self, counter=None):
+        self.counter = counter
+        self._last = counter.read_mj() if counter is not None else None
+
+    def take(self) -> float | None:
+        if self.counter is None:
+            return None
+        now = self.counter.read_mj()
+        joules = (now - self._last) / 1e3 if now is not None and self._last is not None else None
+        self._last = now
+        return joules
+
+    def close(self) -> None:
+        if self.counter is not None:
+            self.counter.close()
+
+
 def _round(value: float | None, digits: int = 6):
     if value is None or not math.isfinite(value):
         return None
@@ -65,7 +87,10 @@ def _round(value: float | None, digits: int = 6):
 
 def interval_record(step: int, interval: Interval, lr: float, world: int, device: torch.device,
                     stage_steps: int, global_batch: int, gpu_seconds: float, skipped_total: int,
-                    recompute: str = "off", cuda_graph: bool = False, cuda_graph_off: str = "") -> dict:
+                    recompute: str = "off", cuda_graph: bool = False, cuda_graph_off: str = "",
+                    energy_j: float | None = None) -> dict:
+    """The log line of an interval. ``energy_j``: what the logging rank's GPU drew over it
+    (EnergyMeter), recorded per step; a job's energy is about the world size times it."""
     seconds = max(interval.step_seconds, 1e-9)
     steps = max(interval.steps, 1)
     img_per_s = interval.images / seconds
@@ -92,6 +117,7 @@ def interval_record(step: int, interval: Interval, lr: float, world: int, device
         "gpu_days_stage": _round(stage_steps * global_batch / per_gpu / 86400, 5) if per_gpu > 0 else None,
         "skipped": interval.skipped,
         "skipped_total": skipped_total,
+        "gpu_energy_j_per_step": _round(energy_j / steps, 5) if energy_j is not None else None,
     }
 
 
@@ -122,6 +148,8 @@ def plain_line(record: dict, total_steps: int, eta_seconds: float | None) -> str
              f"{number(record['img_per_s'], '.4g')} img/s", f"{number(record.get('step_ms'), '.4g')} ms/step",
              f"data wait {number(record['data_wait'], '.0%')}", f"recompute {record.get('recompute', 'off')}",
              f"graph {'on' if record.get('cuda_graph') else 'off'}",
+             *([f"{record['gpu_energy_j_per_step']:.4g} J/step"] if record.get("gpu_energy_j_per_step") is not None
+               else []),
              f"eta {'n/a' if eta_seconds is None else _duration(eta_seconds)}"]
     if record.get("skipped"):
         parts.append(f"skipped {record['skipped']} (total {record['skipped_total']})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from engine.data.cache import Sample, shard_name, write_index, write_shard
@@ -86,3 +87,31 @@ def test_skip_decided_on_the_device_is_the_skip_decided_on_the_host(tmp_path, mo
     for name, state in theirs.items():
         for key, value in state.items():
             assert torch.equal(value, ours[name][key]), f"optimizer state {name}.{key}"
+
+
+def test_energy_per_step_from_the_gpus_counter(captioned_cache, tmp_path, monkeypatch, capsys):
+    """Each log line's gpu_energy_j_per_step is the counter's rise since the previous line over the
+    interval's steps; the plain log prints it; without a counter (a CPU) the field is null."""
+    from engine.hardware import EnergyCounter
+
+    rises_mj = iter(np.random.default_rng().integers(1_000, 90_000, size=64).tolist())
+    readings = []
+
+    def read():  # a cumulative counter rising by a random amount between readings
+        readings.append((readings[-1] if readings else 5_000_000) + next(rises_mj))
+        return readings[-1]
+
+    args = ["run", "--preset", "tiny", "--stage", 2, "--data", captioned_cache, "--max-steps", 7, *CAPTIONED,
+            "--set", "log.every=3"]
+    assert run_in_process(*args, "--out", tmp_path / "cpu") == 0
+    lines = [json.loads(line) for line in (tmp_path / "cpu" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["gpu_energy_j_per_step"] for r in lines if "step" in r] == [None, None, None]
+
+    monkeypatch.setattr(loop, "open_energy_counter", lambda device: EnergyCounter(read))
+    assert run_in_process(*args, "--out", tmp_path / "gpu") == 0
+    lines = [json.loads(line) for line in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["gpu_energy_j_per_step"]) for r in lines if "step" in r]
+    assert [step for step, _ in logged] == [3, 6, 7] and len(readings) == 4  # one reading at the start
+    for (step, joules), before, after, steps in zip(logged, readings, readings[1:], (3, 3, 1)):
+        assert joules == pytest.approx((after - before) / 1e3 / steps, rel=1e-4), step
+    assert f"{logged[0][1]:.4g} J/step" in capsys.readouterr().out  # the plain log line
