@@ -151,29 +151,17 @@ def stage_settings(stage: str, caption_width: int) -> list[str]:
 
 def train_stage(stage: str, cache: Path, out: Path, init: Path | None, caption_width: int) -> dict:
     """Train one stage of CONFIG with train/run.py's planner and trainer; returns timing facts."""
-    from train import loop, run
+    from train import run
 
-    settings = stage_settings(stage, caption_width)
-    args = argparse.Namespace(config=str(CONFIG), preset=None, stage=stage, data=str(cache), out=str(out),
-                              init=str(init) if init else None, resume=False, auto_resume=False, allow_data_change=False,
-                              max_steps=None, ckpt_every=None, set=settings)
     start = time.perf_counter()
-    plan = run.plan_run(args)
-    rank, device = run.init_distributed(plan.world)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer, messages = run.build_trainer(plan, rank, device)
-    for line in messages:
-        print(line, flush=True)
-    code = loop.train(trainer)
-    if code != 0:
-        raise RuntimeError(f"stage {stage} stopped with exit code {code} (see {out / 'metrics.jsonl'})")
+    plan, trainer = run.train_in_process(CONFIG, stage, cache, out, init, stage_settings(stage, caption_width))
     cfg = plan.config
     return {"steps": cfg.train.steps, "global_batch": cfg.train.global_batch, "resolution": cfg.model.resolution,
             "model": type(trainer.module).__name__,
             "params_m": round(sum(p.numel() for p in trainer.module.parameters()) / 1e6, 3),
             "pe_interpolation": getattr(plan.model_config, "pe_interpolation", None),
             "edm_noise_levels": (cfg.train.edm_p_mean, cfg.train.edm_p_std) if cfg.train.objective == "edm" else None,
-            "device": str(device), "train_wall_s": round(time.perf_counter() - start, 2),
+            "device": str(trainer.device), "train_wall_s": round(time.perf_counter() - start, 2),
             "device_days_loop": trainer.progress.gpu_seconds / 86400}
 
 

@@ -18,7 +18,6 @@ loss and alignment against training FLOPs) and returns the report's "masking" en
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -56,20 +55,10 @@ def unmasked_steps(caption_width: int) -> int:
 
 
 def _train(stage: str, cache: Path, out: Path, init: Path | None, settings: list[str]) -> dict:
-    from train import loop, run
+    from train import run
 
-    args = argparse.Namespace(config=str(CONFIG), preset=None, stage=stage, data=str(cache), out=str(out),
-                              init=str(init) if init else None, resume=False, auto_resume=False, allow_data_change=False,
-                              max_steps=None, ckpt_every=None, set=settings)
     start = time.perf_counter()
-    plan = run.plan_run(args)
-    rank, device = run.init_distributed(plan.world)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer, messages = run.build_trainer(plan, rank, device)
-    for line in messages:
-        print(line, flush=True)
-    if loop.train(trainer) != 0:
-        raise RuntimeError(f"MicroDiT stage {stage} stopped early (see {out / 'metrics.jsonl'})")
+    plan, _ = run.train_in_process(CONFIG, stage, cache, out, init, settings)
     return {"steps": plan.config.train.steps, "mask_ratio": plan.config.train.mask_ratio,
             "flops_per_image": flops_per_image(plan.config), "global_batch": plan.config.train.global_batch,
             "train_wall_s": round(time.perf_counter() - start, 2)}

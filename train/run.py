@@ -513,6 +513,32 @@ def _grid_writer(plan: Plan, vae: str, device):
                                        cfg.train.edm_sigma_data, cfg.log.sample_solver)
 
 
+def train_in_process(config: str | Path, stage: str, data: Path, out: Path, init: Path | None = None,
+                     settings: list[str] = ()) -> tuple[Plan, object]:
+    """Plan, build and train ``stage`` of the run config file ``config`` in this process, as
+    `run --config CONFIG --stage STAGE --data DATA --out OUT [--init INIT] [--set ...]` would on one
+    process (the demo's stages). Returns (plan, trainer) after the last step; a run that stops early
+    is a RuntimeError naming its metrics file."""
+    from train import loop
+
+    args = argparse.Namespace(config=str(config), preset=None, stage=stage, data=str(data), out=str(out),
+                              init=str(init) if init else None, resume=False, auto_resume=False,
+                              allow_data_change=False, max_steps=None, ckpt_every=None, set=list(settings))
+    plan = plan_run(args)
+    rank, device = init_distributed(plan.world)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    trainer, messages = build_trainer(plan, rank, device)
+    for line in messages:
+        print(line, flush=True)
+    try:
+        code = loop.train(trainer)
+    finally:
+        trainer.loader.close()
+    if code != 0:
+        raise RuntimeError(f"stage {stage} of {config} stopped with exit code {code} (see {plan.out / 'metrics.jsonl'})")
+    return plan, trainer
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         plan = plan_run(args)
