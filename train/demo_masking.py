@@ -27,6 +27,7 @@ SYSTEMS = {"masked": ("masked", "finetune"), "unmasked": ("unmasked",)}  # each 
 CURVE_POINTS = 3       # checkpoints of a system's first stage scored for the curves (the last at its end)
 LOSS_LEVELS = 8        # held-out loss: noise levels at these many quantiles of the training distribution
 LOSS_SEED = 1234
+GRID_COUNT = 16        # samples in each system's grid, as in the PixArt stages' (demo.DemoSettings.grid_count)
 
 
 def stage_config(stage: str, settings: list[str] = ()):
@@ -48,8 +49,8 @@ def flops_per_image(config) -> float:
 def unmasked_steps(caption_width: int) -> int:
     """Steps of the unmasked run that spend the masked system's FLOPs (same global batch)."""
     settings = [f"model.fields.caption_channels={caption_width}"]
-    spent = sum(stage_config(s, settings).train.steps * stage_config(s, settings).train.global_batch
-                * flops_per_image(stage_config(s, settings)) for s in SYSTEMS["masked"])
+    configs = [stage_config(stage, settings) for stage in SYSTEMS["masked"]]
+    spent = sum(c.train.steps * c.train.global_batch * flops_per_image(c) for c in configs)
     unmasked = stage_config("unmasked", settings)
     return round(spent / (unmasked.train.global_batch * flops_per_image(unmasked)))
 
@@ -119,8 +120,7 @@ def score_checkpoint(folder: Path, records: list[dict], features: list, batch: d
                          solver=log.sample_solver)
     images = sample.Decoder("pixels", device)(pixels)
     if grid is not None:
-        count = 16
-        sample.save_grid(images[:count], grid, [r["caption"] for r in records[:count]])
+        sample.save_grid(images[:GRID_COUNT], grid, [r["caption"] for r in records[:GRID_COUNT]])
     scores = alignment.alignment([alignment.analyse(image) for image in images], records, ("colour", "position"))
     return {"held_out_loss": loss, **scores}
 

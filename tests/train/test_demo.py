@@ -142,3 +142,21 @@ def test_docs_quote_the_recorded_run():
     for row in demo.figure_rows(recorded):
         assert row in doc, f"docs/demo.md lacks this row of {path.name}:\n{row}"
     assert recorded["commit"][:7] in doc and recorded["bar"]["met"] is True
+
+
+def test_the_unmasked_run_spends_the_masked_systems_flops():
+    """demo_masking.unmasked_steps against FLOPs counted here from the model's own formula."""
+    from engine import family
+    from train import demo_masking
+
+    def flops(stage: str) -> float:  # one step's training FLOPs
+        config = demo_masking.stage_config(stage, ["model.fields.caption_channels=384"])
+        model = family.of_config(config.model_config()).build(config.model_config())
+        side = 8 * config.model.resolution
+        return config.train.global_batch * model.flops_per_sample(side, side, config.train.mask_ratio)
+
+    masked, finetune = (demo_masking.stage_config(s).train.steps for s in ("masked", "finetune"))
+    spent = masked * flops("masked") + finetune * flops("finetune")
+    unmasked = demo_masking.unmasked_steps(384)
+    assert abs(unmasked * flops("unmasked") - spent) <= flops("unmasked") / 2
+    assert flops("masked") < 0.7 * flops("unmasked") and unmasked < masked + finetune
