@@ -12,7 +12,7 @@
 # changes), ab_optimizer (engine+graph with engine's AdamW vs torch's), optimizer_bench (the optimizer
 # pass alone: torch's and engine's AdamW with clipping and EMA, bench/optimizer.py), ab_tree
 # (engine+graph of another checkout, BASELINE_TREE, against this one), tests_session, caches,
-# data_speed and train_speed (`train run` against the benchmark; see each step), microdit_throughput,
+# data_speed and train_speed (`train run` against the benchmark; see each step), microdit_throughput, microdit_train_speed,
 # ab_moe, microdit_profile and tests_microdit (MicroDiT-XL/2: issue 21's table, the moe backends),
 # caption_bench (issue 23), cost (issue 22: each system's schedule projected to GPU-days, kWh, CO2e
 # and dollars).
@@ -275,6 +275,23 @@ microdit_throughput() {
       --json "$out/throughput_microdit_${res}_m${mask/./}_b${batch}.json" \
       --csv "$out/throughput_microdit_${res}_m${mask/./}_b${batch}.csv" 2>&1 | tail -8
   done
+}
+# Issue 22's run against the benchmark: `train run --preset microdit --stage 1` (MicroDiT-XL/2, 256 px,
+# mask 0.75, micro-batch 256) on the 77x1024 cache of step `caches` with MICRO_LOADER (default torch),
+# steps 50-MICRO_STEPS (default 300), beside bench/throughput.py's engine+graph row of the same shape.
+microdit_train_speed() {
+  local cache=/tmp/cache_77x1024 steps=${MICRO_STEPS:-300} runs=/tmp/micro_runs loader=${MICRO_LOADER:-torch}
+  rm -rf "$runs"; mkdir -p "$runs"
+  python3 bench/throughput.py --git-commit "$commit" --preset microdit-xl2 --res 256 --batch 256 --mask-ratio 0.75 \
+    --variants engine+graph --json "$out/micro_speed_bench.json" 2>&1 | grep -E " engine\+graph: |rror"
+  python3 -m train run --preset microdit --stage 1 --data "$cache" --out "$runs/$loader" --max-steps "$steps" \
+    --ckpt-every 1000000 --set train.global_batch=256 --set train.micro_batch=256 --set "data.backend=\"$loader\"" \
+    --set log.every=10 --set log.sample_every=0 --set "train.memory_limit_gib=$H100_GIB" >"$runs/$loader.log" 2>&1
+  echo "$loader: exit $?; $(grep -E '^recompute|^stage' "$runs/$loader.log" | tr '\n' ' ')"
+  grep -E "^step (50|100|200|300)/" "$runs/$loader.log"
+  python3 bench/run_speed.py --bench "$out/micro_speed_bench.json" --run "microdit_$loader=$runs/$loader" \
+    --from-step 50 --to-step "$steps" --json "$out/micro_run_speed.json"
+  cp "$runs/$loader/metrics.jsonl" "$out/micro_train_run_${loader}_metrics.jsonl"; cp "$runs/$loader.log" "$out/micro_train_run_$loader.log"
 }
 # The engine+graph MicroDiT step with moe on its eager backend against its triton backend (each in
 # its own process, alternating AB_ROUNDS times), at 256 px masked / 256.
