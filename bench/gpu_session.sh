@@ -13,7 +13,7 @@
 # pass alone: torch's and engine's AdamW with clipping and EMA, bench/optimizer.py), ab_tree
 # (engine+graph of another checkout, BASELINE_TREE, against this one), tests_session, caches,
 # data_speed and train_speed (`train run` against the benchmark; see each step), microdit_throughput, microdit_train_speed,
-# ab_moe, microdit_profile and tests_microdit (MicroDiT-XL/2: issue 21's table, the moe backends),
+# ab_moe, ab_attention_microdit, microdit_profile and tests_microdit (MicroDiT-XL/2: issue 21's table, the moe and attention backends),
 # caption_bench (issue 23), cost (issue 22: each system's schedule projected to GPU-days, kWh, CO2e
 # and dollars).
 # Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small; DALI's
@@ -304,6 +304,17 @@ ab_moe() {
     done
   done
 }
+# The same A/B for MicroDiT's attention: self- and cross-attention on plain SDPA (eager) against
+# their auto backends (SDPA with cuDNN first; the Triton cross-attention kernel), at 256 px masked / 256.
+ab_attention_microdit() {
+  for i in $(seq "${AB_ROUNDS:-1}"); do
+    for b in eager auto; do
+      ENGINE_BACKEND_SELF_ATTENTION=$b ENGINE_BACKEND_CROSS_ATTENTION=$b python3 bench/throughput.py --git-commit "$commit" \
+        --preset microdit-xl2 --res 256 --batch 256 --mask-ratio 0.75 --variants engine+graph \
+        --json "$out/ab_attention_microdit_${b}_$i.json" 2>&1 | grep -E " engine\+graph: " | sed "s/^/attention=$b run $i: /"
+    done
+  done
+}
 # The profile of MicroDiT's engine+graph step at 256 px masked / 256, and the moe op's kernel rows.
 microdit_profile() {
   python3 bench/step_profile.py --git-commit "$commit" --preset microdit-xl2 --res 256 --batch 256 --mask-ratio 0.75 \
@@ -330,7 +341,7 @@ cost() {
 }
 # The MicroDiT GPU tests: the model's backends, moe and the throughput path.
 tests_microdit() {
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_moe.py tests/model/test_microdit.py \
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_moe.py tests/model/test_microdit.py "tests/ops/test_cross_attention.py::test_triton_matches_reference" \
     >"$out/pytest_gpu_microdit.log" 2>&1
   tail -3 "$out/pytest_gpu_microdit.log"
 }

@@ -36,8 +36,10 @@ gate, and the next block, the mixer's output projection or the final layer adds 
 
 The ops' LayerNorm has no affine: a LayerNorm of weight w is folded into the modulation,
 LN(x) w (1 + scale) + shift = LN(x) (1 + scale') + shift with scale' = w (1 + scale) - 1, and an
-unmodulated one is shift 0, scale' = w - 1 (``norm_args``). Attention runs through torch's
-scaled_dot_product_attention, its qk-norm through the norm op with zero modulation (``attend``);
+unmodulated one is shift 0, scale' = w - 1 (``norm_args``). Self-attention runs through
+engine.ops.self_attention (SDPA with its kernel chosen), cross-attention through
+engine.ops.cross_attention with every caption key valid, and the qk-norm through the norm op
+with zero modulation (``qk_norm``);
 the SwiGLU is three Linears around engine.ops.swiglu; the MoE blocks read the optimizer's copies
 of the experts' weights too.
 """
@@ -54,9 +56,11 @@ import torch.nn.functional as F
 
 from engine.config import VAE_DOWNSAMPLE, MicroDiTConfig
 from engine.model.layers import Linear, PositionEmbedding, timestep_frequencies
+from engine.ops.cross_attention import cross_attention
 from engine.ops.moe import moe, tokens_per_expert
 from engine.ops.norm_modulate import add_norm_modulate, norm_modulate
 from engine.ops.patchify import patchify, unpatchify
+from engine.ops.self_attention import self_attention
 from engine.ops.swiglu import swiglu
 
 EPS = 1e-6  # every LayerNorm's, the qk-norms' included; engine.ops.norm_modulate's is the same
@@ -150,18 +154,18 @@ def add_norm(x: torch.Tensor, pending: torch.Tensor | None, gate: torch.Tensor |
     return add_norm_modulate(x, pending, gate, shift, scale)  # (B, N, D) each
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """softmax(LN(q) LN(k)ᵀ / sqrt(d)) v in heads of d = head_dim: q (B, N, A), k, v (B, M, A) -> (B, N, A).
-    The qk-norm is over each token's whole q (or k) vector, all heads together, without affine:
-    the fused norm op with zero modulation, which normalises in fp32 and writes the compute
-    dtype (under autocast F.layer_norm would write fp32 q and k for attention to cast back, three
-    times the bytes of a bf16 write and read)."""
-    A = q.shape[-1]
-    zero = torch.zeros(q.shape[0], A, dtype=torch.float32, device=q.device)  # (B, A): no shift, no scale
-    q, k = norm_modulate(q, zero, zero), norm_modulate(k, zero, zero)
-    q, k, v = (t.unflatten(-1, (A // head_dim, head_dim)).transpose(1, 2) for t in (q, k, v))  # (B, h, N|M, d)
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
-    return out.transpose(1, 2).flatten(2)  # (B, N, A)
+def qk_norm(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """LN(t) over each token's whole vector, all heads together, no affine: (B, N, A) -> (B, N, h, d)
+    with d = head_dim. The fused norm op with zero modulation, which normalises in fp32 and
+    writes the compute dtype (under autocast F.layer_norm would write fp32 q and k for attention
+    to cast back, three times the bytes of a bf16 write and read)."""
+    zero = torch.zeros(t.shape[0], t.shape[-1], dtype=torch.float32, device=t.device)  # (B, A): no shift, no scale
+    return heads(norm_modulate(t, zero, zero), head_dim)
+
+
+def heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, N, A) -> (B, N, A / head_dim, head_dim), a view."""
+    return t.unflatten(-1, (t.shape[-1] // head_dim, head_dim))
 
 
 class SelfAttention(nn.Module):
@@ -175,7 +179,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)  # (B, N, A) each
-        return self.proj(attend(q, k, v, self.head_dim))  # (B, N, dim)
+        d = self.head_dim
+        out = self_attention(qk_norm(q, d), qk_norm(k, d), heads(v, d))  # (B, N, h, d)
+        return self.proj(out.flatten(2))  # (B, N, dim)
 
 
 class CrossAttention(nn.Module):
@@ -192,7 +198,10 @@ class CrossAttention(nn.Module):
         """-> (output (B, N, dim), y): y comes back through the kv projection (Linear's branch), for
         the next blocks, so that the gradients of all its uses are summed inside those GEMMs."""
         k, v, y = self.kv(y, branch=True)  # (B, L, dim) each
-        return self.proj(attend(self.q(x), k, v, self.head_dim)), y  # (B, N, dim)
+        d = self.head_dim
+        every_key = torch.full((x.shape[0],), k.shape[1], dtype=torch.int32, device=x.device)  # (B,) = L
+        out = cross_attention(qk_norm(self.q(x), d), qk_norm(k, d), heads(v, d), every_key)  # (B, N, h, d)
+        return self.proj(out.flatten(2)), y  # (B, N, dim)
 
 
 class SwiGLU(nn.Module):

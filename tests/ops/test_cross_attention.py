@@ -81,7 +81,8 @@ def assert_padding_untouched(o, dq, dk, dv, kv_lens, seed):
 
 
 # (B, N, H, d, L, dtype). N = 37 and 250 match no block size; d = 72 runs the split 64 + 16
-# head tile, d = 64 the single one; lengths 0, 1 and 120 in every case (see make_inputs).
+# head tile, d = 64 the single one; lengths 0, 1 and L in every case (see make_inputs). The last
+# case has MicroDiT-XL/2's heads (16 x 64), its 77 caption keys and the 64 kept tokens of 256 px.
 CASES = [
     (4, 37, 3, 72, 120, torch.bfloat16),
     (4, 37, 3, 72, 120, torch.float32),
@@ -89,6 +90,7 @@ CASES = [
     (4, 250, 3, 64, 120, torch.float32),
     (3, 37, 16, 64, 120, torch.bfloat16),
     (4, 37, 3, 72, 120, torch.float16),
+    (3, 64, 16, 64, 77, torch.bfloat16),
 ]
 
 
