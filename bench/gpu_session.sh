@@ -237,7 +237,8 @@ train_smoke() {
 H100_GIB=78
 # Issue 20's acceptance: `train run` of PixArt-XL/2 stage 2 at 256 px, micro-batch 64, with the DALI
 # and the torch loader, against bench/throughput.py's engine+graph in this call (steps 50-300 of
-# SPEED_STEPS, default 300); then the official 176 per GPU with auto recompute (steps 30-100).
+# SPEED_STEPS, default 300); then the official 176 per GPU with auto recompute (steps 30-B176_STEPS,
+# default 100; 0 skips it).
 # Metrics and logs come back in one tar (the device returns at most 8 files).
 train_speed() {
   local cache=/tmp/cache_120x4096 steps=${SPEED_STEPS:-300} runs=/tmp/speed_runs
@@ -251,15 +252,17 @@ train_speed() {
     echo "$loader: exit $?; $(grep -E '^recompute|^stage' "$runs/$loader.log" | tr '\n' ' ')"
     rm -rf "$runs/$loader/checkpoints/step-"*/{model,ema}.safetensors "$runs/$loader/checkpoints/step-"*/optimizer.pt
   done
+  if [ "${B176_STEPS:-100}" != 0 ]; then
   python3 -m train run --preset pixart-alpha --stage 2 --data "$cache" --out "$runs/b176" --max-steps "${B176_STEPS:-100}" \
     --ckpt-every 1000000 --set train.global_batch=176 --set train.micro_batch=176 --set log.every=10 \
     --set log.sample_every=0 --set "train.memory_limit_gib=$H100_GIB" >"$runs/b176.log" 2>&1
   echo "b176: exit $?; $(grep -E '^recompute|^stage' "$runs/b176.log" | tr '\n' ' ')"
   rm -rf "$runs/b176/checkpoints/step-"*/{model,ema}.safetensors "$runs/b176/checkpoints/step-"*/optimizer.pt
-  python3 bench/run_speed.py --bench "$out/speed_bench.json" $(for l in ${SPEED_LOADERS:-dali torch}; do echo "--run $l=$runs/$l"; done) \
-    --from-step 50 --to-step "$steps" --json "$out/run_speed_b64.json"
   python3 bench/run_speed.py --bench "$out/speed_bench.json" --run b176="$runs/b176" --from-step 30 --to-step "${B176_STEPS:-100}" \
     --json "$out/run_speed_b176.json"
+  fi
+  python3 bench/run_speed.py --bench "$out/speed_bench.json" $(for l in ${SPEED_LOADERS:-dali torch}; do echo "--run $l=$runs/$l"; done) \
+    --from-step 50 --to-step "$steps" --json "$out/run_speed_b64.json"
   (cd "$runs" && tar cf "$out/speed_runs.tar" */metrics.jsonl *.log)
 }
 
@@ -347,9 +350,9 @@ tests_microdit() {
 }
 
 # Issue 23: captioning images/s for a model of LLaVA-1.5-7B's shape (random bf16 weights), batch
-# chosen by a sweep, projected to 10M images (bench/caption.py).
+# chosen by a sweep, projected to 10M images (bench/caption.py; CAPTION_ARGS adds its options).
 caption_bench() {
-  python3 bench/caption.py --git-commit "$commit" --json "$out/caption.json" 2>&1 | tee "$out/caption.log" | tail -15
+  python3 bench/caption.py --git-commit "$commit" ${CAPTION_ARGS:-} --json "$out/caption.json" 2>&1 | tee "$out/caption.log" | tail -15
 }
 
 for step in "$@"; do log "$step"; "$step" || echo "!! step $step failed"; done
