@@ -38,10 +38,9 @@ The ops' LayerNorm has no affine: a LayerNorm of weight w is folded into the mod
 LN(x) w (1 + scale) + shift = LN(x) (1 + scale') + shift with scale' = w (1 + scale) - 1, and an
 unmodulated one is shift 0, scale' = w - 1 (``norm_args``). Self-attention runs through
 engine.ops.self_attention (SDPA with its kernel chosen), cross-attention through
-engine.ops.cross_attention with every caption key valid, and the qk-norm through the norm op
-with zero modulation (``qk_norm``);
-the SwiGLU is three Linears around engine.ops.swiglu; the MoE blocks read the optimizer's copies
-of the experts' weights too.
+engine.ops.cross_attention with every caption key valid (no lengths), the qk-norm through the
+norm op with zero modulation (``qk_norm``); the SwiGLU is three Linears around
+engine.ops.swiglu; the MoE blocks read the optimizer's copies of the experts' weights too.
 """
 
 from __future__ import annotations
@@ -199,8 +198,7 @@ class CrossAttention(nn.Module):
         the next blocks, so that the gradients of all its uses are summed inside those GEMMs."""
         k, v, y = self.kv(y, branch=True)  # (B, L, dim) each
         d = self.head_dim
-        every_key = torch.full((x.shape[0],), k.shape[1], dtype=torch.int32, device=x.device)  # (B,) = L
-        out = cross_attention(qk_norm(self.q(x), d), qk_norm(k, d), heads(v, d), every_key)  # (B, N, h, d)
+        out = cross_attention(qk_norm(self.q(x), d), qk_norm(k, d), heads(v, d), None)  # (B, N, h, d): every key
         return self.proj(out.flatten(2)), y  # (B, N, dim)
 
 

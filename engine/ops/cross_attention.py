@@ -559,18 +559,25 @@ def _check_kernel_limits(q, k, backend) -> None:
 AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
 
-def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor,
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
                     backend: str | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over each sample's first kv_lens[b] keys -> (B, N, H, d).
 
     q (B, N, H, d); k, v (B, L, H, d), any strides with a dense last dimension (views into a
     fused kv projection are fine); kv_lens (B,) integer tensor on q's device (never read on the
-    host). backend: "eager" (SDPA), "triton", "cuda" (flash-attn varlen, when importable),
-    "auto" or None (see engine.ops.backend): triton on CUDA tensors (the fastest measured),
-    eager on the CPU.
+    host), or None when every key is valid (MicroDiT's unmasked captions: the eager backend then
+    runs SDPA without a mask). backend: "eager" (SDPA), "triton", "cuda" (flash-attn varlen, when
+    importable), "auto" or None (see engine.ops.backend): triton on CUDA tensors (the fastest
+    measured), eager on the CPU.
     """
-    _check_inputs(q, k, v, kv_lens)
     name = resolve(backend, q.device, "cross_attention", prefer=AUTO_PREFERENCE)
+    if kv_lens is None:
+        if name == "eager":
+            _check_inputs(q, k, v, q.new_zeros(q.shape[0], dtype=torch.int32))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, N, d)
+            return out.transpose(1, 2)
+        kv_lens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)  # (B,) = L
+    _check_inputs(q, k, v, kv_lens)
     if name == "eager":
         return _cross_attention_sdpa(q, k, v, kv_lens)
     if name == "cuda":
