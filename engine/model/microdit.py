@@ -347,6 +347,8 @@ class FinalLayer(nn.Module):
 
 
 class MicroDiT(nn.Module):
+    block_lists = ("mixer", "blocks")  # the blocks in forward order (engine.parallel.blocks_in_order)
+
     def __init__(self, config: MicroDiTConfig):
         super().__init__()
         self.config = config

@@ -1,6 +1,7 @@
 """Data parallel on CPU (gloo, torchrun): two ranks train the same weights as one process at the
-same global batch, with DDP and with FSDP2, up to float summation order; a rank killed mid-run
-is restarted by torchrun's elastic agent and the run ends as if nothing had happened."""
+same global batch, with DDP and with FSDP2, up to float summation order, for PixArt and for
+MicroDiT (masked, with its mixer's blocks as FSDP2 units); a rank killed mid-run is restarted by
+torchrun's elastic agent and the run ends as if nothing had happened."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import sys
 import pytest
 import torch
 
-from tests.train.conftest import CAPTIONED, REPO, cli_env, load_weights, run_in_process
+from tests.train.conftest import CAPTIONED, REPO, build_pixel_cache, cli_env, load_weights, run_in_process
 
 STEPS = 4
 # global batch 8: one process runs 2 micro-batches of 4 per step, two ranks 1 micro-batch of 4 each
 COMMON = ["--preset", "tiny", "--stage", "2", "--max-steps", STEPS, "--ckpt-every", 2, *CAPTIONED]
+# MicroDiT's stage 1 (75% of the tokens masked after the mixer, expert-choice MoE) at the same
+# global batch; the mixer has blocks of its own, sharded as units of their own under FSDP2
+MICRODIT = ["--preset", "microdit-tiny", "--stage", "1", "--max-steps", STEPS, "--ckpt-every", 2, *CAPTIONED,
+            "--set", "train.global_batch=8", "--set", "train.micro_batch=4"]
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +29,22 @@ def single_process(captioned_cache, tmp_path_factory):
     return out
 
 
-def _torchrun(cache, out, parallel: str, *extra, restarts: int = 0, **env) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def microdit_cache(tmp_path_factory, text_encoder):
+    return build_pixel_cache(tmp_path_factory, "microdit16", 16, 16, text_encoder, max_tokens=8)  # its text_len
+
+
+@pytest.fixture(scope="module")
+def microdit_single_process(microdit_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("microdit_single") / "run"
+    assert run_in_process("run", *MICRODIT, "--data", microdit_cache, "--out", out) == 0
+    return out
+
+
+def _torchrun(cache, out, parallel: str, *extra, restarts: int = 0, common=COMMON,
+              **env) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "--max-restarts", str(restarts), "-m", "train", "run", *map(str, COMMON), "--data", str(cache),
+               "--max-restarts", str(restarts), "-m", "train", "run", *map(str, common), "--data", str(cache),
                "--out", str(out), "--set", f'train.parallel="{parallel}"', *extra]
     result = subprocess.run(command, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
@@ -35,10 +53,7 @@ def _torchrun(cache, out, parallel: str, *extra, restarts: int = 0, **env) -> su
     return result
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
-def test_two_ranks_match_one_process(captioned_cache, single_process, tmp_path, parallel):
-    out = tmp_path / "run"
-    _torchrun(captioned_cache, out, parallel)
+def _assert_same_training(single_process, out, parallel):
     for which in ("model", "ema"):
         expected, actual = load_weights(single_process, STEPS, which), load_weights(out, STEPS, which)
         assert expected.keys() == actual.keys()
@@ -48,6 +63,22 @@ def test_two_ranks_match_one_process(captioned_cache, single_process, tmp_path, 
     # the comparison can fail: the last two steps alone moved the weights far beyond the tolerance
     before, after = load_weights(single_process, STEPS - 2), load_weights(single_process, STEPS)
     assert max(float((after[k] - before[k]).abs().max()) for k in after) > 1e-3
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_ranks_match_one_process(captioned_cache, single_process, tmp_path, parallel):
+    out = tmp_path / "run"
+    _torchrun(captioned_cache, out, parallel)
+    _assert_same_training(single_process, out, parallel)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_microdit_ranks_match_one_process(microdit_cache, microdit_single_process, tmp_path, parallel):
+    """Each rank draws its samples' kept tokens and caption drops from the generator of its
+    micro-batch, seeded as the one process seeds the same micro-batch: the same training."""
+    out = tmp_path / "run"
+    _torchrun(microdit_cache, out, parallel, common=MICRODIT)
+    _assert_same_training(microdit_single_process, out, parallel)
 
 
 def test_a_rank_killed_mid_run_is_restarted_from_the_last_checkpoint(captioned_cache, tmp_path):
