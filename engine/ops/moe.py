@@ -161,8 +161,9 @@ def _moe_gather(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2
 # or an (E, M, .) tensor indexed directly.
 # ---------------------------------------------------------------------------------------------
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# constexpr: a compiled kernel may read no other globals (the interpreter lets floats through)
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
