@@ -36,6 +36,8 @@ setup() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
   python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; return 1; }
   python3 -c "import engine._C as c, torch, triton; print('engine._C cuda:', c.has_cuda(), c.cuda_archs(), '| torch', torch.__version__, '| triton', triton.__version__)"
+  # engine.diffusion imports diffusers: without its wheel every benchmark and `train` step fails
+  python3 -c "import diffusers" 2>/dev/null || { echo "!! diffusers is not importable: carry .gpu-wheels/small with its wheel (and importlib_metadata, zipp)"; return 1; }
 }
 stage() {
   mkdir -p /tmp/parts
