@@ -293,6 +293,11 @@ def _moe_combine_kernel(src_ptr, slots_ptr, score_ptr, out_ptr, D, E, stride_s, 
 # combine. Common Triton GEMM tiles, not swept for this op yet. ROWS_CONFIG's BLOCK_N also sets
 # how many column-block partials of d_score the backward sums.
 ROWS_CONFIG = (64, 128, 32, 4, 3)
+# The backward's d_pre GEMM (DSCORE) holds four fp32 tiles (the product, pre-activation, Φ and the
+# slope): ptxas for sm_90a (Triton 3.9, an offline compile) gave it 255 registers and 384 bytes
+# spilled a thread at 4 warps, 185 and none at 8 (bench/results/cpu_moe_ptxas_sm90_37009f4.txt).
+# Same BLOCK_N, so the partials' count is the same.
+ROWS_DSCORE_WARPS = 8
 WEIGHT_GRAD_CONFIG = (64, 128, 32, 4, 3)
 COMBINE_CONFIG = (256, 4)
 
@@ -318,6 +323,7 @@ def _rows_gemm(a, rows, b, c, pre=None, score=None, partial=None, gelu_a=False):
         return
     block_m, block_n, block_k, num_warps, num_stages = ROWS_CONFIG
     dscore = partial is not None
+    num_warps = ROWS_DSCORE_WARPS if dscore else num_warps
     _moe_rows_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m), E)](
         a, rows if rows is not None else a, b, c, pre if dscore else c, score if dscore else c,
         partial if dscore else c, M, N, K, 0 if rows is not None else a.stride(0), a.stride(-2),
