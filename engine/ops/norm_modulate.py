@@ -17,6 +17,10 @@ Bytes that must move, for the benchmark's GB/s (E = B*N*D elements of the activa
 add_norm_modulate forward reads x, y and writes r, h (4E); backward reads dh, dr, r, y and
 writes dx, dy (6E). norm_modulate: forward 2E, backward reads dh, x and writes dx (3E). The
 forward saves only the LN input, y (when gated), the modulation and per-row mean / rstd.
+``norm_modulate``'s Triton kernels read x with any batch and row strides (unit column stride):
+MicroDiT's qk-norms normalise chunks of a fused QKV / KV projection's output in place, which
+would otherwise cost a copy of each (about 100 copies a step of MicroDiT-XL/2 at 256 px, 5.7 ms
+of its 225 ms on an H100: bench/results/h100_profile_microdit_256_m075_b256_engine_graph_728363c.md).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def add_norm_modulate_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor |
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _norm_modulate_fwd_kernel(X, Y, GATE, SHIFT, SCALE, R, H, MEAN, RSTD, N, D, eps,
+def _norm_modulate_fwd_kernel(X, Y, GATE, SHIFT, SCALE, R, H, MEAN, RSTD, N, D, eps, stride_xb, stride_xn,
                               stride_gate, stride_shift, stride_scale, HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_D: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr):
     b = tl.program_id(0)
@@ -76,8 +80,9 @@ def _norm_modulate_fwd_kernel(X, Y, GATE, SHIFT, SCALE, R, H, MEAN, RSTD, N, D, 
         row_ok = rows < N
         row_ids = b.to(tl.int64) * N + rows                                               # flat row index
         offs = row_ids[:, None] * D + cols[None, :]                                       # (BLOCK_N, BLOCK_D)
+        x_offs = b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xn + cols[None, :]
         mask = row_ok[:, None] & col_ok[None, :]
-        r = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_Y:
             y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_GATE:
@@ -100,7 +105,7 @@ def _norm_modulate_fwd_kernel(X, Y, GATE, SHIFT, SCALE, R, H, MEAN, RSTD, N, D, 
 
 @triton.jit
 def _norm_modulate_bwd_kernel(DH, DR, R, Y, GATE, SCALE, MEAN, RSTD, DX, DY, PARTIALS, DMOD, COUNTERS, N, D, P,
-                              stride_gate, stride_scale, HAS_GATE: tl.constexpr, HAS_DR: tl.constexpr, BLOCK_N: tl.constexpr,
+                              stride_rb, stride_rn, stride_gate, stride_scale, HAS_GATE: tl.constexpr, HAS_DR: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_D: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
                               SPLIT_TILE: tl.constexpr):
     b = tl.program_id(0)
@@ -124,7 +129,8 @@ def _norm_modulate_bwd_kernel(DH, DR, R, Y, GATE, SCALE, MEAN, RSTD, DX, DY, PAR
         mask = row_ok[:, None] & col_ok[None, :]
         mean = tl.load(MEAN + row_ids, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + row_ids, mask=row_ok, other=0.0)
-        r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+        r_offs = b.to(tl.int64) * stride_rb + rows[:, None].to(tl.int64) * stride_rn + cols[None, :]
+        r = tl.load(R + r_offs, mask=mask, other=0.0).to(tl.float32)
         dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_DR:
             dr_in = tl.load(DR + offs, mask=mask, other=0.0).to(tl.float32)
@@ -187,9 +193,10 @@ def _config(x: torch.Tensor, gpu_config: tuple[int, int, int, int]) -> tuple[int
 
 
 def _norm_modulate_fwd_triton(x, y, gate, shift, scale, config=None):
-    """x, y: (B, N, D) contiguous; gate, shift, scale: (B, D) fp32 with unit column stride (rows
-    of the model's (B, 6, D) modulation, read in place).
-    Returns (r or None, h, mean, rstd)."""
+    """x: (B, N, D) with unit column stride (any batch and row strides: a view into a fused
+    projection's output is read in place); y: (B, N, D) contiguous; gate, shift, scale: (B, D)
+    fp32 with unit column stride (rows of the model's (B, 6, D) modulation, read in place).
+    Returns (r or None, h, mean, rstd), each contiguous."""
     block_n, tiles, stages, num_warps = config or _config(x, FWD_CONFIG)
     B, N, D = x.shape
     r = _new_output((B, N, D), x.dtype, x.device) if y is not None else None
@@ -199,7 +206,7 @@ def _norm_modulate_fwd_triton(x, y, gate, shift, scale, config=None):
     grid = (B, triton.cdiv(N, block_n * tiles))
     _norm_modulate_fwd_kernel[grid](
         x, x if y is None else y, shift if gate is None else gate, shift, scale,
-        h if r is None else r, h, mean, rstd, N, D, EPS,
+        h if r is None else r, h, mean, rstd, N, D, EPS, x.stride(0), x.stride(1),
         (shift if gate is None else gate).stride(0), shift.stride(0), scale.stride(0), HAS_Y=y is not None, HAS_GATE=gate is not None,
         BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D), TILES=tiles, STAGES=stages,
         num_warps=num_warps)
@@ -207,8 +214,8 @@ def _norm_modulate_fwd_triton(x, y, gate, shift, scale, config=None):
 
 
 def _norm_modulate_bwd_triton(dh, dr, r, y, gate, scale, mean, rstd, config=None):
-    """dh, dr (or None), r (the LN input), y: (B, N, D) contiguous; gate, scale: (B, D) fp32 with
-    unit column stride.
+    """dh, dr (or None), y: (B, N, D) contiguous; r (the LN input) (B, N, D) with unit column
+    stride; gate, scale: (B, D) fp32 with unit column stride.
     y is read only with gate. Returns (dx, dy or None, dmod): dy only when gate is given
     (ungated, dy = dx); dmod fp32 (2, B, D) = d_shift, d_scale, or (3, B, D) with d_gate."""
     block_n, tiles, stages, num_warps = config or _config(r, BWD_CONFIG)
@@ -222,7 +229,7 @@ def _norm_modulate_bwd_triton(dh, dr, r, y, gate, scale, mean, rstd, config=None
     _norm_modulate_bwd_kernel[(B, P)](
         dh, dh if dr is None else dr, r, r if y is None else y, scale if gate is None else gate,
         scale, mean, rstd, dx, dx if dy is None else dy, partials, dmod, arrival_counters(B, r.device), N, D, P,
-        (scale if gate is None else gate).stride(0), scale.stride(0), HAS_GATE=gate is not None, HAS_DR=dr is not None,
+        r.stride(0), r.stride(1), (scale if gate is None else gate).stride(0), scale.stride(0), HAS_GATE=gate is not None, HAS_DR=dr is not None,
         BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D), TILES=tiles, STAGES=stages, SPLIT_TILE=2,
         num_warps=num_warps)
     return dx, dy, dmod                                                                  # (2|3, B, D)
@@ -239,6 +246,7 @@ def _device_index(t: torch.Tensor) -> int:
 def _norm_modulate_fwd_cuda(x, y, gate, shift, scale):
     """Same contract as _norm_modulate_fwd_triton, through engine._C.norm_modulate_fwd."""
     fwd = extension_function("norm_modulate_fwd")
+    x = x.contiguous()
     B, N, D = x.shape
     r = _new_output((B, N, D), x.dtype, x.device) if y is not None else None
     h = _new_output((B, N, D), x.dtype, x.device)
@@ -254,6 +262,7 @@ def _norm_modulate_bwd_cuda(dh, dr, r, y, gate, scale, mean, rstd):
     """Same contract as _norm_modulate_bwd_triton, through engine._C.norm_modulate_bwd."""
     bwd = extension_function("norm_modulate_bwd")
     workspace_elements = extension_function("norm_modulate_bwd_workspace")
+    r = r.contiguous()
     B, N, D = r.shape
     dx = _new_output((B, N, D), r.dtype, r.device)
     dy = _new_output((B, N, D), r.dtype, r.device) if gate is not None else None
@@ -395,8 +404,12 @@ def _run_kernels(x, y, gate, shift, scale, backend):
             return None
         m = m.to(torch.float32)
         return m if backend == "triton" and m.stride(-1) == 1 else m.contiguous()
+    # Without y the Triton kernels read x's rows in place (a qk-norm's input is a view into the
+    # fused QKV projection's output); with y, x and y are read at the offsets r is written at.
+    if y is not None or backend != "triton" or x.stride(-1) != 1:
+        x = x.contiguous()
     return _NormModulateFunction.apply(
-        x.contiguous(), None if y is None else y.contiguous(), as_fp32(gate), as_fp32(shift), as_fp32(scale), backend)
+        x, None if y is None else y.contiguous(), as_fp32(gate), as_fp32(shift), as_fp32(scale), backend)
 
 
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,

@@ -283,3 +283,38 @@ def test_modulation_rows_of_a_wider_tensor(backend, device, seed):
 
     for name, got, want in zip(("r", "h", "dmod"), outputs_and_mod_grad(True), outputs_and_mod_grad(False)):
         assert torch.equal(got, want), f"{name} (seed {seed})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_rows_of_a_fused_projection(backend, device, seed, monkeypatch):
+    """x as MicroDiT's qk-norm passes it: a (B, N, D) chunk of a (B, N, 3 D) projection output
+    (row stride 3 D). Output and the gradient reaching the (B, N, 3 D) tensor equal those of the
+    same values passed contiguous, and the Triton kernels read the chunk in place: no copy of x."""
+    B, N, D = 2, 37, 96
+    fused = torch.randn(B, N, 3 * D, device=device).bfloat16()
+    shift, scale = (0.5 * torch.randn(B, D, device=device) for _ in range(2))
+    dh = torch.randn(B, N, D, device=device).bfloat16()
+    copies = []
+    contiguous = torch.Tensor.contiguous
+
+    def counting_contiguous(t, *args, **kwargs):
+        if not t.is_contiguous():
+            copies.append(tuple(t.shape))
+        return contiguous(t, *args, **kwargs)
+
+    def output_and_grad(in_place):
+        leaf = fused.clone().requires_grad_()
+        x = leaf.chunk(3, dim=-1)[1] if in_place else leaf.chunk(3, dim=-1)[1].contiguous()
+        assert x.stride(1) == (3 * D if in_place else D)
+        copies.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "contiguous", counting_contiguous)
+            h = norm_modulate(x, shift, scale, backend=backend)
+        (grad,) = torch.autograd.grad(h, leaf, dh)
+        return h, grad, list(copies)
+
+    h, grad, copied = output_and_grad(True)
+    h_ref, grad_ref, _ = output_and_grad(False)
+    assert torch.equal(h, h_ref) and torch.equal(grad, grad_ref), f"seed {seed}"
+    assert copied == ([] if backend == "triton" else [(B, N, D)]), copied
