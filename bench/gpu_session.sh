@@ -255,13 +255,13 @@ train_speed() {
     rm -rf "$runs/$loader/checkpoints/step-"*/{model,ema}.safetensors "$runs/$loader/checkpoints/step-"*/optimizer.pt
   done
   if [ "${B176_STEPS:-100}" != 0 ]; then
-  python3 -m train run --preset pixart-alpha --stage 2 --data "$cache" --out "$runs/b176" --max-steps "${B176_STEPS:-100}" \
-    --ckpt-every 1000000 --set train.global_batch=176 --set train.micro_batch=176 --set log.every=10 \
-    --set log.sample_every=0 --set "train.memory_limit_gib=$H100_GIB" >"$runs/b176.log" 2>&1
-  echo "b176: exit $?; $(grep -E '^recompute|^stage' "$runs/b176.log" | tr '\n' ' ')"
-  rm -rf "$runs/b176/checkpoints/step-"*/{model,ema}.safetensors "$runs/b176/checkpoints/step-"*/optimizer.pt
-  python3 bench/run_speed.py --bench "$out/speed_bench.json" --run b176="$runs/b176" --from-step 30 --to-step "${B176_STEPS:-100}" \
-    --json "$out/run_speed_b176.json"
+    python3 -m train run --preset pixart-alpha --stage 2 --data "$cache" --out "$runs/b176" --max-steps "${B176_STEPS:-100}" \
+      --ckpt-every 1000000 --set train.global_batch=176 --set train.micro_batch=176 --set log.every=10 \
+      --set log.sample_every=0 --set "train.memory_limit_gib=$H100_GIB" >"$runs/b176.log" 2>&1
+    echo "b176: exit $?; $(grep -E '^recompute|^stage' "$runs/b176.log" | tr '\n' ' ')"
+    rm -rf "$runs/b176/checkpoints/step-"*/{model,ema}.safetensors "$runs/b176/checkpoints/step-"*/optimizer.pt
+    python3 bench/run_speed.py --bench "$out/speed_bench.json" --run b176="$runs/b176" --from-step 30 \
+      --to-step "${B176_STEPS:-100}" --json "$out/run_speed_b176.json"
   fi
   python3 bench/run_speed.py --bench "$out/speed_bench.json" $(for l in ${SPEED_LOADERS:-dali torch}; do echo "--run $l=$runs/$l"; done) \
     --from-step 50 --to-step "$steps" --json "$out/run_speed_b64.json"

@@ -29,7 +29,7 @@ def blocks_in_order(model: nn.Module) -> list[nn.Module]:
     found = [getattr(model, name, None) for name in names]
     if not all(isinstance(blocks, nn.ModuleList) for blocks in found):
         raise TypeError(f"{type(model).__name__}.block_lists names {names}, not all of them ModuleLists")
-    blocks_of(model)
+    blocks_of(model)  # every model has its non-empty ``blocks`` too (recompute's)
     return [block for blocks in found for block in blocks]
 
 
@@ -57,9 +57,10 @@ def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 def apply_fsdp2(model: nn.Module, mixed_precision: bool = True) -> nn.Module:
     """Shard parameters, gradients and optimizer state over all ranks with FSDP2 (``fully_shard``),
     in place: each block (``blocks_in_order``: MicroDiT's mixer blocks too) is one communication
-    unit, the root holds the remaining parameters (embedders, final layer). With ``mixed_precision`` the gathered parameters compute in bf16 and
-    gradients are reduced in fp32 (MixedPrecisionPolicy); the fp32 shards stay the optimizer's
-    master weights. Without it everything stays in the parameters' own dtype.
+    unit, the root holds the remaining parameters (embedders, final layer). With
+    ``mixed_precision`` the gathered parameters compute in bf16 and gradients are reduced in fp32
+    (MixedPrecisionPolicy); the fp32 shards stay the optimizer's master weights. Without it
+    everything stays in the parameters' own dtype.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

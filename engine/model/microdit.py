@@ -153,13 +153,14 @@ def add_norm(x: torch.Tensor, pending: torch.Tensor | None, gate: torch.Tensor |
     return add_norm_modulate(x, pending, gate, shift, scale)  # (B, N, D) each
 
 
-def qk_norm(t: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """LN(t) over each token's whole vector, all heads together, no affine: (B, N, A) -> (B, N, h, d)
-    with d = head_dim. The fused norm op with zero modulation, which normalises in fp32 and
-    writes the compute dtype (under autocast F.layer_norm would write fp32 q and k for attention
-    to cast back, three times the bytes of a bf16 write and read)."""
-    zero = torch.zeros(t.shape[0], t.shape[-1], dtype=torch.float32, device=t.device)  # (B, A): no shift, no scale
-    return heads(norm_modulate(t, zero, zero), head_dim)
+def qk_norm(q: torch.Tensor, k: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LN(q), LN(k)), each over a token's whole vector, all heads together, no affine: q (B, N, A),
+    k (B, M, A) -> (B, N, h, d), (B, M, h, d) with d = head_dim. The fused norm op with zero
+    modulation, which normalises in fp32 and writes the compute dtype (under autocast
+    F.layer_norm would write fp32 q and k for attention to cast back, three times the bytes of a
+    bf16 write and read)."""
+    zero = torch.zeros(q.shape[0], q.shape[-1], dtype=torch.float32, device=q.device)  # (B, A): no shift, no scale
+    return heads(norm_modulate(q, zero, zero), head_dim), heads(norm_modulate(k, zero, zero), head_dim)
 
 
 def heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -179,7 +180,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x)  # (B, N, A) each
         d = self.head_dim
-        out = self_attention(qk_norm(q, d), qk_norm(k, d), heads(v, d))  # (B, N, h, d)
+        out = self_attention(*qk_norm(q, k, d), heads(v, d))  # (B, N, h, d)
         return self.proj(out.flatten(2))  # (B, N, dim)
 
 
@@ -198,7 +199,7 @@ class CrossAttention(nn.Module):
         the next blocks, so that the gradients of all its uses are summed inside those GEMMs."""
         k, v, y = self.kv(y, branch=True)  # (B, L, dim) each
         d = self.head_dim
-        out = cross_attention(qk_norm(self.q(x), d), qk_norm(k, d), heads(v, d), None)  # (B, N, h, d): every key
+        out = cross_attention(*qk_norm(self.q(x), k, d), heads(v, d), None)  # (B, N, h, d): every key
         return self.proj(out.flatten(2)), y  # (B, N, dim)
 
 

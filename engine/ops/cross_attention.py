@@ -92,6 +92,9 @@ def cross_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_le
 def _cross_attention_sdpa(q, k, v, kv_lens):
     # SDPA with a boolean key mask, as diffusers' PixArt runs it. A fully masked row would give
     # NaN, so lengths are clamped to 1 for the mask and empty-caption samples zeroed afterwards.
+    # Without lengths (every key valid), SDPA without a mask.
+    if kv_lens is None:
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     L = k.shape[1]
     valid = torch.arange(L, device=q.device)[None, :] < kv_lens.clamp(min=1)[:, None]  # (B, L)
     out = F.scaled_dot_product_attention(
@@ -531,6 +534,8 @@ def _check_inputs(q, k, v, kv_lens) -> None:
     if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError("cross_attention: q, k, v must share one floating-point dtype, "
                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if kv_lens is None:
+        return
     if kv_lens.shape != (q.shape[0],):
         raise ValueError(f"cross_attention: kv_lens must have shape ({q.shape[0]},), got {tuple(kv_lens.shape)}")
     if kv_lens.is_floating_point() or kv_lens.is_complex() or kv_lens.dtype == torch.bool:
@@ -570,16 +575,12 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: 
     importable), "auto" or None (see engine.ops.backend): triton on CUDA tensors (the fastest
     measured), eager on the CPU.
     """
-    name = resolve(backend, q.device, "cross_attention", prefer=AUTO_PREFERENCE)
-    if kv_lens is None:
-        if name == "eager":
-            _check_inputs(q, k, v, q.new_zeros(q.shape[0], dtype=torch.int32))
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, N, d)
-            return out.transpose(1, 2)
-        kv_lens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)  # (B,) = L
     _check_inputs(q, k, v, kv_lens)
+    name = resolve(backend, q.device, "cross_attention", prefer=AUTO_PREFERENCE)
     if name == "eager":
         return _cross_attention_sdpa(q, k, v, kv_lens)
+    if kv_lens is None:  # the kernels mask by length: every length L
+        kv_lens = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32, device=q.device)  # (B,)
     if name == "cuda":
         if _flash_attn_varlen_func is None:
             raise RuntimeError("cross_attention: backend 'cuda' runs flash-attn's flash_attn_varlen_func, "
