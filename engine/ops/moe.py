@@ -268,11 +268,13 @@ def _moe_weight_grad_kernel(a_ptr, a_rows_ptr, b_ptr, b_rows_ptr, score_ptr, c_p
 @triton.jit
 def _moe_combine_kernel(src_ptr, slots_ptr, score_ptr, out_ptr, D, E, stride_s, stride_o,
                         SCALE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (d, t): out[t, cols] = Σ_e src[slots[t, e], cols] (times score[slots[t, e]] with
+    """Program (t, d): out[t, cols] = Σ_e src[slots[t, e], cols] (times score[slots[t, e]] with
     SCALE) over the experts that took token t (slot >= 0), summed in fp32 in expert order: the
-    deterministic scatter-add. A token no expert took gets 0."""
-    pid_d = tl.program_id(0)
-    t = tl.program_id(1).to(tl.int64)
+    deterministic scatter-add. A token no expert took gets 0. The token is grid axis 0, the only
+    axis with room for B T programs (CUDA caps axes 1 and 2 at 65,535; MicroDiT's mixer at 256 px
+    and batch 256 has 65,536 tokens)."""
+    t = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -354,7 +356,7 @@ def _combine(src, slots, score, out):
     if out.numel() == 0:
         return
     block_d, num_warps = COMBINE_CONFIG
-    _moe_combine_kernel[(triton.cdiv(D, block_d), N)](
+    _moe_combine_kernel[(N, triton.cdiv(D, block_d))](
         src, slots, score if score is not None else src, out, D, slots.shape[1], src.stride(0), out.stride(0),
         SCALE=score is not None, BLOCK_D=block_d, num_warps=num_warps)
 
