@@ -25,17 +25,23 @@ loader rebuilds it only when asked for a position other than the one it delivers
   0.94 MiB a sample, and every host copy of it costs bandwidth the reader needs. On CUDA the
   DataLoader's pin-memory thread copies it into pinned memory, from which the device copy runs
   asynchronously.
-- dali backend: one pipeline (its Python workers start once) whose epochs follow each other by
-  ``reset()``. A GPU pipeline delivers on the device; a CPU pipeline delivers host batches.
+- dali backend: one pipeline (its Python workers start once) whose one DALI epoch never ends: its
+  source maps DALI's iteration count to positions across the plan's epochs, so the pipeline reads
+  ahead over an epoch boundary instead of being reset there (a reset restarts its prefetch, which
+  the training step then waits for). A GPU pipeline delivers on the device; a CPU pipeline
+  delivers host batches.
 
 Device prefetch. The loader keeps one batch ahead: when the consumer takes batch k, batch k + 1
-is already on its way. A host batch bound for CUDA is copied to the device and its latent drawn
-on a side stream, so the copy overlaps the consumer's compute instead of queueing behind it on
-the training stream; the consumer's current stream waits on that work's event when it takes the
-batch, and the batch's tensors are ``record_stream``-ed to it so the caching allocator keeps
-them until the consumer's work is done. A DALI GPU batch is finished on the current stream (its
-data is already on the device). On the CPU nothing is asynchronous: batch k + 1 is finished
-before batch k is returned.
+is already on its way. On a CUDA device a thread of the loader (the stager) takes batch k + 1
+from the source while the consumer works on batch k, so the host time of that call (the DALI
+pipeline's run and its hand-over to torch, or the DataLoader's queue) is spent beside the step
+rather than in it; the batch is copied to the device (or, from a DALI GPU pipeline, taken over
+from DALI's stream) and its latent drawn on a side stream, so that work overlaps the consumer's
+compute instead of queueing behind it on the training stream. The consumer's current stream
+waits on that work's event when it takes the batch, and the batch's tensors are
+``record_stream``-ed to it so the caching allocator keeps them until the consumer's work is
+done. On the CPU nothing is asynchronous (unless ``stage_thread`` asks for the stager): batch
+k + 1 is finished before batch k is returned.
 
 ``Loader.epoch`` / ``Loader.batch`` (and ``state_dict()``) name the next batch the consumer
 takes, not the one in flight, so a checkpoint saved between steps resumes with exactly the batch
@@ -48,6 +54,7 @@ import contextlib
 import math
 import os
 import weakref
+from concurrent import futures
 
 import numpy as np
 import torch
@@ -143,30 +150,42 @@ class _TorchBatches(torch.utils.data.Dataset):
         return epoch, k, batch
 
 
-def _torch_batches(dataset: _TorchBatches, positions: _Positions, workers: int, prefetch: int, pin_memory: bool):
-    """``(epoch, k, host batch)`` from ``positions`` on, without end: read in this process
-    (``workers == 0``) or by one DataLoader's worker processes, which live until this generator
-    is closed."""
-    if workers == 0:
-        yield from map(dataset.__getitem__, positions)
-        return
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=positions, num_workers=workers,
-                                               prefetch_factor=prefetch, pin_memory=pin_memory))
-    try:
-        for epoch, k, batch in batches:
-            yield epoch, k, batch
-    finally:
-        # Stop the workers and the pin-memory thread now, not whenever the iterator is collected.
-        batches._shutdown_workers()
+class _TorchSource:
+    """``(epoch, k, host batch)`` from ``positions`` on, without end: read by the thread that
+    iterates (``workers == 0``) or by one DataLoader's worker processes. The workers start here,
+    in the thread that builds the source (a process forked from the loader's stager thread would
+    inherit that thread as its main one, which its exit handlers then try to join), and live
+    until ``close()``."""
+
+    def __init__(self, dataset: _TorchBatches, positions: _Positions, workers: int, prefetch: int, pin_memory: bool):
+        if workers == 0:
+            self.batches, self.dataloader = map(dataset.__getitem__, positions), None
+        else:
+            self.dataloader = iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=positions,
+                                                               num_workers=workers, prefetch_factor=prefetch,
+                                                               pin_memory=pin_memory))
+            self.batches = self.dataloader
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, int, dict[str, torch.Tensor]]:
+        return next(self.batches)
+
+    def close(self) -> None:
+        if self.dataloader is not None:  # the workers and the pin-memory thread stop now, not when collected
+            self.dataloader._shutdown_workers()
+            self.dataloader = None
 
 
 _DALI_DENSE = ("latent_mean", "latent_std", "caption_lens", "label", "resolution", "aspect_ratio", "index")
 
 
 class _DaliSource:
-    """Batch callback for ``fn.external_source``. DALI counts epochs and iterations from the
-    pipeline's start; they map to this rank's batch ``start + iteration`` of epoch ``first_epoch``,
-    then batch ``iteration`` of each following epoch.
+    """Batch callback for ``fn.external_source``. It never ends an epoch for DALI: the pipeline's
+    iteration i is this rank's batch ``start + i`` counted from batch 0 of ``first_epoch``, across
+    epochs (every epoch holds len(plan) batches), so the pipeline reads ahead over an epoch's end
+    instead of restarting there.
 
     It holds only the plan's inputs, so it pickles small into DALI's worker processes and
     computes each epoch's batch list there.
@@ -176,13 +195,15 @@ class _DaliSource:
         self.cache, self.plan, self.first_epoch, self.start, self.text_len = cache, plan, first_epoch, start, text_len
         self._epoch, self._batches = None, None
 
+    def position(self, iteration: int) -> tuple[int, int]:
+        """(epoch, k) of the pipeline's ``iteration``."""
+        epochs, k = divmod(self.start + iteration, len(self.plan))
+        return self.first_epoch + epochs, k
+
     def __call__(self, info):
-        epoch = self.first_epoch + info.epoch_idx
-        k = info.iteration + (self.start if info.epoch_idx == 0 else 0)
+        epoch, k = self.position(info.iteration)
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, self.plan.batches(epoch)
-        if k >= len(self._batches):
-            raise StopIteration
         arrays = self.cache.read(self._batches[k], self.text_len)
         # dense columns go as one array with the batch as outer dimension, text as a list of
         # (L_i, Ct) arrays of different lengths
@@ -218,30 +239,34 @@ def _build_dali(source: _DaliSource, batch_size: int, text_len: int, text_width:
     return pipe
 
 
-def _dali_batches(cache: LatentCache, plan: BatchPlan, epoch: int, start: int, text_len: int, workers: int,
-                  prefetch: int, device_id: int | None):
+class _DaliBatches:
     """``(epoch, k, batch)`` from batch ``start`` of ``epoch`` on, without end, from one pipeline
-    (its Python workers start once) that moves to the next epoch by ``reset()``; the pipeline is
-    released when this generator is closed."""
-    pipe = _build_dali(_DaliSource(cache, plan, epoch, start, text_len), plan.batch_size, text_len, cache.text_width,
-                       workers, prefetch, device_id)
-    names = [*_DALI_DENSE, *(["caption"] if cache.text_width else [])]
-    on_device = torch.cuda.device(device_id) if device_id is not None else contextlib.nullcontext()
-    k = start
-    while True:
-        try:
-            results = pipe.run()
-        except StopIteration:
-            pipe.reset()  # DALI's next epoch
-            epoch, k = epoch + 1, 0
-            continue
+    whose one DALI epoch never ends (_DaliSource). The pipeline (and its Python workers) starts
+    here, in the thread that builds the source, and is released by ``close()``."""
+
+    def __init__(self, cache: LatentCache, plan: BatchPlan, epoch: int, start: int, text_len: int, workers: int,
+                 prefetch: int, device_id: int | None):
+        self.source = _DaliSource(cache, plan, epoch, start, text_len)
+        self.pipe = _build_dali(self.source, plan.batch_size, text_len, cache.text_width, workers, prefetch, device_id)
+        self.names = [*_DALI_DENSE, *(["caption"] if cache.text_width else [])]
+        self.device_id, self.iteration = device_id, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, int, dict[str, torch.Tensor]]:
+        results = self.pipe.run()
         # The dynamic executor's outputs own their memory: DLPack hands it to torch without a
         # copy, ordered after DALI's work on torch's current stream (as DALI's own PyTorch
         # iterator does).
-        with on_device:
-            batch = {name: torch.from_dlpack(out.as_tensor()) for name, out in zip(names, results, strict=True)}
-        yield epoch, k, batch
-        k += 1
+        with torch.cuda.device(self.device_id) if self.device_id is not None else contextlib.nullcontext():
+            batch = {name: torch.from_dlpack(out.as_tensor()) for name, out in zip(self.names, results, strict=True)}
+        epoch, k = self.source.position(self.iteration)
+        self.iteration += 1
+        return epoch, k, batch
+
+    def close(self) -> None:
+        self.pipe = None
 
 
 class Loader:
@@ -258,17 +283,18 @@ class Loader:
 
     def __init__(self, cache: LatentCache, batch_size: int, rank: int, world: int, seed: int, backend: str,
                  text_len: int, drop_last: bool, device: torch.device, workers: int, prefetch: int,
-                 dali_device: str | None = None):
+                 dali_device: str | None = None, stage_thread: bool | None = None):
         self.cache, self.backend, self.text_len, self.device = cache, backend, text_len, device
         self.batch_size, self.seed, self.workers, self.prefetch = batch_size, seed, workers, prefetch
         self.dali_device = dali_device or ("gpu" if device.type == "cuda" else "cpu")  # see make_loader
         self.plan = BatchPlan(cache.sample_buckets, batch_size, rank, world, seed, drop_last)
         self.epoch, self.batch = 0, 0  # position: the next batch the consumer takes
-        host_batches = backend == "torch" or self.dali_device == "cpu"
-        # host batches bound for CUDA are copied and finished on this stream (module docstring)
-        self._copy_stream = torch.cuda.Stream(device) if host_batches and device.type == "cuda" else None
+        # batches bound for CUDA are finished on this stream (module docstring)
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        stage_thread = device.type == "cuda" if stage_thread is None else stage_thread
+        self._stager = futures.ThreadPoolExecutor(1, thread_name_prefix="loader-stage") if stage_thread else None
         self._source = None  # iterator of (epoch, k, batch), delivering the position after self._ahead's
-        self._ahead = None  # (position, finished batch, event or None): the next batch to hand over
+        self._ahead = None  # Future of (position, finished batch, event or None): the next batch to hand over
         self._stop_source = None  # weakref.finalize closing self._source
 
     def __len__(self) -> int:
@@ -309,55 +335,76 @@ class Loader:
 
     def close(self) -> None:
         """Stop the source (its worker processes or DALI pipeline) and drop the batch in flight."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:  # a batch being staged leaves the source before it is closed
+            futures.wait([ahead])
         if self._stop_source is not None:
             self._stop_source()
-        self._source = self._stop_source = self._ahead = None
+        self._source = self._stop_source = None
 
     def _next(self) -> dict[str, torch.Tensor]:
         """The batch at the position, after starting the next one on its way; then the position
         moves on. The live source is kept whenever it delivers the position (consecutive epochs,
         a loop broken off and resumed); any other position (load_state_dict, an epoch skipped)
-        starts a new one."""
+        starts a new one. A failed read ends the source; iterating again restarts at the
+        position."""
         position = (self.epoch, self.batch)
-        if self._ahead is None or self._ahead[0] != position:
+        staged = self._take_ahead()
+        if staged is None or staged[0] != position:
             self._start(position)
-        staged = self._ahead
-        try:
-            self._ahead = self._stage(next(self._source))
-        except BaseException:  # a failed read ends the source; iterating again restarts at the position
-            self.close()
-            raise
+            staged = self._take_ahead()
+        self._ahead = self._request()
         self.batch += 1
         return self._hand_over(staged)
+
+    def _take_ahead(self):
+        """The staged batch (waiting for it), or None when nothing is staged."""
+        if self._ahead is None:
+            return None
+        try:
+            return self._ahead.result()
+        except BaseException:
+            self.close()
+            raise
+
+    def _request(self) -> futures.Future:
+        """Stage the source's next batch: on the stager thread, which reads, copies and finishes it
+        while the consumer works, or at once in this thread."""
+        if self._stager is not None:
+            return self._stager.submit(self._stage_next)
+        done = futures.Future()
+        try:
+            done.set_result(self._stage_next())
+        except BaseException as error:
+            done.set_exception(error)
+        return done
 
     def _start(self, position: tuple[int, int]) -> None:
         self.close()  # release the old source's workers before starting new ones
         epoch, start = position
         if self.backend == "dali":
             device_id = self.device.index if self.dali_device == "gpu" else None
-            source = _dali_batches(self.cache, self.plan, epoch, start, self.text_len, self.workers, self.prefetch,
-                                   device_id)
+            source = _DaliBatches(self.cache, self.plan, epoch, start, self.text_len, self.workers, self.prefetch,
+                                  device_id)
         else:
-            source = _torch_batches(_TorchBatches(self.cache, self.text_len), _Positions(self.plan, epoch, start),
-                                    self.workers, self.prefetch, pin_memory=self.device.type == "cuda")
+            source = _TorchSource(_TorchBatches(self.cache, self.text_len), _Positions(self.plan, epoch, start),
+                                  self.workers, self.prefetch, pin_memory=self.device.type == "cuda")
         # The finalizer holds the source, not the loader: a loader nobody closes still stops its
         # workers when it is collected, and at interpreter exit.
         self._source, self._stop_source = source, weakref.finalize(self, source.close)
-        try:
-            self._ahead = self._stage(next(source))
-        except BaseException:
-            self.close()
-            raise
+        self._ahead = self._request()
 
-    def _stage(self, item: tuple[int, int, dict[str, torch.Tensor]]):
-        """Finish a source batch: on the copy stream, recording an event, when it is a host batch
-        bound for CUDA; else at once on the current stream."""
-        epoch, k, host = item
+    def _stage_next(self):
+        """The source's next batch, finished: (position, batch, event or None). Bound for CUDA, it
+        is read (a DALI GPU batch taken over from DALI's stream), copied and finished on the copy
+        stream, whose event the consumer waits on; on the CPU, at once."""
         if self._copy_stream is None:
+            epoch, k, host = next(self._source)
             return (epoch, k), self._finish(host, epoch, k), None
-        with torch.cuda.stream(self._copy_stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+            epoch, k, host = next(self._source)
             batch = self._finish(host, epoch, k)
-        return (epoch, k), batch, self._copy_stream.record_event()
+            return (epoch, k), batch, self._copy_stream.record_event()
 
     def _hand_over(self, staged) -> dict[str, torch.Tensor]:
         _, batch, event = staged
@@ -384,7 +431,7 @@ class Loader:
 def make_loader(cache: str | os.PathLike | LatentCache, batch_size: int, rank: int = 0, world: int = 1,
                 seed: int = 0, backend: str = "dali", text_len: int = 120, drop_last: bool = True,
                 device: str | torch.device | None = None, workers: int = 2, prefetch: int = 2,
-                verify: str = "lazy", dali_device: str | None = None) -> Loader:
+                verify: str = "lazy", dali_device: str | None = None, stage_thread: bool | None = None) -> Loader:
     """A loader over a latent cache (a path or an open LatentCache); see Loader for the batches.
 
     ``workers``: processes that read shards (DALI parallel external source / DataLoader
@@ -393,6 +440,8 @@ def make_loader(cache: str | os.PathLike | LatentCache, batch_size: int, rank: i
     ``device`` defaults to the current CUDA device when there is one, else the CPU.
     ``dali_device``: where a DALI pipeline delivers, ``"gpu"`` (the default on a CUDA device) or
     ``"cpu"`` (a CPU pipeline; on a CUDA device the loader copies its batches there).
+    ``stage_thread``: stage the next batch on a thread of its own while the consumer works (see
+    Device prefetch in the module docstring); None (the default) does so on a CUDA device.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -414,8 +463,10 @@ def make_loader(cache: str | os.PathLike | LatentCache, batch_size: int, rank: i
         cache = open_cache(cache, verify=verify)
     if cache.num_samples == 0:
         raise ValueError(f"latent cache {cache.path} holds no samples")
+    if stage_thread not in (None, True, False):
+        raise ValueError(f"stage_thread must be True, False or None, got {stage_thread!r}")
     loader = Loader(cache, batch_size, rank, world, seed, backend, text_len, drop_last, device, workers, prefetch,
-                    dali_device)
+                    dali_device, stage_thread)
     if len(loader) == 0:
         raise ValueError(f"latent cache {cache.path} ({cache.num_samples} samples) gives rank {rank} of {world} "
                          f"no batch of {batch_size} with drop_last={drop_last}")

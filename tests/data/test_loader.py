@@ -240,10 +240,12 @@ def _children() -> set[int]:
 CROSSING = dict(batch_size=4, rank=1, world=2, seed=11, drop_last=False)  # 5 batches an epoch on rank 1
 
 
-@pytest.mark.parametrize("backend,workers", [("torch", 0), ("torch", 2), ("dali", 0)])
-def test_batches_across_epochs_match_a_numpy_reference(cache, backend, workers):
+@pytest.mark.parametrize("stage_thread", [False, True])
+@pytest.mark.parametrize("backend,workers", [("torch", 0), ("torch", 2), ("dali", 0), ("dali", 2)])
+def test_batches_across_epochs_match_a_numpy_reference(cache, backend, workers, stage_thread):
     reference = _reference(cache, 3, **CROSSING)
-    loader = make_loader(cache[0], backend=backend, workers=workers, text_len=TEXT_LEN, device="cpu", **CROSSING)
+    loader = make_loader(cache[0], backend=backend, workers=workers, text_len=TEXT_LEN, device="cpu",
+                         stage_thread=stage_thread, **CROSSING)
     assert len(loader) * 3 == len(reference) == 15
     try:
         _assert_same_batches(reference, _pull(loader, len(reference)))
@@ -251,11 +253,13 @@ def test_batches_across_epochs_match_a_numpy_reference(cache, backend, workers):
         loader.close()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resumed_loader_continues_with_the_batches_of_the_first(cache, workers):
+@pytest.mark.parametrize("backend,workers,stage_thread", [("torch", 0, False), ("torch", 2, False),
+                                                         ("torch", 2, True), ("dali", 0, True)])
+def test_resumed_loader_continues_with_the_batches_of_the_first(cache, backend, workers, stage_thread):
     reference = _reference(cache, 3, **CROSSING)
-    first = make_loader(cache[0], backend="torch", workers=workers, text_len=TEXT_LEN, device="cpu", **CROSSING)
-    resumed = make_loader(cache[0], backend="torch", workers=workers, text_len=TEXT_LEN, device="cpu", **CROSSING)
+    kwargs = dict(backend=backend, workers=workers, text_len=TEXT_LEN, device="cpu", stage_thread=stage_thread)
+    first = make_loader(cache[0], **kwargs, **CROSSING)
+    resumed = make_loader(cache[0], **kwargs, **CROSSING)
     try:
         _assert_same_batches(reference[:8], _pull(first, 8))
         state = first.state_dict()  # the batch after these 8 is in flight already
@@ -288,6 +292,40 @@ def test_epochs_reuse_the_worker_processes_and_close_stops_them(cache):
     _assert_same_batches(reference[3:5], [dict(b) for b in loader])  # iterating again starts workers anew
     loader.close()
     assert not _children() - before
+
+
+@pytest.mark.parametrize("stage_thread", [False, True])
+def test_a_failed_read_raises_and_iterating_again_resumes_at_its_batch(cache, monkeypatch, stage_thread):
+    from engine.data import loader as loader_module
+
+    reference = _reference(cache, 2, **CROSSING)
+    loader = make_loader(cache[0], backend="torch", workers=0, text_len=TEXT_LEN, device="cpu",
+                         stage_thread=stage_thread, **CROSSING)
+    read = loader_module.LatentCache.read
+    calls = {"count": 0}
+
+    def flaky(self, *args, **kwargs):  # the seventh read (epoch 1, batch 1) fails once
+        calls["count"] += 1
+        if calls["count"] == 7:
+            raise OSError("shard unreadable")
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module.LatentCache, "read", flaky)
+    stream, got = iter(_pull_forever(loader)), []
+    try:
+        with pytest.raises(OSError, match="shard unreadable"):
+            while True:
+                got.append(next(stream))
+        assert (loader.epoch, loader.batch) == (1, 1)  # every batch before the failed one was handed over
+        _assert_same_batches(reference[:6], got)
+        _assert_same_batches(reference[6:], _pull(loader, 4))
+    finally:
+        loader.close()
+
+
+def _pull_forever(loader):
+    while True:
+        yield from loader
 
 
 def test_a_collected_loader_stops_its_workers(cache):
