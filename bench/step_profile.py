@@ -66,7 +66,6 @@ CATEGORY_RULES = (
     (r"^triton_tem_", "gemm"),  # Inductor's matmul templates
     (r"^triton_(poi|red|per)_", "elementwise"),  # Inductor's pointwise / reduction / persistent-reduction kernels
     (r"flash|fmha|sdpa|attention", "attention"),  # incl. the engine's _cross_attention_{fwd,bwd}_kernel
-    (r"_moe_(rows|weight_grad)_kernel", "gemm"),  # engine/ops/moe.py's grouped expert GEMMs
     (r"norm_modulate|patchify|bias_grad|gated_add|_swiglu_|_moe_|^(void )?engine::", "fused"),  # engine/ops Triton kernels, csrc engine:: kernels
     (r"multi_tensor_apply|adam|_foreach_", "optimizer"),  # fused / foreach AdamW
     (r"gemm|gemv|nvjet|xmma|cublas|cutlass|matmul|^aten::(mm|bmm|addmm|baddbmm|addbmm|_addmm_activation|linear)$",

@@ -25,33 +25,31 @@ Backends:
   gradients by autograd. Its memory is the (E, B k, D) and (E, B k, H) expert activations.
 - ``triton``: the routing (softmax, the stable sort that picks each expert's k tokens) stays in
   torch ops, as in eager: it is (B, E, T) small, and autograd carries the chosen scores'
-  gradient back through the softmax to the router and x. The experts are batched GEMM kernels
-  over the chosen rows, expert-major (expert e's B k rows contiguous):
-  forward  pre = x[rows] @ w1[e], gathered inside the GEMM's row load (no gathered copy of x);
-           y = gelu(pre) @ w2[e], GELU applied to the loaded tile; out = per token, the sum over
-           the experts that took it of score * y;
-  backward g = d_out[rows] @ w2[e]ᵀ (gathered again), whose epilogue gives d_score = Σ gelu(pre) g
-           (the same as Σ y d_out, with no y kept) and d_pre = score g gelu'(pre);
-           d_w2 = gelu(pre)ᵀ (score d_out[rows]), d_w1 = x[rows]ᵀ d_pre, and d_x = per token, the
-           sum of its experts' d_pre @ w1[e]ᵀ.
-  Only the pre-activation (E, B k, H) is kept for the backward; GELU and its slope are
-  recomputed from it in the tiles that read it, elementwise work hidden under the GEMMs, where
-  keeping gelu(pre) as well would double the largest saved tensor. The scatter back to the
-  tokens is deterministic, since training runs are promised bitwise reproducible: the kernels
-  write one row per (expert, chosen token), and a combine kernel sums each token's rows in
-  expert order through a (B T, E) table of where they are (-1 where an expert passed the token
-  over); the weight gradients are single-program sums over each expert's rows, and d_score's
-  per-column-block partials are added by one torch sum. No atomics anywhere, and no (B, E, k, T)
-  tensor. The kernels take fp32, bf16 and fp16 (fp32 accumulation; fp32 products are true fp32,
-  not tf32), outputs and gradients in the compute dtype.
+  gradient back through the softmax to the router and x. The expert GEMMs are cuBLAS batched
+  matmuls over the chosen rows, expert-major (expert e's B k rows contiguous); kernels do the
+  moves between the token and the expert layouts, where eager spends its element-wise passes:
+  forward  pre = x[rows] @ w1[e], y = gelu(pre) @ w2[e], and out = per token, the sum over the
+           experts that took it of score * y (one kernel: gather, scale and sum in fp32, one
+           rounding; eager casts y to fp32, multiplies, index-adds with atomics and casts back);
+  backward one kernel gathers g = d_out[rows] and writes dy = score g and d_score = Σ y g (fp32);
+           d_w2 = gelu(pre)ᵀ dy, d_pre = gelu'(pre) (dy @ w2[e]ᵀ), d_w1 = x[rows]ᵀ d_pre, and
+           d_x = per token, the sum of its experts' d_pre @ w1[e]ᵀ (the combine kernel again).
+  Kept for the backward: the pre-activation (E, B k, H) and the expert outputs (E, B k, D) (for
+  d_score); GELU is recomputed from pre. The scatter back to the tokens is deterministic, since
+  training runs are promised bitwise reproducible: a token's rows are summed in expert order
+  through a (B T, E) table of where they are (-1 where an expert passed the token over), with no
+  atomics anywhere, and no (B, E, k, T) tensor. fp32, bf16 and fp16; the GEMMs' outputs and the
+  gradients in the compute dtype, the weight gradients then cast to the weights' dtype (as
+  eager's are). The GEMMs are cuBLAS's because Triton GEMMs with the gather in their row loads
+  and GELU in their tiles took 2.0x eager's time forward + backward at MicroDiT-XL/2's shape on
+  the H100 (bench/results/h100_kernels_moe_270e398.json).
 - ``cuda``: none (no csrc/ kernel); asking for it is an error.
 
 Weights. w1 and w2 are the fp32 master weights; the experts compute in the autocast dtype.
 ``w1_lp`` / ``w2_lp`` are the optimizer's copies of them in that dtype (engine.optim.AdamW's
 ParameterCopy, as engine.ops.linear reads): given, the op reads them instead of casting the
-weights every step. The triton backend's weight-gradient GEMMs write d_w1 / d_w2 in the weights'
-own dtype from their fp32 accumulators, so no low-precision gradient is made and cast back; the
-eager backend's bmm gives them in the compute dtype and autograd casts them, as for a cast weight.
+weights every step. Both backends' bmm give d_w1 / d_w2 in the compute dtype, cast to the
+weights' dtype, as for a cast weight.
 
 ``auto`` is eager everywhere until the triton backend is measured against it. The reference
 ``moe_ref`` is a third formulation, for the tests: every expert on every token, with zero combine
@@ -156,152 +154,61 @@ def _moe_gather(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2
 # ---------------------------------------------------------------------------------------------
 # Triton kernels. The experts' rows are laid out expert-major: entry j = e * (B k) + b k + i of
 # the flat (E B k) index ``rows`` is the row of x.flatten(0, 1) that expert e took i-th in
-# sample b, so expert e's M = B k rows form one contiguous slab, and every GEMM below is a batch
-# of E GEMMs (grid axis 2 is the expert) whose row operand is either gathered through ``rows``
-# or an (E, M, .) tensor indexed directly.
+# sample b, so expert e's M = B k rows form one contiguous slab of every (E, M, .) tensor, and the
+# expert GEMMs are batched matmuls (cuBLAS) over it. The kernels move rows between the token
+# layout (B T, D) and the expert layout (E M, D): the combine back to the tokens, and the
+# backward's gather of d_out with the score's two products. One program per row, the row index
+# on grid axis 0 (CUDA caps axes 1 and 2 at 65,535; MicroDiT's mixer at 256 px and batch 256 has
+# 65,536 tokens).
 # ---------------------------------------------------------------------------------------------
-
-# constexpr: a compiled kernel may read no other globals (the interpreter lets floats through)
-_INV_SQRT2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-
-
-@triton.jit
-def _normal_cdf(pre):
-    """Φ(x) of an fp32 tile: exact GELU is x Φ(x), its slope Φ(x) + x φ(x)."""
-    return 0.5 * (1.0 + tl.math.erf(pre * _INV_SQRT2))
-
-
-@triton.jit
-def _moe_rows_kernel(a_ptr, rows_ptr, b_ptr, c_ptr, pre_ptr, score_ptr, partial_ptr, M, N, K,
-                     stride_ae, stride_am, stride_be, stride_bk, stride_bn, stride_ce, stride_cm, stride_ps,
-                     GATHER_A: tl.constexpr, GELU_A: tl.constexpr, DSCORE: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (n, m, e): C[e][rows m, cols n] = A_e (M, K) @ B[e] (K, N), fp32 accumulation.
-
-    A_e's row i is a[rows[e M + i]] (GATHER_A: tokens picked out of x or d_out inside the load)
-    or a[e, i]; with GELU_A the loaded tile goes through GELU first (the forward's second GEMM
-    reads the saved pre-activation). B is any strided (E, K, N) view, so w2ᵀ and w1ᵀ need no copy.
-    DSCORE is the backward's first GEMM, g = d_out[rows] @ w2[e]ᵀ, with the epilogue
-    partial[n, e M + i] = Σ_cols gelu(pre) g (this column block's share of d_score) and
-    C = score g gelu'(pre) (d_pre)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.program_id(2).to(tl.int64)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < M
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < N
-    if GATHER_A:
-        a_rows = a_ptr + tl.load(rows_ptr + e * M + m, mask=m_ok, other=0).to(tl.int64) * stride_am
-    else:
-        a_rows = a_ptr + e * stride_ae + m.to(tl.int64) * stride_am
-    b_expert = b_ptr + e * stride_be
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < K
-        a = tl.load(a_rows[:, None] + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if GELU_A:
-            a = a.to(tl.float32)
-            a = (a * _normal_cdf(a)).to(b_ptr.dtype.element_ty)
-        b = tl.load(b_expert + kk[:, None] * stride_bk + n[None, :] * stride_bn, mask=k_ok[:, None] & n_ok[None, :],
-                    other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    ok = m_ok[:, None] & n_ok[None, :]
-    c_offsets = e * stride_ce + m[:, None].to(tl.int64) * stride_cm + n[None, :]
-    if DSCORE:
-        pre = tl.load(pre_ptr + c_offsets, mask=ok, other=0.0).to(tl.float32)
-        cdf = _normal_cdf(pre)
-        hidden = pre * cdf
-        slope = cdf + pre * _INV_SQRT_2PI * tl.exp(-0.5 * pre * pre)
-        tl.store(partial_ptr + pid_n * stride_ps + e * M + m, tl.sum(hidden * acc, axis=1), mask=m_ok)
-        score = tl.load(score_ptr + e * M + m, mask=m_ok, other=0.0)
-        acc = acc * score[:, None] * slope
-    tl.store(c_ptr + c_offsets, acc.to(c_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _moe_weight_grad_kernel(a_ptr, a_rows_ptr, b_ptr, b_rows_ptr, score_ptr, c_ptr, M, P, Q,
-                            stride_ae, stride_am, stride_be, stride_bm, stride_ce, stride_cp,
-                            GATHER_A: tl.constexpr, GELU_A: tl.constexpr, GATHER_B: tl.constexpr,
-                            SCALE_B: tl.constexpr, PRECISION: tl.constexpr,
-                            BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program (q, p, e): C[e][p, q] = Σ_i A_e[i, p] B_e[i, q] over expert e's M rows, in one
-    program and in row order (no split of the sum, so no atomics: the result is bitwise
-    reproducible). A_e and B_e are read as _moe_rows_kernel's A (gathered through rows or
-    indexed per expert); GELU_A applies GELU to A, SCALE_B multiplies B's row i by score[e M + i]
-    in fp32 before rounding it to the GEMM dtype. d_w2 = gelu(pre)ᵀ (score d_out[rows]),
-    d_w1 = x[rows]ᵀ d_pre."""
-    pid_q = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    e = tl.program_id(2).to(tl.int64)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = p < P
-    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = q < Q
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = m < M
-        if GATHER_A:
-            a_rows = a_ptr + tl.load(a_rows_ptr + e * M + m, mask=m_ok, other=0).to(tl.int64) * stride_am
-        else:
-            a_rows = a_ptr + e * stride_ae + m.to(tl.int64) * stride_am
-        if GATHER_B:
-            b_rows = b_ptr + tl.load(b_rows_ptr + e * M + m, mask=m_ok, other=0).to(tl.int64) * stride_bm
-        else:
-            b_rows = b_ptr + e * stride_be + m.to(tl.int64) * stride_bm
-        a_t = tl.load(a_rows[None, :] + p[:, None], mask=p_ok[:, None] & m_ok[None, :], other=0.0)  # (BLOCK_P, BLOCK_M)
-        if GELU_A:
-            a_t = a_t.to(tl.float32)
-            a_t = (a_t * _normal_cdf(a_t)).to(b_ptr.dtype.element_ty)
-        b = tl.load(b_rows[:, None] + q[None, :], mask=m_ok[:, None] & q_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_Q)
-        if SCALE_B:
-            score = tl.load(score_ptr + e * M + m, mask=m_ok, other=0.0)
-            b = (b.to(tl.float32) * score[:, None]).to(b_ptr.dtype.element_ty)
-        acc = tl.dot(a_t, b, acc, input_precision=PRECISION)
-    tl.store(c_ptr + e * stride_ce + p[:, None].to(tl.int64) * stride_cp + q[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=p_ok[:, None] & q_ok[None, :])
-
 
 @triton.jit
 def _moe_combine_kernel(src_ptr, slots_ptr, score_ptr, out_ptr, D, E, stride_s, stride_o,
                         SCALE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (t, d): out[t, cols] = Σ_e src[slots[t, e], cols] (times score[slots[t, e]] with
-    SCALE) over the experts that took token t (slot >= 0), summed in fp32 in expert order: the
-    deterministic scatter-add. A token no expert took gets 0. The token is grid axis 0, the only
-    axis with room for B T programs (CUDA caps axes 1 and 2 at 65,535; MicroDiT's mixer at 256 px
-    and batch 256 has 65,536 tokens)."""
+    """Program t: out[t] = Σ_e src[slots[t, e]] (times score[slots[t, e]] with SCALE) over the
+    experts that took token t (slot >= 0), summed in fp32 in expert order: the deterministic
+    scatter-add. A token no expert took gets 0."""
     t = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for e in range(E):
+            # the slot, read as a (BLOCK_D,) vector of one value: masks stay tensors of the tile's shape
+            slot = tl.load(slots_ptr + t * E + e + cols * 0)
+            ok = col_ok & (slot >= 0)
+            slot = tl.maximum(slot, 0).to(tl.int64)
+            row = tl.load(src_ptr + slot * stride_s + cols, mask=ok, other=0.0).to(tl.float32)
+            if SCALE:
+                row = row * tl.load(score_ptr + slot, mask=ok, other=0.0)
+            acc += row
+        tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _moe_expert_grad_kernel(dout_ptr, rows_ptr, y_ptr, score_ptr, dy_ptr, dscore_ptr, D, stride_d, stride_y,
+                            stride_dy, BLOCK_D: tl.constexpr):
+    """Program j (an expert row): with g = d_out[rows[j]] gathered, dy[j] = score[j] g (the
+    gradient of expert row j's output, rounded once from fp32 to dy's dtype) and d_score[j] =
+    Σ_cols y[j] g in fp32 (the gradient of the row's combine weight)."""
+    j = tl.program_id(0).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_D)
+    token = tl.load(rows_ptr + j + cols0 * 0).to(tl.int64)  # (BLOCK_D,) of one value, as in the combine
+    score = tl.load(score_ptr + j + cols0 * 0)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for e in range(E):
-        # the slot, read as a (BLOCK_D,) vector of one value: masks stay tensors of the tile's shape
-        slot = tl.load(slots_ptr + t * E + e + cols * 0)
-        ok = col_ok & (slot >= 0)
-        slot = tl.maximum(slot, 0).to(tl.int64)
-        row = tl.load(src_ptr + slot * stride_s + cols, mask=ok, other=0.0).to(tl.float32)
-        if SCALE:
-            row = row * tl.load(score_ptr + slot, mask=ok, other=0.0)
-        acc += row
-    tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + cols0
+        ok = cols < D
+        g = tl.load(dout_ptr + token * stride_d + cols, mask=ok, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + j * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
+        acc += g * y
+        tl.store(dy_ptr + j * stride_dy + cols, (g * score).to(dy_ptr.dtype.element_ty), mask=ok)
+    tl.store(dscore_ptr + j, tl.sum(acc, axis=0))
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the row GEMMs, (BLOCK_P, BLOCK_Q,
-# BLOCK_M, num_warps, num_stages) of the weight-gradient GEMMs, (BLOCK_D, num_warps) of the
-# combine. Common Triton GEMM tiles, not swept for this op yet. ROWS_CONFIG's BLOCK_N also sets
-# how many column-block partials of d_score the backward sums.
-ROWS_CONFIG = (64, 128, 32, 4, 3)
-# The backward's d_pre GEMM (DSCORE) holds four fp32 tiles (the product, pre-activation, Φ and the
-# slope): ptxas for sm_90a (Triton 3.9, an offline compile) gave it 255 registers and 384 bytes
-# spilled a thread at 4 warps, 185 and none at 8 (bench/results/cpu_moe_ptxas_sm90_37009f4.txt).
-# Same BLOCK_N, so the partials' count is the same.
-ROWS_DSCORE_WARPS = 8
-WEIGHT_GRAD_CONFIG = (64, 128, 32, 4, 3)
-COMBINE_CONFIG = (256, 4)
+# (BLOCK_D, num_warps) of both row kernels: a row of MicroDiT's width 1024 in four bf16 tiles of
+# 256, one 16-byte vector a thread at 4 warps.
+ROW_CONFIG = (256, 4)
 
 
 def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -309,91 +216,56 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _dot_precision(t: torch.Tensor) -> str:
-    # fp32 inputs: true fp32 products, since on the GPU tl.dot would otherwise round to tf32
-    # (the setting is ignored for bf16 / fp16).
-    return "ieee" if t.dtype == torch.float32 else "tf32"
-
-
-def _rows_gemm(a, rows, b, c, pre=None, score=None, partial=None, gelu_a=False):
-    """c (E, M, N) = A_e @ b[e] for every expert (see _moe_rows_kernel): a is x-like (rows
-    gathered through ``rows``) when ``rows`` is given, else (E, M, K); b a strided (E, K, N) view.
-    With ``partial`` it is the backward's d_pre GEMM, reading ``pre`` and ``score``."""
-    E, M, N = c.shape
-    K = b.shape[1]
-    if c.numel() == 0:
-        return
-    block_m, block_n, block_k, num_warps, num_stages = ROWS_CONFIG
-    dscore = partial is not None
-    num_warps = ROWS_DSCORE_WARPS if dscore else num_warps
-    _moe_rows_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m), E)](
-        a, rows if rows is not None else a, b, c, pre if dscore else c, score if dscore else c,
-        partial if dscore else c, M, N, K, 0 if rows is not None else a.stride(0), a.stride(-2),
-        b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), partial.stride(0) if dscore else 0,
-        GATHER_A=rows is not None, GELU_A=gelu_a, DSCORE=dscore, PRECISION=_dot_precision(b),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
-
-
-def _weight_grad_gemm(a, a_rows, b, b_rows, c, M, score=None, gelu_a=False):
-    """c (E, P, Q) = A_eᵀ @ B_e over each expert's M rows (see _moe_weight_grad_kernel)."""
-    E, P, Q = c.shape
-    if c.numel() == 0:
-        return
-    block_p, block_q, block_m, num_warps, num_stages = WEIGHT_GRAD_CONFIG
-    _moe_weight_grad_kernel[(triton.cdiv(Q, block_q), triton.cdiv(P, block_p), E)](
-        a, a_rows if a_rows is not None else a, b, b_rows if b_rows is not None else b,
-        score if score is not None else c, c, M, P, Q,
-        0 if a_rows is not None else a.stride(0), a.stride(-2), 0 if b_rows is not None else b.stride(0),
-        b.stride(-2), c.stride(0), c.stride(1),
-        GATHER_A=a_rows is not None, GELU_A=gelu_a, GATHER_B=b_rows is not None, SCALE_B=score is not None,
-        PRECISION=_dot_precision(b), BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_M=block_m, num_warps=num_warps,
-        num_stages=num_stages)
-
-
 def _combine(src, slots, score, out):
     """out (N, D) = each token's sum of its experts' rows of src (E M, D) (see _moe_combine_kernel)."""
     N, D = out.shape
     if out.numel() == 0:
         return
-    block_d, num_warps = COMBINE_CONFIG
-    _moe_combine_kernel[(N, triton.cdiv(D, block_d))](
+    block_d, num_warps = ROW_CONFIG
+    _moe_combine_kernel[(N,)](
         src, slots, score if score is not None else src, out, D, slots.shape[1], src.stride(0), out.stride(0),
         SCALE=score is not None, BLOCK_D=block_d, num_warps=num_warps)
 
 
+def _expert_grad(dout, rows, y, score, dy, dscore):
+    """dy (E M, D) and d_score (E M,) fp32 from d_out (B T, D) (see _moe_expert_grad_kernel)."""
+    R, D = dy.shape
+    if R == 0:
+        return
+    block_d, num_warps = ROW_CONFIG
+    _moe_expert_grad_kernel[(R,)](dout, rows, y, score, dy, dscore, D, dout.stride(0), y.stride(0), dy.stride(0),
+                                  BLOCK_D=block_d, num_warps=num_warps)
+
+
 def _forward_impl(x2d, w1, w2, score, rows, slots):
-    """(out (B T, D), pre (E, M, H)): x2d (B T, D), w1 (E, D, H), w2 (E, H, D) in one dtype;
-    score (E, M) fp32, rows (E M,) int32 from _choose, slots (B T, E) int32 from _slots."""
+    """(out (B T, D), pre (E, M, H), y (E, M, D)): x2d (B T, D), w1 (E, D, H), w2 (E, H, D) in one
+    dtype; score (E, M) fp32, rows (E M,) int32 from _choose, slots (B T, E) int32 from _slots."""
     E, D, H = w1.shape
     M = score.shape[1]
-    pre = _new_output((E, M, H), x2d.dtype, x2d.device)
-    _rows_gemm(x2d, rows, w1, pre)
-    y = _new_output((E, M, D), x2d.dtype, x2d.device)
-    _rows_gemm(pre, None, w2, y, gelu_a=True)
+    chosen = x2d.index_select(0, rows).view(E, M, D)
+    pre = torch.bmm(chosen, w1)  # (E, M, H)
+    y = torch.bmm(F.gelu(pre), w2)  # (E, M, D)
     out = _new_output((x2d.shape[0], D), x2d.dtype, x2d.device)
     _combine(y.view(E * M, D), slots, score, out)
-    return out, pre
+    return out, pre, y
 
 
-def _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, grad_dtype):
+def _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, y, grad_dtype):
     """(d_x2d, d_w1, d_w2, d_score) of the expert path for d_out (B T, D); the weight gradients in
-    ``grad_dtype`` (the master weights'), written from the fp32 accumulators."""
+    ``grad_dtype`` (the master weights')."""
     E, D, H = w1.shape
     M = score.shape[1]
     dout = dout.to(x2d.dtype).contiguous()
-    dpre = _new_output((E, M, H), x2d.dtype, x2d.device)
-    partial = _new_output((triton.cdiv(H, ROWS_CONFIG[1]), E * M), torch.float32, x2d.device)
-    _rows_gemm(dout, rows, w2.transpose(1, 2), dpre, pre=pre, score=score, partial=partial)
-    dscore = partial.sum(0).view(E, M)  # the column blocks' shares, summed in a fixed order
-    dw2 = _new_output((E, H, D), grad_dtype, x2d.device)
-    _weight_grad_gemm(pre, None, dout, rows, dw2, M, score=score, gelu_a=True)
-    dw1 = _new_output((E, D, H), grad_dtype, x2d.device)
-    _weight_grad_gemm(x2d, rows, dpre, None, dw1, M)
-    dx_rows = _new_output((E, M, D), x2d.dtype, x2d.device)
-    _rows_gemm(dpre, None, w1.transpose(1, 2), dx_rows)
+    dy = _new_output((E, M, D), x2d.dtype, x2d.device)
+    dscore = _new_output((E, M), torch.float32, x2d.device)
+    _expert_grad(dout, rows, y.view(E * M, D), score, dy.view(E * M, D), dscore.view(E * M))
+    dw2 = torch.bmm(F.gelu(pre).transpose(1, 2), dy)  # (E, H, D), GELU recomputed from the saved pre
+    dpre = torch.ops.aten.gelu_backward(torch.bmm(dy, w2.transpose(1, 2)), pre)  # (E, M, H)
+    dw1 = torch.bmm(x2d.index_select(0, rows).view(E, M, D).transpose(1, 2), dpre)  # (E, D, H)
+    dx_rows = torch.bmm(dpre, w1.transpose(1, 2))  # (E, M, D)
     dx = _new_output(x2d.shape, x2d.dtype, x2d.device)
     _combine(dx_rows.view(E * M, D), slots, None, dx)
-    return dx, dw1, dw2, dscore
+    return dx, dw1.to(grad_dtype), dw2.to(grad_dtype), dscore
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,25 +276,26 @@ def _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, grad_dtype):
 
 @torch.library.custom_op("engine::moe_fwd", mutates_args=())
 def _fwd_op(x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, score: torch.Tensor, rows: torch.Tensor,
-            slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward_impl(x2d, w1, w2, score, rows, slots)
 
 
 @_fwd_op.register_fake
 def _(x2d, w1, w2, score, rows, slots):
     E, D, H = w1.shape
-    return x2d.new_empty((x2d.shape[0], D)), x2d.new_empty((E, score.shape[1], H))
+    M = score.shape[1]
+    return x2d.new_empty((x2d.shape[0], D)), x2d.new_empty((E, M, H)), x2d.new_empty((E, M, D))
 
 
 @torch.library.custom_op("engine::moe_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, score: torch.Tensor,
-            rows: torch.Tensor, slots: torch.Tensor, pre: torch.Tensor, grad_dtype: torch.dtype
+            rows: torch.Tensor, slots: torch.Tensor, pre: torch.Tensor, y: torch.Tensor, grad_dtype: torch.dtype
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, grad_dtype)
+    return _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, y, grad_dtype)
 
 
 @_bwd_op.register_fake
-def _(dout, x2d, w1, w2, score, rows, slots, pre, grad_dtype):
+def _(dout, x2d, w1, w2, score, rows, slots, pre, y, grad_dtype):
     return (x2d.new_empty(x2d.shape), w1.new_empty(w1.shape, dtype=grad_dtype), w2.new_empty(w2.shape, dtype=grad_dtype),
             score.new_empty(score.shape))
 
@@ -436,8 +309,8 @@ class _MoEExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, w1, w2, w1c, w2c, score, rows, slots):
-        out, pre = (_fwd_op if torch.compiler.is_compiling() else _forward_impl)(x2d, w1c, w2c, score, rows, slots)
-        ctx.save_for_backward(x2d, w1c, w2c, score, rows, slots, pre)
+        out, pre, y = (_fwd_op if torch.compiler.is_compiling() else _forward_impl)(x2d, w1c, w2c, score, rows, slots)
+        ctx.save_for_backward(x2d, w1c, w2c, score, rows, slots, pre, y)
         ctx.grad_dtype = w1.dtype
         return out
 
