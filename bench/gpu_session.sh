@@ -320,11 +320,16 @@ ab_attention_microdit() {
     done
   done
 }
-# The profile of MicroDiT's engine+graph step at 256 px masked / 256, and the moe op's kernel rows.
+# The profile of MicroDiT's engine+graph step at 256 px masked / 256; the same step launched op by
+# op with its costliest non-GEMM kernels traced to their ops and source lines (--sources); the moe
+# op's kernel rows.
 microdit_profile() {
   python3 bench/step_profile.py --git-commit "$commit" --preset microdit-xl2 --res 256 --batch 256 --mask-ratio 0.75 \
     --variant engine+graph --json "$out/profile_microdit_256_m075_b256_engine_graph.json" \
     --md "$out/profile_microdit_256_m075_b256_engine_graph.md" 2>&1 | tail -40
+  python3 bench/step_profile.py --git-commit "$commit" --preset microdit-xl2 --res 256 --batch 256 --mask-ratio 0.75 \
+    --variant engine --sources 40 --steps 2 --json "$out/profile_microdit_256_m075_b256_engine_sources.json" \
+    --md "$out/profile_microdit_256_m075_b256_engine_sources.md" 2>&1 | tail -45
   python3 bench/kernels.py --ops moe --timer cudagraph --json "$out/kernels_moe.json" 2>&1 | tail -12
 }
 # Issue 22, what a schedule costs: each system's schedule through bench/throughput.py --schedule with

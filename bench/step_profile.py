@@ -118,6 +118,54 @@ def recorded_kernels(events, device: torch.device) -> list[KernelTime]:
             for e in events if e.device_type == DeviceType.CPU and e.name.startswith(("aten::", "engine::"))]
 
 
+# The profiler's Python-function events ("engine/model/microdit.py(183): forward") of the project's
+# own files, and autograd's node events ("MulBackward0"), among an op's parents.
+_SOURCE_FRAME = re.compile(r"(^|/)((engine|train|bench)/[\w/]*\.py\(\d+\): \w+)")
+_AUTOGRAD_NODE = re.compile(r"^\w+Backward\w*$")
+SOURCE_CATEGORIES = ("copy", "elementwise", "fused", "other")  # what --sources attributes: not GEMMs, attention, optimizer
+
+
+def _where(event) -> str:
+    """What launched an op, from its parents in the profile: the autograd node whose backward ran
+    it (if any), then the innermost three of the project's Python frames."""
+    node, frames, parent = None, [], event.cpu_parent
+    while parent is not None:
+        if node is None and _AUTOGRAD_NODE.match(parent.name):
+            node = parent.name
+        frame = _SOURCE_FRAME.search(parent.name)
+        if frame:
+            frames.append(frame.group(2))
+        parent = parent.cpu_parent
+    return " <- ".join(([f"backward of {node}"] if node else []) + frames[:3]) or "(no frame)"
+
+
+def kernel_sources(events, device: torch.device, steps: int, limit: int) -> list[dict]:
+    """The costliest kernels outside GEMMs, attention and the optimizer, grouped by what launched
+    them: the aten op, its input shapes and where it ran from (_where; a profile taken with
+    with_stack and record_shapes, of a step launched op by op: a replayed CUDA graph links no
+    kernel to an op). On the CPU the aten ops are the kernels."""
+    groups: dict[tuple, list[float]] = {}
+    for e in events:
+        if e.device_type != DeviceType.CPU:
+            continue
+        if device.type == "cuda":
+            launched = [(k.name, k.duration) for k in e.kernels]
+        elif e.name.startswith(("aten::", "engine::")):
+            launched = [(e.name, e.self_cpu_time_total)]
+        else:
+            continue
+        for name, us in launched:
+            if classify(name) not in SOURCE_CATEGORIES:
+                continue
+            shapes = ", ".join(str(tuple(shape)) for shape in (e.input_shapes or []) if shape)
+            total = groups.setdefault((name, e.name, shapes, _where(e)), [0.0, 0])
+            total[0] += us
+            total[1] += 1
+    ranked = sorted(groups.items(), key=lambda item: -item[1][0])[:limit]
+    return [dict(kernel=name, op=op, shapes=shapes, where=where, ms_per_step=us / steps / 1e3,
+                 calls_per_step=calls / steps) for (name, op, shapes, where), (us, calls) in ranked]
+
+
 def summarise(kernels: list[KernelTime], steps: int, wall_ms: float, batch: int) -> dict:
     """Per-category and per-kernel shares of the profiled kernel time, per step, against the wall time."""
     if not kernels:
@@ -162,8 +210,10 @@ def summarise(kernels: list[KernelTime], steps: int, wall_ms: float, batch: int)
 
 
 def profile_variant(variant: throughput.Variant, config, resolution: int, batch: int, device: torch.device,
-                    steps: int, warmup: int, trace: Path | None, mask_ratio: float | None = None) -> dict:
-    """Wall time of unprofiled steps, then the kernels of ``steps`` profiled ones, summarised."""
+                    steps: int, warmup: int, trace: Path | None, mask_ratio: float | None = None,
+                    sources: int = 0) -> dict:
+    """Wall time of unprofiled steps, then the kernels of ``steps`` profiled ones, summarised; with
+    ``sources`` > 0 also the costliest kernels' launching ops and Python stacks (kernel_sources)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with throughput.engine_backend(variant.backend), throughput.single_cpu_thread(device):
         train_step, losses = throughput.make_train_step(variant, config, resolution, batch, device,
@@ -172,7 +222,7 @@ def profile_variant(variant: throughput.Variant, config, resolution: int, batch:
         wall_s = hardware.median_seconds(train_step, device, repeats=steps, warmup=warmup)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # no kernel of an earlier step runs into the profiled window
-        with profile(activities=activities) as prof:  # leaving it waits for the GPU
+        with profile(activities=activities, with_stack=sources > 0, record_shapes=sources > 0) as prof:  # waits for the GPU
             for _ in range(steps):
                 train_step()
     if not torch.isfinite(torch.stack(losses)).all():
@@ -180,7 +230,11 @@ def profile_variant(variant: throughput.Variant, config, resolution: int, batch:
     if trace is not None:
         trace.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace))
-    return summarise(recorded_kernels(prof.events(), device), steps, wall_s * 1e3, batch)
+    events = prof.events()
+    result = summarise(recorded_kernels(events, device), steps, wall_s * 1e3, batch)
+    if sources > 0:
+        result["sources"] = kernel_sources(events, device, steps, sources)
+    return result
 
 
 def _cell(name: str, width: int = 110) -> str:
@@ -226,6 +280,12 @@ def format_markdown(result: dict) -> str:
                   "| kernel | ms / step | % of kernel time |", "|---|---:|---:|"]
         lines += [f"| {_cell(k['name'])} | {k['ms_per_step']:.3f} | {k['pct_of_kernel_time']:.1f} |"
                   for k in result["top_other"]]
+    if result.get("sources"):
+        lines += ["", "Where the costliest kernels outside GEMMs, attention and the optimizer come from (the launching "
+                  "op, its input shapes, the innermost project frames):", "",
+                  "| kernel | op | shapes | where | ms / step | calls / step |", "|---|---|---|---|---:|---:|"]
+        lines += [f"| {_cell(k['kernel'], 60)} | {k['op']} | {_cell(k['shapes'], 60)} | {_cell(k['where'], 120)} | "
+                  f"{k['ms_per_step']:.3f} | {k['calls_per_step']:g} |" for k in result["sources"]]
     return "\n".join(lines) + "\n"
 
 
@@ -249,6 +309,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     p.add_argument("--md", type=Path, default=None, help="write the markdown summary here")
     p.add_argument("--trace", type=Path, default=None, help="write the profiler's chrome trace here")
+    p.add_argument("--sources", type=int, default=0,
+                   help="also list the N costliest kernels outside GEMMs, attention and the optimizer by launching "
+                        "op, shapes and Python stack (a variant without a CUDA graph: a replay links no kernel to "
+                        "an op)")
     args = p.parse_args(argv)
 
     if args.device is None:
@@ -267,6 +331,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
+    if args.sources < 0:
+        raise SystemExit(f"--sources must be >= 0, got {args.sources}")
+    if args.sources and throughput.VARIANTS[args.variant].graphed:
+        raise SystemExit(f"--sources needs a variant launched op by op, not {args.variant}: a replayed CUDA graph "
+                         "links no kernel to the op that launched it (profile 'engine' for engine+graph's kernels)")
     return args
 
 
@@ -296,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
                       kernel_time="torch.profiler over --steps further steps: device time of every GPU kernel, "
                                   "copy and fill (CPU: self time of aten / engine ops), summed per step"),
         **profile_variant(variant, config, resolution, batch, device, args.steps, args.warmup, args.trace,
-                          mask_ratio),
+                          mask_ratio, args.sources),
         category_rules=[list(rule) for rule in CATEGORY_RULES],
     )
     markdown = format_markdown(result)

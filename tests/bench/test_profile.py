@@ -232,6 +232,24 @@ def test_cpu_run_profiles_a_masked_microdit_step(tmp_path):
         step_profile.main([*FAST, "--preset", "microdit-tiny", "--variant", "diffusers"])
 
 
+def test_sources_name_the_launching_op_and_where_it_ran_from(tmp_path):
+    md = tmp_path / "profile.md"
+    result = step_profile.main([*FAST, "--preset", "microdit-tiny", "--mask-ratio", "0.75", "--sources", "200",
+                                "--md", str(md)])
+    rows = result["sources"]
+    assert 0 < len(rows) <= 200
+    assert all(step_profile.classify(r["kernel"]) in step_profile.SOURCE_CATEGORIES for r in rows)
+    assert [r["ms_per_step"] for r in rows] == sorted((r["ms_per_step"] for r in rows), reverse=True)
+    wheres = [r["where"] for r in rows]
+    # forward ops name the model's own frames; backward ops the autograd node that ran them
+    assert any("engine/model/microdit.py(" in w and "backward of" not in w for w in wheres)
+    assert any(w.startswith("backward of ") for w in wheres)
+    assert any(r["shapes"] for r in rows)
+    assert "Where the costliest kernels" in md.read_text()
+    with pytest.raises(SystemExit, match="--sources needs a variant launched op by op"):
+        step_profile.main([*FAST, "--variant", "engine+graph", "--sources", "5"])
+
+
 def test_bad_arguments_are_clear_errors():
     with pytest.raises(SystemExit, match="unknown 'fastest'"):
         step_profile.main(["--variant", "fastest"])
