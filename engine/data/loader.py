@@ -40,7 +40,8 @@ from DALI's stream) and its latent drawn on a side stream, so that work overlaps
 compute instead of queueing behind it on the training stream. The consumer's current stream
 waits on that work's event when it takes the batch, and the batch's tensors are
 ``record_stream``-ed to it so the caching allocator keeps them until the consumer's work is
-done. On the CPU nothing is asynchronous (unless ``stage_thread`` asks for the stager): batch
+done (a DALI GPU batch is copied out of DALI's memory, which the allocator does not track, and
+DALI gets that memory back once the copy is done). On the CPU nothing is asynchronous (unless ``stage_thread`` asks for the stager): batch
 k + 1 is finished before batch k is returned.
 
 ``Loader.epoch`` / ``Loader.batch`` (and ``state_dict()``) name the next batch the consumer
@@ -295,7 +296,11 @@ class Loader:
         self._stager = futures.ThreadPoolExecutor(1, thread_name_prefix="loader-stage") if stage_thread else None
         self._source = None  # iterator of (epoch, k, batch), delivering the position after self._ahead's
         self._ahead = None  # Future of (position, finished batch, event or None): the next batch to hand over
+        self._ahead_position = None  # the position self._ahead delivers
         self._stop_source = None  # weakref.finalize closing self._source
+        # A DALI GPU batch's own tensors (DALI's memory, which torch's allocator does not track) and
+        # the copy-stream event after which nothing reads them: held until the next batch is staged.
+        self._dali_held = None
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -335,9 +340,10 @@ class Loader:
 
     def close(self) -> None:
         """Stop the source (its worker processes or DALI pipeline) and drop the batch in flight."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:  # a batch being staged leaves the source before it is closed
-            futures.wait([ahead])
+        if self._ahead is not None:  # a batch being staged leaves the source before it is closed
+            futures.wait([self._ahead])
+        self._ahead = self._ahead_position = None
+        self._release_dali()
         if self._stop_source is not None:
             self._stop_source()
         self._source = self._stop_source = None
@@ -349,35 +355,31 @@ class Loader:
         starts a new one. A failed read ends the source; iterating again restarts at the
         position."""
         position = (self.epoch, self.batch)
-        staged = self._take_ahead()
-        if staged is None or staged[0] != position:
+        if self._ahead is None or self._ahead_position != position:  # (a staged batch or error of another position is dropped)
             self._start(position)
-            staged = self._take_ahead()
-        self._ahead = self._request()
-        self.batch += 1
-        return self._hand_over(staged)
-
-    def _take_ahead(self):
-        """The staged batch (waiting for it), or None when nothing is staged."""
-        if self._ahead is None:
-            return None
         try:
-            return self._ahead.result()
+            staged = self._ahead.result()
         except BaseException:
             self.close()
             raise
+        epoch, batch = position
+        self._request((epoch, batch + 1) if batch + 1 < len(self) else (epoch + 1, 0))
+        self.batch += 1
+        return self._hand_over(staged)
 
-    def _request(self) -> futures.Future:
-        """Stage the source's next batch: on the stager thread, which reads, copies and finishes it
-        while the consumer works, or at once in this thread."""
+    def _request(self, position: tuple[int, int]) -> None:
+        """Stage the source's next batch, the one at ``position``: on the stager thread, which reads,
+        copies and finishes it while the consumer works, or at once in this thread (where an
+        interrupt is raised at once; an error is raised when the batch is taken)."""
+        self._ahead_position = position
         if self._stager is not None:
-            return self._stager.submit(self._stage_next)
-        done = futures.Future()
+            self._ahead = self._stager.submit(self._stage_next, self._source)
+            return
+        self._ahead = futures.Future()
         try:
-            done.set_result(self._stage_next())
-        except BaseException as error:
-            done.set_exception(error)
-        return done
+            self._ahead.set_result(self._stage_next(self._source))
+        except Exception as error:
+            self._ahead.set_exception(error)
 
     def _start(self, position: tuple[int, int]) -> None:
         self.close()  # release the old source's workers before starting new ones
@@ -392,19 +394,30 @@ class Loader:
         # The finalizer holds the source, not the loader: a loader nobody closes still stops its
         # workers when it is collected, and at interpreter exit.
         self._source, self._stop_source = source, weakref.finalize(self, source.close)
-        self._ahead = self._request()
+        self._request(position)
 
-    def _stage_next(self):
+    def _stage_next(self, source):
         """The source's next batch, finished: (position, batch, event or None). Bound for CUDA, it
         is read (a DALI GPU batch taken over from DALI's stream), copied and finished on the copy
         stream, whose event the consumer waits on; on the CPU, at once."""
         if self._copy_stream is None:
-            epoch, k, host = next(self._source)
+            epoch, k, host = next(source)
             return (epoch, k), self._finish(host, epoch, k), None
         with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
-            epoch, k, host = next(self._source)
+            epoch, k, host = next(source)
             batch = self._finish(host, epoch, k)
-            return (epoch, k), batch, self._copy_stream.record_event()
+            event = self._copy_stream.record_event()
+            if self.backend == "dali" and self.dali_device == "gpu":
+                self._release_dali()
+                self._dali_held = (event, host)
+            return (epoch, k), batch, event
+
+    def _release_dali(self) -> None:
+        """Let DALI have the memory of the last DALI GPU batch once the copy stream's work on it
+        (the copies _finish made) is done."""
+        if self._dali_held is not None:
+            self._dali_held[0].synchronize()
+            self._dali_held = None
 
     def _hand_over(self, staged) -> dict[str, torch.Tensor]:
         _, batch, event = staged
@@ -416,9 +429,13 @@ class Loader:
         return batch
 
     def _finish(self, host: dict[str, torch.Tensor], epoch: int, k: int) -> dict[str, torch.Tensor]:
+        """The batch the consumer gets, in memory of torch's allocator (a DALI GPU batch's tensors
+        are copied out of DALI's, whose reuse record_stream cannot hold back), latent drawn."""
         out = {name: t.to(self.device, non_blocking=True) for name, t in host.items()}
         mean = out.pop("latent_mean").float()  # (B, C, h, w)
         std = out.pop("latent_std").float()  # (B, C, h, w)
+        if self.backend == "dali" and self.dali_device == "gpu":
+            out = {name: t.clone() for name, t in out.items()}
         generator = torch.Generator(self.device)
         generator.manual_seed(noise_seed(self.seed, epoch, k, self.plan.rank))
         noise = torch.randn(mean.shape, generator=generator, device=self.device)  # (B, C, h, w)

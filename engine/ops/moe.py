@@ -206,8 +206,8 @@ def _moe_expert_grad_kernel(dout_ptr, rows_ptr, y_ptr, score_ptr, dy_ptr, dscore
     tl.store(dscore_ptr + j, tl.sum(acc, axis=0))
 
 
-# (BLOCK_D, num_warps) of both row kernels: a row of MicroDiT's width 1024 in four bf16 tiles of
-# 256, one 16-byte vector a thread at 4 warps.
+# (BLOCK_D, num_warps) of both row kernels: a row of MicroDiT's width 1024 in four tiles of 256,
+# two elements a thread at 4 warps; not swept on a GPU.
 ROW_CONFIG = (256, 4)
 
 

@@ -323,6 +323,31 @@ def test_a_failed_read_raises_and_iterating_again_resumes_at_its_batch(cache, mo
         loader.close()
 
 
+@pytest.mark.parametrize("stage_thread", [False, True])
+def test_a_failed_read_of_a_batch_not_taken_is_dropped_with_it(cache, monkeypatch, stage_thread):
+    from engine.data import loader as loader_module
+
+    reference = _reference(cache, 2, **CROSSING)
+    loader = make_loader(cache[0], backend="torch", workers=0, text_len=TEXT_LEN, device="cpu",
+                         stage_thread=stage_thread, **CROSSING)
+    read = loader_module.LatentCache.read
+    calls = {"count": 0}
+
+    def flaky(self, *args, **kwargs):  # the third read (batch 2, staged while batch 1 is taken) fails
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise OSError("shard unreadable")
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module.LatentCache, "read", flaky)
+    try:
+        _assert_same_batches(reference[:2], _pull(loader, 2))
+        loader.load_state_dict({**loader.state_dict(), "epoch": 1, "batch": 0})  # batch 2 is no longer wanted
+        _assert_same_batches(reference[5:8], _pull(loader, 3))
+    finally:
+        loader.close()
+
+
 def _pull_forever(loader):
     while True:
         yield from loader
