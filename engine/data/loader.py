@@ -288,6 +288,7 @@ class Loader:
         self.cache, self.backend, self.text_len, self.device = cache, backend, text_len, device
         self.batch_size, self.seed, self.workers, self.prefetch = batch_size, seed, workers, prefetch
         self.dali_device = dali_device or ("gpu" if device.type == "cuda" else "cpu")  # see make_loader
+        self._dali_gpu = backend == "dali" and self.dali_device == "gpu"  # batches in DALI's device memory
         self.plan = BatchPlan(cache.sample_buckets, batch_size, rank, world, seed, drop_last)
         self.epoch, self.batch = 0, 0  # position: the next batch the consumer takes
         # batches bound for CUDA are finished on this stream (module docstring)
@@ -385,7 +386,7 @@ class Loader:
         self.close()  # release the old source's workers before starting new ones
         epoch, start = position
         if self.backend == "dali":
-            device_id = self.device.index if self.dali_device == "gpu" else None
+            device_id = self.device.index if self._dali_gpu else None
             source = _DaliBatches(self.cache, self.plan, epoch, start, self.text_len, self.workers, self.prefetch,
                                   device_id)
         else:
@@ -407,7 +408,7 @@ class Loader:
             epoch, k, host = next(source)
             batch = self._finish(host, epoch, k)
             event = self._copy_stream.record_event()
-            if self.backend == "dali" and self.dali_device == "gpu":
+            if self._dali_gpu:
                 self._release_dali()
                 self._dali_held = (event, host)
             return (epoch, k), batch, event
@@ -434,7 +435,7 @@ class Loader:
         out = {name: t.to(self.device, non_blocking=True) for name, t in host.items()}
         mean = out.pop("latent_mean").float()  # (B, C, h, w)
         std = out.pop("latent_std").float()  # (B, C, h, w)
-        if self.backend == "dali" and self.dali_device == "gpu":
+        if self._dali_gpu:
             out = {name: t.clone() for name, t in out.items()}
         generator = torch.Generator(self.device)
         generator.manual_seed(noise_seed(self.seed, epoch, k, self.plan.rank))

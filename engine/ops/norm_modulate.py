@@ -19,9 +19,7 @@ writes dx, dy (6E). norm_modulate: forward 2E, backward reads dh, x and writes d
 forward saves only the LN input, y (when gated), the modulation and per-row mean / rstd.
 ``norm_modulate``'s Triton kernels read x with any batch and row strides (unit column stride):
 MicroDiT's qk-norms normalise chunks of a fused QKV / KV projection's output in place, which
-would otherwise cost a copy of each: three a block, which matches the 101 strided copies (5.7 ms
-of 225) in MicroDiT-XL/2's step at 256 px on an H100
-(bench/results/h100_profile_microdit_256_m075_b256_engine_graph_728363c.md).
+would otherwise cost a copy of each.
 """
 
 from __future__ import annotations

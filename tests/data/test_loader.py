@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.data import make_loader, open_cache
-from engine.data.cache import Sample, shard_name, write_index, write_shard
+from engine.data.cache import LatentCache, Sample, shard_name, write_index, write_shard
 from engine.data.loader import noise_seed
 
 BUCKETS = [(32, 32), (16, 48), (48, 16)]  # image (h, w); latents are 8x smaller
@@ -294,23 +294,25 @@ def test_epochs_reuse_the_worker_processes_and_close_stops_them(cache):
     assert not _children() - before
 
 
-@pytest.mark.parametrize("stage_thread", [False, True])
-def test_a_failed_read_raises_and_iterating_again_resumes_at_its_batch(cache, monkeypatch, stage_thread):
-    from engine.data import loader as loader_module
+def _fail_read(monkeypatch, failing: int) -> None:
+    """Make the cache's ``failing``-th read (counted from 1) raise OSError, once."""
+    read, calls = LatentCache.read, {"count": 0}
 
-    reference = _reference(cache, 2, **CROSSING)
-    loader = make_loader(cache[0], backend="torch", workers=0, text_len=TEXT_LEN, device="cpu",
-                         stage_thread=stage_thread, **CROSSING)
-    read = loader_module.LatentCache.read
-    calls = {"count": 0}
-
-    def flaky(self, *args, **kwargs):  # the seventh read (epoch 1, batch 1) fails once
+    def flaky(self, *args, **kwargs):
         calls["count"] += 1
-        if calls["count"] == 7:
+        if calls["count"] == failing:
             raise OSError("shard unreadable")
         return read(self, *args, **kwargs)
 
-    monkeypatch.setattr(loader_module.LatentCache, "read", flaky)
+    monkeypatch.setattr(LatentCache, "read", flaky)
+
+
+@pytest.mark.parametrize("stage_thread", [False, True])
+def test_a_failed_read_raises_and_iterating_again_resumes_at_its_batch(cache, monkeypatch, stage_thread):
+    reference = _reference(cache, 2, **CROSSING)
+    loader = make_loader(cache[0], backend="torch", workers=0, text_len=TEXT_LEN, device="cpu",
+                         stage_thread=stage_thread, **CROSSING)
+    _fail_read(monkeypatch, 7)  # epoch 1, batch 1
     stream, got = iter(_pull_forever(loader)), []
     try:
         with pytest.raises(OSError, match="shard unreadable"):
@@ -325,21 +327,10 @@ def test_a_failed_read_raises_and_iterating_again_resumes_at_its_batch(cache, mo
 
 @pytest.mark.parametrize("stage_thread", [False, True])
 def test_a_failed_read_of_a_batch_not_taken_is_dropped_with_it(cache, monkeypatch, stage_thread):
-    from engine.data import loader as loader_module
-
     reference = _reference(cache, 2, **CROSSING)
     loader = make_loader(cache[0], backend="torch", workers=0, text_len=TEXT_LEN, device="cpu",
                          stage_thread=stage_thread, **CROSSING)
-    read = loader_module.LatentCache.read
-    calls = {"count": 0}
-
-    def flaky(self, *args, **kwargs):  # the third read (batch 2, staged while batch 1 is taken) fails
-        calls["count"] += 1
-        if calls["count"] == 3:
-            raise OSError("shard unreadable")
-        return read(self, *args, **kwargs)
-
-    monkeypatch.setattr(loader_module.LatentCache, "read", flaky)
+    _fail_read(monkeypatch, 3)  # batch 2, staged while batch 1 is taken
     try:
         _assert_same_batches(reference[:2], _pull(loader, 2))
         loader.load_state_dict({**loader.state_dict(), "epoch": 1, "batch": 0})  # batch 2 is no longer wanted
