@@ -6,9 +6,11 @@ shuffled-caption level).
 
     python bench/demo_seeds.py --out DIR [--base DEMO_RUN] [--text-encoder PATH]
                                [--runs 1:fp32,2:fp32] [--steps 1600] [--every 200] [--eval-from 800]
+                               [--set KEY=VALUE ...]
 
 --base: the output folder of an earlier `train demo` (its cache/main and stage-1 are reused);
-without it the demo's data, caches and stage 1 are made under --out. One JSON line per scored
+without it the demo's data, caches and stage 1 are made under --out. --set overrides stage 2's
+config as `train run --set` does. One JSON line per scored
 checkpoint is appended to OUT/seeds.jsonl and printed.
 """
 
@@ -16,8 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+# Run as a script, this folder is first on sys.path, where its kernels.py would shadow the
+# installed `kernels` package that transformers imports when present: move it behind them.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
 
 def parse_runs(text: str) -> list[tuple[int, str]]:
@@ -40,6 +48,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--every", type=int, default=200)
     parser.add_argument("--eval-from", type=int, default=800)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a stage-2 config override, as `train run --set`")
     args = parser.parse_args()
 
     import torch
@@ -71,7 +81,7 @@ def main() -> None:
             start = time.perf_counter()
             demo.stage_settings = lambda stage, width: stage_settings(stage, width) + [
                 f"train.seed={seed}", f"train.steps={args.steps}", f'train.precision="{precision}"',
-                f"checkpoint.every={args.every}", "checkpoint.keep=1000"]
+                f"checkpoint.every={args.every}", "checkpoint.keep=1000", *args.set]
             run_dir = args.out / f"stage-2_{precision}_seed{seed}"
             demo.train_stage("2", main_cache, run_dir, base / "stage-1", encoder.width)
             for checkpoint in sorted((run_dir / "checkpoints").iterdir()):
@@ -79,7 +89,7 @@ def main() -> None:
                 if step < args.eval_from:
                     continue
                 scores = demo.evaluate_stage(checkpoint, records, condition, settings, configs["2"].train)
-                row = {"seed": seed, "precision": precision, "step": step,
+                row = {"seed": seed, "precision": precision, "step": step, "set": args.set,
                        **{k: round(v, 3) for k, v in scores.items()}}
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")
