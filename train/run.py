@@ -14,6 +14,7 @@ family converts from), or a file in a format the model's family reads (engine.fa
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -550,6 +551,7 @@ def main(args: argparse.Namespace) -> int:
     from train import loop
 
     rank, device = init_distributed(plan.world)
+    trainer = None
     try:
         try:
             trainer, messages = build_trainer(plan, rank, device)
@@ -565,5 +567,11 @@ def main(args: argparse.Namespace) -> int:
         finally:
             trainer.loader.close()  # its reading processes stop before the process group goes
     finally:
+        # The DDP / FSDP2 wrappers hold the process group, and reference cycles would keep them
+        # to the interpreter's exit, where a gloo group torn down during finalization can abort
+        # the process ("terminate called without an active exception", once in a two-rank CPU
+        # run in CI): they are freed here, before the group is destroyed.
+        trainer = None
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
