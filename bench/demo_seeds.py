@@ -75,15 +75,13 @@ def main() -> None:
     if not args.base:
         demo.train_stage("1", main_cache, args.out / "stage-1", None, encoder.width)
 
-    stage_settings = demo.stage_settings
     with open(args.out / "seeds.jsonl", "a", encoding="utf-8") as log:
         for seed, precision in args.runs:
             start = time.perf_counter()
-            demo.stage_settings = lambda stage, width: stage_settings(stage, width) + [
-                f"train.seed={seed}", f"train.steps={args.steps}", f'train.precision="{precision}"',
-                f"checkpoint.every={args.every}", "checkpoint.keep=1000", *args.set]
+            overrides = (f"train.seed={seed}", f"train.steps={args.steps}", f'train.precision="{precision}"',
+                         f"checkpoint.every={args.every}", "checkpoint.keep=1000", *args.set)
             run_dir = args.out / f"stage-2_{precision}_seed{seed}"
-            demo.train_stage("2", main_cache, run_dir, base / "stage-1", encoder.width)
+            demo.train_stage("2", main_cache, run_dir, base / "stage-1", encoder.width, overrides)
             for checkpoint in sorted((run_dir / "checkpoints").iterdir()):
                 step = int(checkpoint.name.split("-")[-1])
                 if step < args.eval_from:
@@ -94,8 +92,6 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")
             print(f"seed {seed} {precision}: {time.perf_counter() - start:.0f} s", flush=True)
-    demo.stage_settings = stage_settings
-
 
 if __name__ == "__main__":
     main()

@@ -149,12 +149,15 @@ def stage_settings(stage: str, caption_width: int) -> list[str]:
     return [f"model.fields.caption_channels={caption_width}"] if stage_family(stage).condition == "caption" else []
 
 
-def train_stage(stage: str, cache: Path, out: Path, init: Path | None, caption_width: int) -> dict:
-    """Train one stage of CONFIG with train/run.py's planner and trainer; returns timing facts."""
+def train_stage(stage: str, cache: Path, out: Path, init: Path | None, caption_width: int,
+                overrides: tuple[str, ...] = ()) -> dict:
+    """Train one stage of CONFIG with train/run.py's planner and trainer, ``overrides`` (`--set`
+    KEY=VALUE) applied after the demo's own; returns timing facts."""
     from train import run
 
     start = time.perf_counter()
-    plan, trainer = run.train_in_process(CONFIG, stage, cache, out, init, stage_settings(stage, caption_width))
+    plan, trainer = run.train_in_process(CONFIG, stage, cache, out, init,
+                                         [*stage_settings(stage, caption_width), *overrides])
     cfg = plan.config
     return {"steps": cfg.train.steps, "global_batch": cfg.train.global_batch, "resolution": cfg.model.resolution,
             "model": type(trainer.module).__name__,

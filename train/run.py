@@ -567,10 +567,10 @@ def main(args: argparse.Namespace) -> int:
         finally:
             trainer.loader.close()  # its reading processes stop before the process group goes
     finally:
-        # The DDP / FSDP2 wrappers hold the process group, and reference cycles would keep them
-        # to the interpreter's exit, where a gloo group torn down during finalization can abort
-        # the process ("terminate called without an active exception", once in a two-rank CPU
-        # run in CI): they are freed here, before the group is destroyed.
+        # The DDP / FSDP2 wrappers hold the process group, and reference cycles could keep them to
+        # the interpreter's exit, where a gloo group torn down during finalization can abort the
+        # process ("terminate called without an active exception"): they are freed here, before
+        # the group is destroyed.
         trainer = None
         gc.collect()
         if dist.is_initialized():

@@ -353,7 +353,8 @@ def _moe_triton(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2
     return out.view(B, T, D)
 
 # auto's order on CUDA: the MicroDiT-XL/2 step (256 px, mask 0.75, batch 256, engine+graph) ran at
-# 1,337 img/s with triton against 1,250 with eager on an H200 (bench/results/h200_ab_moe_*_e1fa075.json).
+# 1,334-1,341 img/s with triton against 1,249-1,250 with eager on an H200, two runs of each
+# (bench/results/h200_ab_moe_*_e1fa075.json).
 AUTO_PREFERENCE: tuple[str, ...] = ("triton",)
 
 
