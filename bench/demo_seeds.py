@@ -6,11 +6,11 @@ shuffled-caption level).
 
     python bench/demo_seeds.py --out DIR [--base DEMO_RUN] [--text-encoder PATH]
                                [--runs 1:fp32,2:fp32] [--steps 1600] [--every 200] [--eval-from 800]
-                               [--set KEY=VALUE ...]
+                               [--set KEY=VALUE ...] [--stage1-set KEY=VALUE ...]
 
 --base: the output folder of an earlier `train demo` (its cache/main and stage-1 are reused);
 without it the demo's data, caches and stage 1 are made under --out. --set overrides stage 2's
-config as `train run --set` does. One JSON line per scored
+config as `train run --set` does; --stage1-set stage 1's, when it is trained here (no --base). One JSON line per scored
 checkpoint is appended to OUT/seeds.jsonl and printed.
 """
 
@@ -50,7 +50,11 @@ def main() -> None:
     parser.add_argument("--eval-from", type=int, default=800)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a stage-2 config override, as `train run --set`")
+    parser.add_argument("--stage1-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a stage-1 config override (only without --base: stage 1 is trained here)")
     args = parser.parse_args()
+    if args.base and args.stage1_set:
+        parser.error("--stage1-set needs stage 1 trained here: leave out --base")
 
     import torch
 
@@ -73,7 +77,7 @@ def main() -> None:
     encoder = TextEncoder(str(encoder_path), device, text_len)
     records, condition = demo.stage_conditions(data, open_cache(main_cache).classes, encoder, settings)["2"]
     if not args.base:
-        demo.train_stage("1", main_cache, args.out / "stage-1", None, encoder.width)
+        demo.train_stage("1", main_cache, args.out / "stage-1", None, encoder.width, tuple(args.stage1_set))
 
     with open(args.out / "seeds.jsonl", "a", encoding="utf-8") as log:
         for seed, precision in args.runs:
@@ -87,10 +91,11 @@ def main() -> None:
                 if step < args.eval_from:
                     continue
                 scores = demo.evaluate_stage(checkpoint, records, condition, settings, configs["2"].train)
-                row = {"seed": seed, "precision": precision, "step": step, "set": args.set,
+                row = {"seed": seed, "precision": precision, "step": step, "set": args.set, "stage1_set": args.stage1_set,
                        **{k: round(v, 3) for k, v in scores.items()}}
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")
+                log.flush()
             print(f"seed {seed} {precision}: {time.perf_counter() - start:.0f} s", flush=True)
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 # Steps: stage / extras (carried wheels and model files, see below), setup, tests (every GPU
 # test file) or tests_ops (tests/ops only), tests_linear, tests_cross_attention, tests_train, tests_graph
 # (engine.step_graph and train.cuda_graph),
-# demo (`python -m train demo` on the GPU), linear (linear + mlp kernel rows), ab_gemm (engine step with
+# demo (`python -m train demo` on the GPU), demo_sweep (stage 2's position learning over seeds and settings), linear (linear + mlp kernel rows), ab_gemm (engine step with
 # linear/mlp on cuda vs triton), kernels (every op, both
 # timers), attention (attention + patchify ops, CUDA-graph timer), throughput256, throughput512,
 # profile (torch.profiler breakdown of the engine step at 256/64), data, tests_step (this session's
@@ -98,6 +98,27 @@ tests_graph() {
 }
 demo() {
   python3 -m train demo --out "$out/demo" --text-encoder /tmp/minilm/model 2>&1 | tee "$out/demo.log" | tail -15
+}
+# Issue 22: when does the demo's PixArt stage 2 learn position, setting by setting? One
+# bench/demo_seeds.py process per SWEEP_SETTINGS entry ("name|its options", entries separated by
+# ';'), all at once on the one GPU (each model is 1.3M parameters), each training the demo's data,
+# caches and stage 1 itself and then stage 2 once per SWEEP_RUNS seed; rows in demo_sweep.jsonl.
+demo_sweep() {
+  local name opts entries
+  rm -rf /tmp/sweep; mkdir -p /tmp/sweep
+  IFS=';' read -ra entries <<<"${SWEEP_SETTINGS:-base|;pm05|--set train.edm_p_mean=0.5}"
+  for entry in "${entries[@]}"; do
+    name=${entry%%|*}; opts=${entry#*|}
+    # shellcheck disable=SC2086  # opts holds several options
+    timeout "${SWEEP_LIMIT_S:-480}" python3 bench/demo_seeds.py --out "/tmp/sweep/$name" --text-encoder /tmp/minilm/model \
+      --runs "${SWEEP_RUNS:-0:fp32,1:fp32,2:fp32,3:fp32}" --steps "${SWEEP_STEPS:-1600}" --every 200 \
+      --eval-from "${SWEEP_EVAL_FROM:-1000}" $opts >"/tmp/sweep/$name.log" 2>&1 &
+  done
+  wait
+  cat /tmp/sweep/*/seeds.jsonl >"$out/demo_sweep.jsonl"
+  for entry in "${entries[@]}"; do
+    name=${entry%%|*}; echo "-- $name"; grep -E '^seed |rror' "/tmp/sweep/$name.log" | tail -12
+  done | tee "$out/demo_sweep.log"
 }
 linear() {
   python3 bench/kernels.py --ops linear,mlp --timer cudagraph --json "$out/kernels_linear.json" --csv "$out/kernels_linear.csv" \
