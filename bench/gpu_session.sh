@@ -163,9 +163,10 @@ optimizer_bench() {
   python3 bench/optimizer.py --git-commit "$commit" ${step_ms:+--step-ms "$step_ms"} --json "$out/optimizer.json" 2>&1 \
     | tee "$out/optimizer.log" | tail -12
 }
-# engine+graph at 256 px / 64 of the checkout in BASELINE_TREE (e.g. `git archive BASE | tar x -C
-# .baseline`, carried) against this one, each run in its own process, alternating AB_ROUNDS times
-# (default 2): a change that must not cost speed, measured on one machine.
+# engine+graph of the checkout in BASELINE_TREE (e.g. `git archive BASE | tar x -C .baseline`,
+# carried) against this one, each run in its own process, alternating AB_ROUNDS times (default 2):
+# a change that must not cost speed, measured on one machine. The shape: AB_TREE_ARGS (default
+# PixArt-XL/2's "--res 256 --batch 64"; e.g. "--preset microdit-xl2 --res 256 --batch 256 --mask-ratio 0.75").
 ab_tree() {
   local base=${BASELINE_TREE:?set BASELINE_TREE to a checkout}
   if diff -rq csrc "$base/csrc" >/dev/null && ls engine/_C*.so >/dev/null 2>&1; then
@@ -178,7 +179,7 @@ ab_tree() {
       local name; name=$([ "$tree" = "$PWD" ] && echo this || echo baseline)
       (cd "$tree" && PYTHONPATH=/tmp/site:$tree python3 -c "import engine; assert engine.__file__.startswith('$tree'), engine.__file__" \
         && PYTHONPATH=/tmp/site:$tree python3 bench/throughput.py --git-commit "$([ $name = this ] && echo "$commit" || echo "${BASELINE_COMMIT:-baseline}")" \
-          --variants engine+graph --res 256 --batch 64 --json "$out/ab_tree_${name}_$i.json") 2>&1 \
+          --variants engine+graph ${AB_TREE_ARGS:---res 256 --batch 64} --json "$out/ab_tree_${name}_$i.json") 2>&1 \
         | grep -E " engine\+graph: |Error|error" | sed "s/^/$name run $i: /"
     done
   done

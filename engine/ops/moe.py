@@ -34,8 +34,9 @@ Backends:
   backward one kernel gathers g = d_out[rows] and writes dy = score g and d_score = Σ y g (fp32);
            d_w2 = gelu(pre)ᵀ dy, d_pre = gelu'(pre) (dy @ w2[e]ᵀ), d_w1 = x[rows]ᵀ d_pre, and
            d_x = per token, the sum of its experts' d_pre @ w1[e]ᵀ (the combine kernel again).
-  Kept for the backward: the pre-activation (E, B k, H) and the expert outputs (E, B k, D) (for
-  d_score); GELU is recomputed from pre. The scatter back to the tokens is deterministic, since
+  Kept for the backward: the pre-activation and its GELU (E, B k, H) each, and the expert
+  outputs (E, B k, D) (for d_score). Keeping GELU(pre) rather than recomputing it for d_w2 costs
+  (E, B k, H) more memory per MoE block and saves a pass over it. The scatter back to the tokens is deterministic, since
   training runs are promised bitwise reproducible: a token's rows are summed in expert order
   through a (B T, E) table of where they are (-1 where an expert passed the token over), with no
   atomics anywhere, and no (B, E, k, T) tensor. fp32, bf16 and fp16; the GEMMs' outputs and the
@@ -238,28 +239,30 @@ def _expert_grad(dout, rows, y, score, dy, dscore):
 
 
 def _forward_impl(x2d, w1, w2, score, rows, slots):
-    """(out (B T, D), pre (E, M, H), y (E, M, D)): x2d (B T, D), w1 (E, D, H), w2 (E, H, D) in one
-    dtype; score (E, M) fp32, rows (E M,) int32 from _choose, slots (B T, E) int32 from _slots."""
+    """(out (B T, D), pre (E, M, H), hidden = GELU(pre) (E, M, H), y (E, M, D)): x2d (B T, D), w1
+    (E, D, H), w2 (E, H, D) in one dtype; score (E, M) fp32, rows (E M,) int32 from _choose, slots
+    (B T, E) int32 from _slots."""
     E, D, H = w1.shape
     M = score.shape[1]
     chosen = x2d.index_select(0, rows).view(E, M, D)
     pre = torch.bmm(chosen, w1)  # (E, M, H)
-    y = torch.bmm(F.gelu(pre), w2)  # (E, M, D)
+    hidden = F.gelu(pre)
+    y = torch.bmm(hidden, w2)  # (E, M, D)
     out = _new_output((x2d.shape[0], D), x2d.dtype, x2d.device)
     _combine(y.view(E * M, D), slots, score, out)
-    return out, pre, y
+    return out, pre, hidden, y
 
 
-def _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, y, grad_dtype):
+def _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, hidden, y, grad_dtype):
     """(d_x2d, d_w1, d_w2, d_score) of the expert path for d_out (B T, D); the weight gradients in
-    ``grad_dtype`` (the master weights')."""
+    ``grad_dtype`` (the master weights'); ``hidden`` is GELU(pre) as the forward kept it."""
     E, D, H = w1.shape
     M = score.shape[1]
     dout = dout.to(x2d.dtype).contiguous()
     dy = _new_output((E, M, D), x2d.dtype, x2d.device)
     dscore = _new_output((E, M), torch.float32, x2d.device)
     _expert_grad(dout, rows, y.view(E * M, D), score, dy.view(E * M, D), dscore.view(E * M))
-    dw2 = torch.bmm(F.gelu(pre).transpose(1, 2), dy)  # (E, H, D), GELU recomputed from the saved pre
+    dw2 = torch.bmm(hidden.transpose(1, 2), dy)  # (E, H, D)
     dpre = torch.ops.aten.gelu_backward(torch.bmm(dy, w2.transpose(1, 2)), pre)  # (E, M, H)
     dw1 = torch.bmm(x2d.index_select(0, rows).view(E, M, D).transpose(1, 2), dpre)  # (E, D, H)
     dx_rows = torch.bmm(dpre, w1.transpose(1, 2))  # (E, M, D)
@@ -276,7 +279,7 @@ def _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, y, grad_dtype):
 
 @torch.library.custom_op("engine::moe_fwd", mutates_args=())
 def _fwd_op(x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, score: torch.Tensor, rows: torch.Tensor,
-            slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward_impl(x2d, w1, w2, score, rows, slots)
 
 
@@ -284,18 +287,18 @@ def _fwd_op(x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, score: torch.
 def _(x2d, w1, w2, score, rows, slots):
     E, D, H = w1.shape
     M = score.shape[1]
-    return x2d.new_empty((x2d.shape[0], D)), x2d.new_empty((E, M, H)), x2d.new_empty((E, M, D))
+    return x2d.new_empty((x2d.shape[0], D)), x2d.new_empty((E, M, H)), x2d.new_empty((E, M, H)), x2d.new_empty((E, M, D))
 
 
 @torch.library.custom_op("engine::moe_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, x2d: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, score: torch.Tensor,
-            rows: torch.Tensor, slots: torch.Tensor, pre: torch.Tensor, y: torch.Tensor, grad_dtype: torch.dtype
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, y, grad_dtype)
+            rows: torch.Tensor, slots: torch.Tensor, pre: torch.Tensor, hidden: torch.Tensor, y: torch.Tensor,
+            grad_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(dout, x2d, w1, w2, score, rows, slots, pre, hidden, y, grad_dtype)
 
 
 @_bwd_op.register_fake
-def _(dout, x2d, w1, w2, score, rows, slots, pre, y, grad_dtype):
+def _(dout, x2d, w1, w2, score, rows, slots, pre, hidden, y, grad_dtype):
     return (x2d.new_empty(x2d.shape), w1.new_empty(w1.shape, dtype=grad_dtype), w2.new_empty(w2.shape, dtype=grad_dtype),
             score.new_empty(score.shape))
 
@@ -309,8 +312,9 @@ class _MoEExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, w1, w2, w1c, w2c, score, rows, slots):
-        out, pre, y = (_fwd_op if torch.compiler.is_compiling() else _forward_impl)(x2d, w1c, w2c, score, rows, slots)
-        ctx.save_for_backward(x2d, w1c, w2c, score, rows, slots, pre, y)
+        out, pre, hidden, y = (_fwd_op if torch.compiler.is_compiling() else _forward_impl)(
+            x2d, w1c, w2c, score, rows, slots)
+        ctx.save_for_backward(x2d, w1c, w2c, score, rows, slots, pre, hidden, y)
         ctx.grad_dtype = w1.dtype
         return out
 

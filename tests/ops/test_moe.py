@@ -213,10 +213,10 @@ def test_triton_microdit_sizes_match_reference(H, dtype, seed):
     check_triton(4, 256, 1024, 8, H, 2.0, dtype, "cuda", seed)
 
 
-def test_triton_keeps_the_pre_activation_and_expert_outputs_only():
-    """What the backward keeps beyond the inputs and the routing tables: the pre-activation
-    (E, B k, H) (GELU is recomputed from it) and the expert outputs (E, B k, D) (for d_score); no
-    gelu(pre), no gathered copy of x, no tensor with both an expert and a token axis of length T."""
+def test_triton_keeps_the_activations_and_expert_outputs_only():
+    """What the backward keeps beyond the inputs and the routing tables: the pre-activation and
+    its GELU (E, B k, H) each (for GELU's gradient and d_w2) and the expert outputs (E, B k, D)
+    (for d_score); no gathered copy of x, no tensor with both an expert and a token axis of length T."""
     B, T, D, E, H, capacity = 2, 13, 8, 4, 24, 2.0
     k = tokens_per_expert(T, E, capacity)
     x, gate, w1, w2 = [t.requires_grad_() for t in make_inputs(B, T, D, E, H, torch.float32)]
@@ -224,7 +224,7 @@ def test_triton_keeps_the_pre_activation_and_expert_outputs_only():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
         moe(x, gate, w1, w2, capacity, backend="triton")
     expert_path = [shape for shape, dtype in kept if dtype == torch.float32 and len(shape) == 3 and shape[0] == E]
-    assert sorted(expert_path) == sorted([(E, B * k, H), (E, B * k, D), (E, D, H), (E, H, D)])  # pre, y, w1, w2
+    assert sorted(expert_path) == sorted([(E, B * k, H), (E, B * k, H), (E, B * k, D), (E, D, H), (E, H, D)])  # pre, gelu(pre), y, w1, w2
 
 
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -315,9 +315,9 @@ def test_custom_ops_pass_opcheck():
     slots = moe_module._slots(rows, B * T, E)
     args = (x.reshape(B * T, D), w1, w2, score.contiguous(), rows, slots)
     torch.library.opcheck(moe_module._fwd_op, args)
-    _, pre, y = moe_module._forward_impl(*args)
-    torch.library.opcheck(moe_module._bwd_op, (torch.randn(B * T, D), *args, pre, y, torch.float32))
-    torch.library.opcheck(moe_module._bwd_op, (torch.randn(B * T, D), *args, pre, y, torch.float64))
+    _, pre, hidden, y = moe_module._forward_impl(*args)
+    torch.library.opcheck(moe_module._bwd_op, (torch.randn(B * T, D), *args, pre, hidden, y, torch.float32))
+    torch.library.opcheck(moe_module._bwd_op, (torch.randn(B * T, D), *args, pre, hidden, y, torch.float64))
 
 
 def test_torch_compile_fullgraph_matches_eager_call():
