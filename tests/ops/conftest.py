@@ -40,6 +40,29 @@ def interpreter_rounds_bf16_like_the_gpu(monkeypatch):
 
 
 @pytest.fixture
+def interpreter_fuses_fma_like_the_gpu(monkeypatch):
+    """Triton 3.8's interpreter computes tl.fma(x, y, z) as x * y + z in NumPy, rounding the
+    product and the sum apart, where the GPU's fma rounds once (and torch's lerp, on CUDA and in
+    its vectorised CPU kernels, is that one rounding). Under the interpreter this computes an fp32
+    fma in fp64: the product is exact there (24 + 24 bits), and the fp64 sum rounded to fp32 is the
+    fused result unless that sum's own rounding lands it on an fp32 halfway point, about one
+    element in 2^29. Other dtypes keep the interpreter's arithmetic. A no-op on the GPU."""
+    if not triton_interpreted():
+        return
+    import triton.runtime.interpreter as interpreter
+    builder = interpreter.InterpreterBuilder
+    separate = builder.create_fma
+
+    def fused(self, x, y, z):
+        if z.dtype.scalar != tl.float32:
+            return separate(self, x, y, z)
+        wide = x.data.astype(np.float64) * y.data.astype(np.float64) + z.data.astype(np.float64)
+        return interpreter.TensorHandle(wide.astype(np.float32), z.dtype.scalar)
+
+    monkeypatch.setattr(builder, "create_fma", fused)
+
+
+@pytest.fixture
 def seed(_fresh_seed):
     return _fresh_seed
 

@@ -23,7 +23,8 @@ from engine.optim.adamw_kernel import adamw_ref, adamw_step_
 from tests.ops.design_rule import assert_rule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu")  # tests/optim/conftest.py
+pytestmark = pytest.mark.usefixtures("interpreter_rounds_bf16_like_the_gpu",  # tests/optim/conftest.py
+                                      "interpreter_fuses_fma_like_the_gpu")
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.03)
 # A tensor smaller than one program, one spanning several with a ragged end, a scalar-like one.
 SHAPES = [(7, 5), (2 * kernel_module.BLOCK + 3,), (1,)]
