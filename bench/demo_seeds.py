@@ -10,8 +10,8 @@ shuffled-caption level).
 
 --base: the output folder of an earlier `train demo` (its cache/main and stage-1 are reused);
 without it the demo's data, caches and stage 1 are made under --out. --set overrides stage 2's
-config as `train run --set` does; --stage1-set stage 1's, when it is trained here (no --base). One JSON line per scored
-checkpoint is appended to OUT/seeds.jsonl and printed.
+config as `train run --set` does; --stage1-set stage 1's, when it is trained here (no --base).
+One JSON line per scored checkpoint is appended to OUT/seeds.jsonl and printed.
 """
 
 from __future__ import annotations
@@ -91,12 +91,13 @@ def main() -> None:
                 if step < args.eval_from:
                     continue
                 scores = demo.evaluate_stage(checkpoint, records, condition, settings, configs["2"].train)
-                row = {"seed": seed, "precision": precision, "step": step, "set": args.set, "stage1_set": args.stage1_set,
-                       **{k: round(v, 3) for k, v in scores.items()}}
+                row = {"seed": seed, "precision": precision, "step": step, "set": args.set,
+                       "stage1_set": args.stage1_set, **{k: round(v, 3) for k, v in scores.items()}}
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             print(f"seed {seed} {precision}: {time.perf_counter() - start:.0f} s", flush=True)
+
 
 if __name__ == "__main__":
     main()

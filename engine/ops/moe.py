@@ -36,8 +36,8 @@ Backends:
            d_x = per token, the sum of its experts' d_pre @ w1[e]ᵀ (the combine kernel again).
   Kept for the backward: the pre-activation and its GELU (E, B k, H) each, and the expert
   outputs (E, B k, D) (for d_score). Keeping GELU(pre) rather than recomputing it for d_w2 costs
-  (E, B k, H) more memory per MoE block and saves a pass over it. The scatter back to the tokens is deterministic, since
-  training runs are promised bitwise reproducible: a token's rows are summed in expert order
+  (E, B k, H) more memory per MoE block and saves a pass over it. The scatter back to the
+  tokens is deterministic, since training runs are promised bitwise reproducible: a token's rows are summed in expert order
   through a (B T, E) table of where they are (-1 where an expert passed the token over), with no
   atomics anywhere, and no (B, E, k, T) tensor. fp32, bf16 and fp16; the GEMMs' outputs and the
   gradients in the compute dtype, the weight gradients then cast to the weights' dtype (as

@@ -224,7 +224,8 @@ def test_triton_keeps_the_activations_and_expert_outputs_only():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
         moe(x, gate, w1, w2, capacity, backend="triton")
     expert_path = [shape for shape, dtype in kept if dtype == torch.float32 and len(shape) == 3 and shape[0] == E]
-    assert sorted(expert_path) == sorted([(E, B * k, H), (E, B * k, H), (E, B * k, D), (E, D, H), (E, H, D)])  # pre, gelu(pre), y, w1, w2
+    # pre, gelu(pre), y, w1, w2
+    assert sorted(expert_path) == sorted([(E, B * k, H), (E, B * k, H), (E, B * k, D), (E, D, H), (E, H, D)])
 
 
 CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)

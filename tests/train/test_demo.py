@@ -1,6 +1,6 @@
 """`python -m train demo`: the whole pipeline once, end to end, and the bar it must meet.
 
-The full run is the most expensive test of the suite (about 12 minutes on 2 CPU cores); it is the
+The full run is the most expensive test of the suite (about 13 minutes on 2 CPU cores); it is the
 acceptance test of the demo: within its time limit the final model's colour accuracy on held-out
 captions is at least twice the shuffled-caption (chance) accuracy.
 """
