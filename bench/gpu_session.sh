@@ -13,7 +13,8 @@
 # pass alone: torch's and engine's AdamW with clipping and EMA, bench/optimizer.py), ab_tree
 # (engine+graph of another checkout, BASELINE_TREE, against this one), tests_session, caches,
 # data_speed and train_speed (`train run` against the benchmark; see each step), microdit_throughput, microdit_train_speed,
-# ab_moe, ab_attention_microdit, microdit_profile and tests_microdit (MicroDiT-XL/2: issue 21's table, the moe and attention backends),
+# ab_moe, ab_attention_microdit, ab_self_attention_microdit, attention_sweep, microdit_profile and tests_microdit
+# (MicroDiT-XL/2: issue 21's table, the moe and attention backends, the attention kernels' configurations),
 # caption_bench (issue 23), cost (issue 22: each system's schedule projected to GPU-days, kWh, CO2e
 # and dollars).
 # Wheels for packages the GPU image lacks (diffusers, ...) travel in .gpu-wheels/small; DALI's
@@ -341,6 +342,26 @@ ab_attention_microdit() {
         --json "$out/ab_attention_microdit_${b}_$i.json" 2>&1 | grep -E " engine\+graph: " | sed "s/^/attention=$b run $i: /"
     done
   done
+}
+# MicroDiT's self-attention in the step: SDPA with cuDNN first (cuda) against the Triton kernels
+# (triton), at the shapes of MICRO_SHAPES that the kernels take (N <= 256 tokens).
+ab_self_attention_microdit() {
+  local shape res mask batch
+  for i in $(seq "${AB_ROUNDS:-1}"); do
+    for shape in ${MICRO_SHAPES:-256:0.75:256 256:0:64 512:0.75:64}; do
+      IFS=: read -r res mask batch <<<"$shape"
+      for b in cuda triton; do
+        ENGINE_BACKEND_SELF_ATTENTION=$b python3 bench/throughput.py --git-commit "$commit" --preset microdit-xl2 \
+          --res "$res" --batch "$batch" --mask-ratio "$mask" --variants engine+graph \
+          --json "$out/ab_self_attention_microdit_${res}_m${mask/./}_b${batch}_${b}_$i.json" 2>&1 \
+          | grep -E " engine\+graph: " | sed "s/^/${res}px mask $mask b$batch self_attention=$b run $i: /"
+      done
+    done
+  done
+}
+# The Triton attention kernels' launch configurations at MicroDiT-XL/2's shapes, beside SDPA.
+attention_sweep() {
+  python3 bench/attention_sweep.py --json "$out/attention_sweep.jsonl" 2>&1 | tee "$out/attention_sweep.log" | tail -70
 }
 # The profile of MicroDiT's engine+graph step at 256 px masked / 256; the same step launched op by
 # op with its costliest non-GEMM kernels traced to their ops and source lines (--sources); the moe

@@ -284,9 +284,9 @@ def _self_call(backend, qkv):
 
 
 def _self_kernel(variant, qkv):
-    """The SDPA kernel self_attention's eager / cuda backend picks for these inputs."""
-    if variant not in ("eager", "cuda"):
-        return None  # compile: Inductor's choice; triton: none (the row gives the error)
+    """The kernel self_attention's eager / cuda / triton backend runs for these inputs."""
+    if variant not in ("eager", "cuda", "triton"):
+        return None  # compile: Inductor's choice
     q, k, v = qkv.unbind(2)
     return active_backend(q, k, v, backend=variant)
 

@@ -9,7 +9,12 @@ cuDNN 381 µs, flash 656, efficient 1063). So:
 - ``cuda``: SDPA with the kernels in SDPA_PRIORITY order (``sdpa_kernel(..., set_priority=True)``):
   cuDNN first, then flash, then memory-efficient, then math, each used only when the ones before
   it refuse the inputs (fp32, say, which cuDNN and flash do not take);
-- ``triton``: none; asking for it is an error.
+- ``triton``: engine.ops.cross_attention's Triton kernels with every key valid: a sequence
+  attending to itself is cross-attention with L = N. They hold all keys in one tile, so N <=
+  256 (MAX_KERNEL_KEYS); MicroDiT's masked 256 px step attends over 64 kept tokens, where SDPA's
+  fused kernels pay for a separate softmax-statistics pass and a dq conversion pass in the
+  backward (cuDNN's ``compute_dot_do_o`` and ``convert_dq_to_16bits``), which the one-tile
+  kernel does without.
 
 flash-attn's own ``flash_attn_func`` is not used: it is the same FlashAttention-2 algorithm as
 SDPA's flash kernel, which the measurement above puts 1.7x behind cuDNN, and SDPA's flash
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.ops.backend import resolve
+from engine.ops.cross_attention import MAX_KERNEL_KEYS, cross_attention
 
 SDPA_PRIORITY = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                  SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
@@ -53,11 +59,14 @@ def _check_inputs(q, k, v) -> None:
 
 
 def _resolve(backend: str | None, device: torch.device) -> str:
-    name = resolve(backend, device, "self_attention", prefer=("cuda",))
-    if name == "triton":
-        raise RuntimeError("self_attention has no Triton kernel; use backend 'cuda' (SDPA with cuDNN > flash > "
-                           "efficient > math) or 'eager' (SDPA's own choice)")
-    return name
+    return resolve(backend, device, "self_attention", prefer=("cuda",))
+
+
+def _check_triton_limits(q: torch.Tensor) -> None:
+    N = q.shape[1]
+    if N > MAX_KERNEL_KEYS:
+        raise ValueError(f"self_attention: the triton backend holds all N keys in one tile, so N <= {MAX_KERNEL_KEYS}; "
+                         f"got N = {N}; use backend 'cuda' or 'eager'")
 
 
 def _kernel_choice(name: str):
@@ -69,24 +78,30 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: s
     """softmax(q k^T / sqrt(d)) v -> (B, N, H, d).
 
     q, k, v (B, N, H, d), any strides (views into one fused (B, N, 3, H, d) projection are what
-    the model passes). backend: "eager" | "cuda" | "auto" | None (see engine.ops.backend);
-    auto on CUDA picks "cuda". The output is a (B, N, H, d) view of SDPA's result; the fused
-    kernels write it in (B, N, H, d) memory order, so reshaping it to (B, N, H*d) copies nothing
-    (the math kernel's output does get copied).
+    the model passes). backend: "eager" | "cuda" | "triton" | "auto" | None (see
+    engine.ops.backend); auto on CUDA picks "cuda". The output is (B, N, H, d) in (B, N, H, d)
+    memory order (a view of SDPA's result, or the Triton kernel's own), so reshaping it to
+    (B, N, H*d) copies nothing (the math kernel's output does get copied).
     """
     _check_inputs(q, k, v)
     name = _resolve(backend, q.device)
+    if name == "triton":
+        _check_triton_limits(q)
+        return cross_attention(q, k, v, None, backend="triton")
     with _kernel_choice(name):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, N, d)
     return out.transpose(1, 2)  # (B, N, H, d)
 
 
 def active_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> str:
-    """Which SDPA kernel ``self_attention(q, k, v, backend)`` runs: "cudnn", "flash", "efficient"
-    or "math". Asks SDPA's own dispatcher (torch._fused_sdp_choice, the function SDPA calls to
-    choose) under the same context, so it names the kernel that really runs; for benchmark labels."""
+    """Which kernel ``self_attention(q, k, v, backend)`` runs: "triton", or the SDPA kernel
+    "cudnn", "flash", "efficient" or "math". For SDPA it asks SDPA's own dispatcher
+    (torch._fused_sdp_choice, the function SDPA calls to choose) under the same context, so it
+    names the kernel that really runs; for benchmark labels."""
     _check_inputs(q, k, v)
     name = _resolve(backend, q.device)
+    if name == "triton":
+        return "triton"
     with _kernel_choice(name):
         choice = SDPBackend(torch._fused_sdp_choice(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)))
     if choice not in _SDPA_NAMES:

@@ -92,12 +92,11 @@ def test_smoke_run_has_a_row_for_every_variant_and_baseline(tmp_path):
     # reference path of engine._C where it is built, and SDPA's math kernel.
     for op in NEW_OPS:
         assert row(op, "eager")["time_us"] is not None, op
-    for op in ("cross_attention", "patchify", "unpatchify", "linear", "mlp", "gated_add"):
+    for op in ("cross_attention", "self_attention", "patchify", "unpatchify", "linear", "mlp", "gated_add"):
         assert row(op, "triton")["time_us"] is not None, row(op, "triton")["skipped"]
     cpu_cuda_reason = unavailable_reason("cuda", torch.device("cpu"))
     for op in ("patchify", "unpatchify", "linear", "mlp"):  # linear, mlp: gemm_epilogue's C++ reference
         assert (row(op, "cuda")["time_us"] is not None) == (cpu_cuda_reason is None), row(op, "cuda")
-    assert "no Triton kernel" in row("self_attention", "triton")["skipped"]
     assert row("gated_add", "cuda")["skipped"] == "gated_add has no cuda backend"
     for op in ("cross_attention", "self_attention"):
         assert row(op, "sdpa-math")["time_us"] is not None, row(op, "sdpa-math")["skipped"]
@@ -106,10 +105,13 @@ def test_smoke_run_has_a_row_for_every_variant_and_baseline(tmp_path):
         assert "flash_attn" in row("cross_attention", "flash-attn")["skipped"]
         assert "flash_attn" in row("cross_attention", "cuda")["skipped"]
 
-    # self_attention names the SDPA kernel of its eager and cuda backends; nothing else is labelled.
+    # self_attention names the SDPA kernel of its eager and cuda backends, and its triton backend's
+    # kernels; nothing else is labelled.
     for r in rows:
         if r["op"] == "self_attention" and r["variant"] in ("eager", "cuda"):
             assert r["kernel"] in SDPA_KERNEL_NAMES, r
+        elif r["op"] == "self_attention" and r["variant"] == "triton":
+            assert r["kernel"] == "triton", r
         else:
             assert r["kernel"] is None, r
 

@@ -223,8 +223,7 @@ def test_fused_model_matches_official_math_on_each_backend(ratio, _fresh_seed, m
     """fp32, against the fp64 official forward, output and every parameter gradient, in relative
     Frobenius norm: the eager backend within fp32 rounding (1e-4), the triton backend within
     2 x eager's error + 1e-5 (the rule of tests/model/test_backends.py). Every op on triton but
-    moe, whose auto is eager on the GPU too and whose kernels have their own tests, and
-    self-attention, which has no Triton kernel (SDPA on every backend)."""
+    moe, whose kernels have their own tests."""
     config = tiny(**SMALL)
     model64 = randomize(MicroDiT(config).double(), std=0.05)
     x, c_noise, caption = inputs(config, batch=2)
@@ -238,7 +237,6 @@ def test_fused_model_matches_official_math_on_each_backend(ratio, _fresh_seed, m
     for backend in ("eager", "triton"):
         monkeypatch.setenv("ENGINE_BACKEND", backend)
         monkeypatch.setenv("ENGINE_BACKEND_MOE", "eager")
-        monkeypatch.setenv("ENGINE_BACKEND_SELF_ATTENTION", "eager")
         results[backend] = output_and_grads(model32, x32, c_noise32, caption32, keep, weights)
     assert results["eager"][1].keys() == ref_grads.keys()
     failures = []

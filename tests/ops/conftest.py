@@ -1,4 +1,4 @@
-"""Shared by the op tests: the Triton interpreter made to convert bf16 as the GPU does, each
+"""Shared by the op tests: the Triton interpreter made to convert and multiply bf16 as the GPU does, each
 test's fresh seed, and kernel outputs poisoned with NaN."""
 
 import numpy as np
@@ -37,6 +37,25 @@ def interpreter_rounds_bf16_like_the_gpu(monkeypatch):
         return np.where(np.isnan(data), 0x7FC0, nearest_even).astype(np.uint16).reshape(data.shape)
 
     monkeypatch.setattr(interpreter, "_convert_float", convert)
+
+
+@pytest.fixture
+def interpreter_dots_bf16_like_the_gpu(interpreter_rounds_bf16_like_the_gpu, monkeypatch):
+    """Besides rounding fp32 -> bf16 as the GPU does: Triton 3.9's interpreter multiplies bf16
+    tl.dot tiles as their raw uint16 bit patterns (garbage); their values go in as fp32 instead,
+    so that it computes what the GPU does. A no-op on the GPU."""
+    if not triton_interpreted():
+        return
+    import triton.runtime.interpreter as interpreter
+
+    def as_float(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle(bf16_bits_as_fp32(handle.data), tl.float32)
+
+    bit_pattern_dot = interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, d, *args: bit_pattern_dot(self, as_float(a), as_float(b), d, *args))
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""self_attention: SDPA eager and pinned (``cuda``) against the fp64 reference.
+"""self_attention: SDPA eager and pinned (``cuda``), and the Triton kernels (``triton``: the
+cross-attention kernels with every key valid), against the fp64 reference.
 
 Correctness rule (docs/design.md §3) for the output and dq, dk, dv:
     max|backend - fp64 ref| <= 2 * max|eager same-dtype - fp64 ref| + atol.
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from engine.ops.cross_attention import MAX_KERNEL_KEYS
 from engine.ops.self_attention import SDPA_PRIORITY, active_backend, self_attention, self_attention_ref
 
 ATOL_FRACTION = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2.5e-4}
@@ -32,13 +34,19 @@ CASES = [(2, 37, 3, 72, torch.bfloat16), (2, 37, 3, 72, torch.float32), (2, 64, 
          (3, 250, 2, 72, torch.float16)]
 
 
+@pytest.fixture(autouse=True)
+def interpreter_bf16_like_the_gpu(interpreter_dots_bf16_like_the_gpu):
+    """The interpreter's bf16 conversions and tl.dot as the GPU's (tests/ops/conftest.py)."""
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-N{c[1]}-H{c[2]}-d{c[3]}-{str(c[4])[6:]}")
-def test_pinned_matches_reference(case, device, seed):
+def test_backend_matches_reference(case, backend, device, seed):
     B, N, H, d, dtype = case
     qkv = torch.randn(B, N, 3, H, d, device=device).to(dtype)
     do = torch.randn(B, N, H, d, device=device).to(dtype)
-    got = run(qkv, do, "cuda")
+    got = run(qkv, do, backend)
     eager = run(qkv, do, "eager")
     ref = run(qkv, do, self_attention_ref, cast=torch.float64)
     for name, g, e, r in zip(["o", "dq", "dk", "dv"], got, eager, ref):
@@ -102,12 +110,11 @@ def test_torch_compile_fullgraph_with_pinned_kernel(device, compiler):
     torch.testing.assert_close(got, want)
 
 
-def test_triton_backend_is_a_clear_error():
-    q, k, v = torch.randn(3, 2, 5, 2, 8).unbind(0)
-    with pytest.raises(RuntimeError, match="no Triton kernel"):
+def test_triton_backend_limits_and_name():
+    q, k, v = torch.randn(3, 1, MAX_KERNEL_KEYS + 1, 2, 16).unbind(0)
+    with pytest.raises(ValueError, match=f"N <= {MAX_KERNEL_KEYS}; got N = {MAX_KERNEL_KEYS + 1}"):
         self_attention(q, k, v, backend="triton")
-    with pytest.raises(RuntimeError, match="no Triton kernel"):
-        active_backend(q, k, v, backend="triton")
+    assert active_backend(q, k, v, backend="triton") == "triton"
 
 
 def test_bad_inputs_raise_clear_errors():
