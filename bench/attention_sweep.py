@@ -3,7 +3,7 @@
     python bench/attention_sweep.py [--json PATH] [--shapes self:256x64x16x64,cross:256x64x16x64x77]
 
 Each row times one launch of engine.ops.cross_attention's forward or backward kernel (CUDA-graph
-timer of bench/kernels.py, bf16) at one (BLOCK_M, num_warps, stages, heads per program), on the
+timer of bench/kernels.py, bf16) at one (BLOCK_M, num_warps, stages), on the
 layouts the model passes: self-attention reads q, k, v as views into one (B, N, 3, H, d)
 projection (keys = the N tokens themselves), cross-attention reads q (B, N, H, d) and k, v as
 views into a (B, L, 2, H, d) projection, every caption key valid. Beside them, per shape, the
@@ -30,11 +30,9 @@ from engine.ops.self_attention import self_attention  # noqa: E402
 # MicroDiT-XL/2 (16 heads of 64, 77 caption keys): 256 px masked (64 of 256 tokens kept) at stage
 # 1's batch 256; 256 px unmasked at 64 (the same attention shape as 512 px masked at 64).
 SHAPES = ("self:256x64x16x64", "self:64x256x16x64", "cross:256x64x16x64x77", "cross:64x256x16x64x77")
-# (BLOCK_M, num_warps, stages, heads per program)
-FWD_CONFIGS = [(64, 4, 3, 1), (64, 4, 3, 2), (64, 4, 3, 4), (64, 4, 2, 4), (64, 8, 3, 1), (64, 8, 3, 4),
-               (32, 4, 3, 1), (128, 8, 3, 1), (128, 4, 3, 1)]
-BWD_CONFIGS = [(64, 8, 3, 1), (64, 8, 3, 2), (64, 8, 3, 4), (64, 8, 2, 4), (64, 4, 3, 1), (64, 4, 3, 2),
-               (64, 4, 3, 4), (32, 4, 3, 1), (32, 8, 3, 1), (128, 8, 3, 1)]
+# (BLOCK_M, num_warps, stages)
+FWD_CONFIGS = [(64, 4, 3), (64, 4, 2), (64, 8, 3), (32, 4, 3), (128, 8, 3), (128, 4, 3)]
+BWD_CONFIGS = [(64, 8, 3), (64, 8, 2), (64, 4, 3), (64, 4, 2), (32, 4, 3), (32, 8, 3), (128, 8, 3)]
 
 
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -68,24 +66,17 @@ def sweep_shape(kind, sizes, device):
     do = torch.randn_like(qd)
     _, lse = ca._cross_attention_fwd_triton(qd, kd, vd, kv_lens)
     rows = []
-    for bm, nw, st, heads in FWD_CONFIGS:
-        if heads > 1 and ca._heads_per_program(qd, bm, 1, heads) != heads:
-            continue  # would run as one head a program: a duplicate row
-
-        def fwd():
-            ca._cross_attention_fwd_triton(qd, kd, vd, kv_lens, block_m=bm, num_warps=nw, num_stages=st, heads=heads)
-        rows.append({"dir": "fwd", "bm": bm, "nw": nw, "st": st, "heads": heads, "fn": fwd})
-    for bm, nw, st, heads in BWD_CONFIGS:
-        if heads > 1 and ca._heads_per_program(qd, bm, 1, heads) != heads:
-            continue
-
-        def bwd():
-            ca._cross_attention_bwd_triton(do, qd, kd, vd, lse, kv_lens, block_m=bm, num_warps=nw, num_stages=st,
-                                           heads=heads)
-        rows.append({"dir": "bwd", "bm": bm, "nw": nw, "st": st, "heads": heads, "fn": bwd})
+    for bm, nw, st in FWD_CONFIGS:
+        def fwd(bm=bm, nw=nw, st=st):  # defaults bind this config (closures see the loop's last)
+            ca._cross_attention_fwd_triton(qd, kd, vd, kv_lens, block_m=bm, num_warps=nw, num_stages=st)
+        rows.append({"dir": "fwd", "bm": bm, "nw": nw, "st": st, "fn": fwd})
+    for bm, nw, st in BWD_CONFIGS:
+        def bwd(bm=bm, nw=nw, st=st):
+            ca._cross_attention_bwd_triton(do, qd, kd, vd, lse, kv_lens, block_m=bm, num_warps=nw, num_stages=st)
+        rows.append({"dir": "bwd", "bm": bm, "nw": nw, "st": st, "fn": bwd})
     ops = [("cuda", "sdpa"), ("triton", "triton")] if kind == "self" else [("triton", "triton")]
     for backend, label in ops:
-        def op():
+        def op(backend=backend):
             if kind == "self":
                 return self_attention(q, k, v, backend=backend)
             return ca.cross_attention(q, k, v, None, backend=backend)

@@ -189,16 +189,27 @@ def _fwd_tile(q_base, k_base, v_base, o_base, lse_base, m_begin, m_end, kv_len, 
 
 
 @triton.jit
-def _fwd_head(Q, K, V, O, LSE, b, h, m_begin, m_end, kv_len, N, H, D,
-              stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh,
-              stride_vb, stride_vl, stride_vh, stride_ob, stride_on, stride_oh, qk_scale,
-              BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-              ALIGN: tl.constexpr, HALF_TILE: tl.constexpr, PRECISION: tl.constexpr):
-    """Query blocks [m_begin, m_end) of head h of sample b."""
+def _cross_attention_fwd_kernel(
+        Q, K, V, KV_LENS, O, LSE,
+        stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh,
+        stride_vb, stride_vl, stride_vh, stride_ob, stride_on, stride_oh,
+        N, L, H, blocks_per_split, qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        ALIGN: tl.constexpr, HALF_TILE: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (splits, H, B): program (s, h, b) takes query blocks [s * blocks_per_split, ...) of
+    (b, h). O: (B, N, H, d); LSE: (B, H, N) fp32, base 2."""
+    split = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # int64 offsets: B * N * H * d may pass 2^31
+    kv_len = tl.minimum(tl.maximum(tl.load(KV_LENS + b).to(tl.int32), 0), L)
+    m_begin = split * blocks_per_split
+    m_end = tl.minimum(m_begin + blocks_per_split, tl.cdiv(N, BLOCK_M))
     q_base = Q + tl.multiple_of(b * stride_qb + h * stride_qh, ALIGN)
     k_base = K + tl.multiple_of(b * stride_kb + h * stride_kh, ALIGN)
     v_base = V + tl.multiple_of(b * stride_vb + h * stride_vh, ALIGN)
     o_base = O + tl.multiple_of(b * stride_ob + h * stride_oh, ALIGN)
+    stride_qn, stride_kl = tl.multiple_of(stride_qn, ALIGN), tl.multiple_of(stride_kl, ALIGN)
+    stride_vl, stride_on = tl.multiple_of(stride_vl, ALIGN), tl.multiple_of(stride_on, ALIGN)
     lse_base = LSE + (b * H + h) * N
     if HALF_TILE and kv_len <= BLOCK_L // 2:
         _fwd_tile(q_base, k_base, v_base, o_base, lse_base, m_begin, m_end, kv_len, N, D,
@@ -206,41 +217,6 @@ def _fwd_head(Q, K, V, O, LSE, b, h, m_begin, m_end, kv_len, N, H, D,
     else:
         _fwd_tile(q_base, k_base, v_base, o_base, lse_base, m_begin, m_end, kv_len, N, D,
                   stride_qn, stride_kl, stride_vl, stride_on, qk_scale, BLOCK_M, BLOCK_L, D0, D1, PRECISION)
-
-
-@triton.jit
-def _cross_attention_fwd_kernel(
-        Q, K, V, KV_LENS, O, LSE,
-        stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh,
-        stride_vb, stride_vl, stride_vh, stride_ob, stride_on, stride_oh,
-        N, L, H, blocks_per_split, qk_scale,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-        ALIGN: tl.constexpr, HALF_TILE: tl.constexpr, PRECISION: tl.constexpr,
-        HEADS: tl.constexpr, STAGES: tl.constexpr):
-    """Grid (splits, H / HEADS, B): program (s, g, b) takes query blocks [s * blocks_per_split, ...)
-    of heads g * HEADS .. g * HEADS + HEADS - 1 of sample b. O: (B, N, H, d); LSE: (B, H, N) fp32,
-    base 2. HEADS > 1 only where a head has one query block (N <= BLOCK_M, one split): the loop
-    over heads is then the kernel's one loop, software-pipelined over STAGES, so the next head's
-    tiles load while this one computes (with one program per head, a program has nothing to
-    overlap its loads with)."""
-    split = tl.program_id(0)
-    b = tl.program_id(2).to(tl.int64)  # int64 offsets: B * N * H * d may pass 2^31
-    kv_len = tl.minimum(tl.maximum(tl.load(KV_LENS + b).to(tl.int32), 0), L)
-    stride_qn, stride_kl = tl.multiple_of(stride_qn, ALIGN), tl.multiple_of(stride_kl, ALIGN)
-    stride_vl, stride_on = tl.multiple_of(stride_vl, ALIGN), tl.multiple_of(stride_on, ALIGN)
-    if HEADS == 1:
-        m_begin = split * blocks_per_split
-        m_end = tl.minimum(m_begin + blocks_per_split, tl.cdiv(N, BLOCK_M))
-        _fwd_head(Q, K, V, O, LSE, b, tl.program_id(1), m_begin, m_end, kv_len, N, H, D,
-                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh,
-                  stride_vb, stride_vl, stride_vh, stride_ob, stride_on, stride_oh, qk_scale,
-                  BLOCK_M, BLOCK_L, D0, D1, ALIGN, HALF_TILE, PRECISION)
-    else:
-        for g in tl.range(0, HEADS, num_stages=STAGES):
-            _fwd_head(Q, K, V, O, LSE, b, tl.program_id(1) * HEADS + g, 0, 1, kv_len, N, H, D,
-                      stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh,
-                      stride_vb, stride_vl, stride_vh, stride_ob, stride_on, stride_oh, qk_scale,
-                      BLOCK_M, BLOCK_L, D0, D1, ALIGN, HALF_TILE, PRECISION)
 
 
 @triton.jit
@@ -314,15 +290,23 @@ def _bwd_tile(q_base, k_base, v_base, do_base, lse_base, dq_base, dk_base, dv_ba
 
 
 @triton.jit
-def _bwd_head(Q, K, V, DO, LSE, DQ, DK, DV, b, h, split, m_begin, m_end, kv_len, N, L, H, D,
-              stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh,
-              stride_vb, stride_vl, stride_vh,
-              stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
-              stride_dks, stride_dkb, stride_dkl, stride_dkh, stride_dvs, stride_dvb, stride_dvl, stride_dvh,
-              sm_scale, qk_scale,
-              BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-              ALIGN: tl.constexpr, HALF_TILE: tl.constexpr, PRECISION: tl.constexpr):
-    """Query blocks [m_begin, m_end) of head h of sample b, into split ``split``'s dk, dv."""
+def _cross_attention_bwd_kernel(
+        Q, K, V, DO, LSE, KV_LENS, DQ, DK, DV,
+        stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh,
+        stride_vb, stride_vl, stride_vh,
+        stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
+        stride_dks, stride_dkb, stride_dkl, stride_dkh, stride_dvs, stride_dvb, stride_dvl, stride_dvh,
+        N, L, H, blocks_per_split, sm_scale, qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+        ALIGN: tl.constexpr, HALF_TILE: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (splits, H, B): program (s, h, b) takes query blocks [s * blocks_per_split, ...) of
+    (b, h). DK, DV: (splits, B, L, H, d) partial sums (split stride 0 when splits == 1)."""
+    split = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    kv_len = tl.minimum(tl.maximum(tl.load(KV_LENS + b).to(tl.int32), 0), L)
+    m_begin = split * blocks_per_split
+    m_end = tl.minimum(m_begin + blocks_per_split, tl.cdiv(N, BLOCK_M))
     q_base = Q + tl.multiple_of(b * stride_qb + h * stride_qh, ALIGN)
     k_base = K + tl.multiple_of(b * stride_kb + h * stride_kh, ALIGN)
     v_base = V + tl.multiple_of(b * stride_vb + h * stride_vh, ALIGN)
@@ -331,6 +315,10 @@ def _bwd_head(Q, K, V, DO, LSE, DQ, DK, DV, b, h, split, m_begin, m_end, kv_len,
     dq_base = DQ + tl.multiple_of(b * stride_dqb + h * stride_dqh, ALIGN)
     dk_base = DK + tl.multiple_of(split * stride_dks + b * stride_dkb + h * stride_dkh, ALIGN)
     dv_base = DV + tl.multiple_of(split * stride_dvs + b * stride_dvb + h * stride_dvh, ALIGN)
+    stride_qn, stride_kl = tl.multiple_of(stride_qn, ALIGN), tl.multiple_of(stride_kl, ALIGN)
+    stride_vl, stride_don = tl.multiple_of(stride_vl, ALIGN), tl.multiple_of(stride_don, ALIGN)
+    stride_dqn, stride_dkl = tl.multiple_of(stride_dqn, ALIGN), tl.multiple_of(stride_dkl, ALIGN)
+    stride_dvl = tl.multiple_of(stride_dvl, ALIGN)
     if HALF_TILE and kv_len <= BLOCK_L // 2:
         _bwd_tile(q_base, k_base, v_base, do_base, lse_base, dq_base, dk_base, dv_base,
                   m_begin, m_end, kv_len, N, L, D,
@@ -341,43 +329,6 @@ def _bwd_head(Q, K, V, DO, LSE, DQ, DK, DV, b, h, split, m_begin, m_end, kv_len,
                   m_begin, m_end, kv_len, N, L, D,
                   stride_qn, stride_kl, stride_vl, stride_don, stride_dqn, stride_dkl, stride_dvl,
                   sm_scale, qk_scale, BLOCK_M, BLOCK_L, BLOCK_L, D0, D1, PRECISION)
-
-
-@triton.jit
-def _cross_attention_bwd_kernel(
-        Q, K, V, DO, LSE, KV_LENS, DQ, DK, DV,
-        stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh,
-        stride_vb, stride_vl, stride_vh,
-        stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
-        stride_dks, stride_dkb, stride_dkl, stride_dkh, stride_dvs, stride_dvb, stride_dvl, stride_dvh,
-        N, L, H, blocks_per_split, sm_scale, qk_scale,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-        ALIGN: tl.constexpr, HALF_TILE: tl.constexpr, PRECISION: tl.constexpr,
-        HEADS: tl.constexpr, STAGES: tl.constexpr):
-    """Grid (splits, H / HEADS, B), heads as in the forward kernel. DK, DV: (splits, B, L, H, d)
-    partial sums (split stride 0 when splits == 1)."""
-    split = tl.program_id(0)
-    b = tl.program_id(2).to(tl.int64)
-    kv_len = tl.minimum(tl.maximum(tl.load(KV_LENS + b).to(tl.int32), 0), L)
-    stride_qn, stride_kl = tl.multiple_of(stride_qn, ALIGN), tl.multiple_of(stride_kl, ALIGN)
-    stride_vl, stride_don = tl.multiple_of(stride_vl, ALIGN), tl.multiple_of(stride_don, ALIGN)
-    stride_dqn, stride_dkl = tl.multiple_of(stride_dqn, ALIGN), tl.multiple_of(stride_dkl, ALIGN)
-    stride_dvl = tl.multiple_of(stride_dvl, ALIGN)
-    if HEADS == 1:
-        m_begin = split * blocks_per_split
-        m_end = tl.minimum(m_begin + blocks_per_split, tl.cdiv(N, BLOCK_M))
-        _bwd_head(Q, K, V, DO, LSE, DQ, DK, DV, b, tl.program_id(1), split, m_begin, m_end, kv_len, N, L, H, D,
-                  stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-                  stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
-                  stride_dks, stride_dkb, stride_dkl, stride_dkh, stride_dvs, stride_dvb, stride_dvl, stride_dvh,
-                  sm_scale, qk_scale, BLOCK_M, BLOCK_L, D0, D1, ALIGN, HALF_TILE, PRECISION)
-    else:
-        for g in tl.range(0, HEADS, num_stages=STAGES):
-            _bwd_head(Q, K, V, DO, LSE, DQ, DK, DV, b, tl.program_id(1) * HEADS + g, split, 0, 1, kv_len, N, L, H, D,
-                      stride_qb, stride_qn, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-                      stride_dob, stride_don, stride_doh, stride_dqb, stride_dqn, stride_dqh,
-                      stride_dks, stride_dkb, stride_dkl, stride_dkh, stride_dvs, stride_dvb, stride_dvl, stride_dvh,
-                      sm_scale, qk_scale, BLOCK_M, BLOCK_L, D0, D1, ALIGN, HALF_TILE, PRECISION)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,10 +363,12 @@ FWD_CONFIG = (64, 4)
 FWD_STAGES = 3  # Triton's default
 BWD_CONFIG = (64, 8)
 BWD_STAGES = 3
-# Heads per program where a head is one query block (MicroDiT's masked 64 tokens); see
-# _heads_per_program.
-FWD_HEADS = 1
-BWD_HEADS = 1
+# Where a head's queries fit one 64-row block (MicroDiT's 64 kept tokens at 256 px), a program
+# has one block to work on and 4 warps do better. H100, bf16, d = 64, backward us by (BLOCK_M,
+# num_warps), bench/results/h100_attention_sweep_microdit_959771d.jsonl: B256 N64 L77 (64, 4)
+# 132.0, (64, 8) 190.6, (32, 4) 149.8; B256 N64 keys = the 64 queries (self-attention) 97.1,
+# 111.3, 90.6. At N = 256 (B64, L77) (64, 8) stays: 108.1 against (64, 4) 158.1.
+BWD_CONFIG_ONE_BLOCK = (64, 4)
 # fp32 inputs (a testing dtype) take true fp32 products, which Triton runs on CUDA cores with
 # fp32 copies of the tiles in shared memory: smaller query blocks keep the backward under the
 # 227 KB a block may have (ptxas for sm_90: 135 KB at 32 rows, 225 KB at 64).
@@ -473,17 +426,8 @@ def _default_splits(q: torch.Tensor, block_m: int, programs_per_head: int = 1) -
     return max(1, min(triton.cdiv(N, block_m), triton.cdiv(wanted, B * H * programs_per_head)))
 
 
-def _heads_per_program(q: torch.Tensor, block_m: int, splits: int, heads: int) -> int:
-    """Heads a program loops over: ``heads`` where each head is one query block of one split
-    (N <= block_m), rounded down to a divisor of H; else 1."""
-    N, H = q.shape[1], q.shape[2]
-    if heads <= 1 or splits > 1 or N > block_m:
-        return 1
-    return max(g for g in range(1, min(heads, H) + 1) if H % g == 0)
-
-
 def _cross_attention_fwd_triton(q, k, v, kv_lens, block_m=None, num_warps=None, splits=None, half_tile=True,
-                                num_stages=FWD_STAGES, heads=None):
+                                num_stages=FWD_STAGES):
     """q (B, N, H, d), k, v (B, L, H, d) with unit last stride. Returns (o (B, N, H, d) contiguous,
     lse (B, H, N) fp32: base-2 log-sum-exp of the scaled scores, -inf where a row has no keys)."""
     B, N, H, d = q.shape
@@ -491,31 +435,30 @@ def _cross_attention_fwd_triton(q, k, v, kv_lens, block_m=None, num_warps=None, 
     default_block_m, default_warps = _config(q, FWD_CONFIG, FWD_CONFIG_FP32)
     block_m, num_warps = block_m or default_block_m, num_warps or default_warps
     splits = splits or _default_splits(q, block_m)
-    heads = _heads_per_program(q, block_m, splits, FWD_HEADS if heads is None else heads)
     d0, d1 = _head_split(d)
     block_l = max(32, triton.next_power_of_2(L))  # >= 32: the half tile still meets tl.dot's 16
     o = _new_output((B, N, H, d), q.dtype, q.device)
     lse = _new_output((B, H, N), torch.float32, q.device)
-    _cross_attention_fwd_kernel[(splits, H // heads, B)](
+    _cross_attention_fwd_kernel[(splits, H, B)](
         q, k, v, kv_lens, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         N, L, H, triton.cdiv(triton.cdiv(N, block_m), splits), math.log2(math.e) / math.sqrt(d),
         D=d, BLOCK_M=block_m, BLOCK_L=block_l, D0=d0, D1=d1, ALIGN=_offset_alignment(q, k, v, o),
-        HALF_TILE=half_tile, PRECISION=_dot_precision(q), HEADS=heads, STAGES=num_stages,
-        num_warps=num_warps, num_stages=num_stages)
+        HALF_TILE=half_tile,
+        PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages)
     return o, lse
 
 
 def _cross_attention_bwd_triton(do, q, k, v, lse, kv_lens, block_m=None, num_warps=None, splits=None,
-                                half_tile=True, num_stages=BWD_STAGES, heads=None):
+                                half_tile=True, num_stages=BWD_STAGES):
     """Returns (dq (B, N, H, d), dk, dv (B, L, H, d)), contiguous, in the inputs' dtype."""
     B, N, H, d = q.shape
     L = k.shape[1]
-    default_block_m, default_warps = _config(q, BWD_CONFIG, BWD_CONFIG_FP32)
+    one_block = N <= BWD_CONFIG_ONE_BLOCK[0]
+    default_block_m, default_warps = _config(q, BWD_CONFIG_ONE_BLOCK if one_block else BWD_CONFIG, BWD_CONFIG_FP32)
     block_m, num_warps = block_m or default_block_m, num_warps or default_warps
     splits = splits or _default_splits(q, block_m)
-    heads = _heads_per_program(q, block_m, splits, BWD_HEADS if heads is None else heads)
     d0, d1 = _head_split(d)
     block_l = max(32, triton.next_power_of_2(L))
     dq = _new_output((B, N, H, d), q.dtype, q.device)
@@ -526,7 +469,7 @@ def _cross_attention_bwd_triton(do, q, k, v, lse, kv_lens, block_m=None, num_war
     split_stride = 0 if splits == 1 else dk.stride(0)
     dk_strides = (split_stride,) + dk.stride()[-4:-1]
     dv_strides = (split_stride,) + dv.stride()[-4:-1]
-    _cross_attention_bwd_kernel[(splits, H // heads, B)](
+    _cross_attention_bwd_kernel[(splits, H, B)](
         q, k, v, do, lse, kv_lens, dq, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -534,8 +477,8 @@ def _cross_attention_bwd_triton(do, q, k, v, lse, kv_lens, block_m=None, num_war
         *dk_strides, *dv_strides,
         N, L, H, triton.cdiv(triton.cdiv(N, block_m), splits), 1 / math.sqrt(d), math.log2(math.e) / math.sqrt(d),
         D=d, BLOCK_M=block_m, BLOCK_L=block_l, D0=d0, D1=d1, ALIGN=_offset_alignment(q, k, v, do, dq, dk, dv),
-        HALF_TILE=half_tile, PRECISION=_dot_precision(q), HEADS=heads, STAGES=num_stages,
-        num_warps=num_warps, num_stages=num_stages)
+        HALF_TILE=half_tile,
+        PRECISION=_dot_precision(q), num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # (B, L, H, d) each
     return dq, dk, dv

@@ -1,7 +1,8 @@
-"""Self-attention of image tokens: PyTorch's SDPA with its kernel chosen on purpose.
+"""Self-attention of image tokens: PyTorch's SDPA with its kernel chosen on purpose, or, for
+short sequences, the engine's one-tile Triton kernels.
 
 q, k, v (B, N, H, d) -> (B, N, H, d), softmax(q k^T / sqrt(d)) v over all N tokens, no mask.
-There is no kernel of our own: SDPA's fused kernels are hard to beat here, but which one SDPA
+At PixArt's 256+ tokens SDPA's fused kernels are hard to beat, but which one SDPA
 picks by default is not always the fastest (H200, B64 N256 16 x 72, bf16 fwd+bwd, bench/results/h200_kernels_attention.json:
 cuDNN 381 µs, flash 656, efficient 1063). So:
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engine.ops.backend import resolve
+from engine.ops.backend import requested, resolve, unavailable_reason
 from engine.ops.cross_attention import MAX_KERNEL_KEYS, cross_attention
 
 SDPA_PRIORITY = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -58,8 +59,20 @@ def _check_inputs(q, k, v) -> None:
             raise ValueError(f"self_attention: {name} is on {t.device} but q is on {q.device}")
 
 
-def _resolve(backend: str | None, device: torch.device) -> str:
-    return resolve(backend, device, "self_attention", prefer=("cuda",))
+# auto on CUDA takes the Triton kernels for bf16 / fp16 up to this many tokens and SDPA (cuDNN
+# first) above. H100, bf16, 16 heads of 64, forward + backward through autograd
+# (bench/results/h100_attention_sweep_microdit_959771d.jsonl): B256 N64 232.3 us against SDPA's
+# 410.5; B64 N256 430.0 against 394.5.
+AUTO_TRITON_MAX_TOKENS = 64
+
+
+def _resolve(backend: str | None, q: torch.Tensor) -> str:
+    name = resolve(backend, q.device, "self_attention", prefer=("cuda",))
+    if (requested(backend, "self_attention") == "auto" and q.device.type == "cuda"
+            and q.shape[1] <= AUTO_TRITON_MAX_TOKENS and q.dtype in (torch.bfloat16, torch.float16)
+            and unavailable_reason("triton", q.device) is None):
+        return "triton"
+    return name
 
 
 def _check_triton_limits(q: torch.Tensor) -> None:
@@ -79,12 +92,13 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: s
 
     q, k, v (B, N, H, d), any strides (views into one fused (B, N, 3, H, d) projection are what
     the model passes). backend: "eager" | "cuda" | "triton" | "auto" | None (see
-    engine.ops.backend); auto on CUDA picks "cuda". The output is (B, N, H, d) in (B, N, H, d)
+    engine.ops.backend); auto on CUDA picks "triton" for bf16 / fp16 with N <= 64
+    (AUTO_TRITON_MAX_TOKENS), else "cuda". The output is (B, N, H, d) in (B, N, H, d)
     memory order (a view of SDPA's result, or the Triton kernel's own), so reshaping it to
     (B, N, H*d) copies nothing (the math kernel's output does get copied).
     """
     _check_inputs(q, k, v)
-    name = _resolve(backend, q.device)
+    name = _resolve(backend, q)
     if name == "triton":
         _check_triton_limits(q)
         return cross_attention(q, k, v, None, backend="triton")
@@ -99,7 +113,7 @@ def active_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: s
     (torch._fused_sdp_choice, the function SDPA calls to choose) under the same context, so it
     names the kernel that really runs; for benchmark labels."""
     _check_inputs(q, k, v)
-    name = _resolve(backend, q.device)
+    name = _resolve(backend, q)
     if name == "triton":
         return "triton"
     with _kernel_choice(name):

@@ -122,33 +122,6 @@ def test_launch_configs(block_m, bwd_block_m, splits, half_tile, device, seed):
     torch.testing.assert_close(lse.double(), want_lse, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("heads, half_tile", [(2, True), (3, False), (6, True)])
-def test_heads_per_program(heads, half_tile, device, seed):
-    """Several heads per program (a head of one query block: MicroDiT's masked tokens), at a head
-    count of 6: 2 and 3 divide it, 6 takes every head in one program."""
-    B, N, H, d, L = 3, 13, 6, 64, 77
-    q, kv, kv_lens = make_inputs(B, N, H, d, L, torch.float32, device, lens=[0, 30, L])
-    k, v = kv.unbind(2)
-    assert ca._heads_per_program(q, 16, 1, heads) == heads
-    o, lse = ca._cross_attention_fwd_triton(q, k, v, kv_lens, block_m=16, splits=1, half_tile=half_tile, heads=heads)
-    do = torch.randn_like(o)
-    dq, dk, dv = ca._cross_attention_bwd_triton(do, q, k, v, lse, kv_lens, block_m=16, splits=1,
-                                                half_tile=half_tile, heads=heads)
-    want = run(q, kv, kv_lens, do, cross_attention_ref, cast=torch.float64)
-    for name, got, ref in zip(["o", "dq", "dk", "dv"], [o, dq, dk, dv], want):
-        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} (seed {seed}): {m}")
-    assert_padding_untouched(o, dq, dk, dv, kv_lens, seed)
-
-
-def test_heads_per_program_only_for_one_query_block_a_head():
-    q = torch.empty(2, 100, 16, 64)
-    assert ca._heads_per_program(q, 64, 1, 4) == 1   # two query blocks a head
-    assert ca._heads_per_program(q, 128, 2, 4) == 1  # split heads write partial sums
-    assert ca._heads_per_program(q, 128, 1, 4) == 4
-    assert ca._heads_per_program(q, 128, 1, 6) == 4  # the largest divisor of 16 up to 6
-
-
 def test_custom_ops_pass_opcheck():
     q, kv, kv_lens = make_inputs(3, 9, 2, 24, 20, torch.float32, "cpu")
     k, v = kv.unbind(2)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.ops.cross_attention import MAX_KERNEL_KEYS
-from engine.ops.self_attention import SDPA_PRIORITY, active_backend, self_attention, self_attention_ref
+from engine.ops.self_attention import (AUTO_TRITON_MAX_TOKENS, SDPA_PRIORITY, active_backend, self_attention,
+                                       self_attention_ref)
 
 ATOL_FRACTION = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2.5e-4}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -127,3 +128,16 @@ def test_bad_inputs_raise_clear_errors():
         self_attention(q, k.double(), v)
     with pytest.raises(ValueError, match="unknown backend"):
         self_attention(q, k, v, backend="cudnn")
+
+
+@pytest.mark.gpu
+def test_auto_takes_triton_for_short_sequences():
+    """auto on CUDA: the Triton kernels for bf16 up to AUTO_TRITON_MAX_TOKENS tokens, SDPA above
+    and for fp32."""
+    short = torch.randn(2, AUTO_TRITON_MAX_TOKENS, 3, 4, 64, device="cuda", dtype=torch.bfloat16).unbind(2)
+    longer = torch.randn(2, AUTO_TRITON_MAX_TOKENS + 1, 3, 4, 64, device="cuda", dtype=torch.bfloat16).unbind(2)
+    assert active_backend(*short, backend="auto") == "triton"
+    assert active_backend(*longer, backend="auto") in BACKEND_NAMES
+    assert active_backend(*(t.float() for t in short), backend="auto") in BACKEND_NAMES
+    torch.testing.assert_close(self_attention(*short, backend="auto"), self_attention(*short, backend="triton"),
+                               rtol=0, atol=0)
