@@ -394,7 +394,7 @@ cost() {
 }
 # The MicroDiT GPU tests: the model's backends, moe and the throughput path.
 tests_microdit() {
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_moe.py tests/model/test_microdit.py "tests/ops/test_cross_attention.py::test_triton_matches_reference" "tests/ops/test_cross_attention.py::test_no_lengths_means_every_key" \
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ops/test_moe.py tests/model/test_microdit.py tests/ops/test_self_attention.py "tests/ops/test_cross_attention.py::test_triton_matches_reference" "tests/ops/test_cross_attention.py::test_no_lengths_means_every_key" \
     >"$out/pytest_gpu_microdit.log" 2>&1
   tail -3 "$out/pytest_gpu_microdit.log"
 }
