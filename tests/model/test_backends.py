@@ -62,11 +62,12 @@ def _model_and_inputs(config, batch, device, seed):
 
 # Which backend each op runs in the CPU check: every op with Triton kernels on them, or every op
 # with engine._C kernels on their C++ reference (linear and mlp: the cuBLASLt epilogue path),
-# the rest on Triton. self_attention has neither (SDPA either way).
+# the rest on Triton (self_attention's Triton backend: the cross-attention kernels, every key valid).
 CPU_OP_BACKENDS = {
-    "triton": {op: "triton" for op in ("linear", "mlp", "cross_attention", "norm_modulate", "patchify", "gated_add")},
+    "triton": {op: "triton" for op in ("linear", "mlp", "cross_attention", "self_attention", "norm_modulate",
+                                       "patchify", "gated_add")},
     "cuda": {"linear": "cuda", "mlp": "cuda", "norm_modulate": "cuda", "patchify": "cuda",
-             "cross_attention": "triton", "gated_add": "triton"},
+             "cross_attention": "triton", "self_attention": "triton", "gated_add": "triton"},
 }
 
 
