@@ -15,17 +15,26 @@ on its Triton kernels. Every row also goes to stdout as ``RESULT {json}``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
-import torch
+# Run as a script, this folder is first on sys.path, where its kernels.py would shadow the
+# installed `kernels` package that transformers imports when present: move it behind them, and
+# load bench/kernels.py (for its CUDA-graph timer) under a name of its own.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import cuda_graph_seconds  # noqa: E402
+import torch  # noqa: E402
 
 import engine.ops.cross_attention as ca  # noqa: E402
 from engine.ops.self_attention import self_attention  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("bench_kernels", _HERE / "kernels.py")
+bench_kernels = importlib.util.module_from_spec(_spec)
+sys.modules["bench_kernels"] = bench_kernels  # dataclasses look their module up there
+_spec.loader.exec_module(bench_kernels)
 
 # MicroDiT-XL/2 (16 heads of 64, 77 caption keys): 256 px masked (64 of 256 tokens kept) at stage
 # 1's batch 256; 256 px unmasked at 64 (the same attention shape as 512 px masked at 64).
@@ -92,7 +101,7 @@ def sweep_shape(kind, sizes, device):
     for row in rows:
         fn = row.pop("fn")
         try:
-            row["us"] = round(cuda_graph_seconds(fn) * 1e6, 1)
+            row["us"] = round(bench_kernels.cuda_graph_seconds(fn) * 1e6, 1)
         except Exception as error:  # a config that does not compile or launch: its row says why
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     return rows
