@@ -16,6 +16,8 @@ from engine.ops.cross_attention import cross_attention, cross_attention_ref
 from tests.ops.design_rule import assert_rule
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# The interpreter converts and multiplies bf16 as the GPU does (tests/ops/conftest.py).
+pytestmark = pytest.mark.usefixtures("interpreter_dots_bf16_like_the_gpu")
 
 
 @pytest.fixture(autouse=True)
@@ -23,11 +25,6 @@ def poisoned_outputs(monkeypatch):
     """Every kernel output starts as NaN, so an element a kernel fails to write shows."""
     monkeypatch.setattr(ca, "_new_output",
                         lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
-
-
-@pytest.fixture(autouse=True)
-def interpreter_bf16_like_the_gpu(interpreter_dots_bf16_like_the_gpu):
-    """The interpreter's bf16 conversions and tl.dot as the GPU's (tests/ops/conftest.py)."""
 
 
 def make_inputs(B, N, H, d, L, dtype, device, lens=None):

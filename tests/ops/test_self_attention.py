@@ -20,6 +20,8 @@ from engine.ops.self_attention import (AUTO_TRITON_MAX_TOKENS, SDPA_PRIORITY, ac
 ATOL_FRACTION = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2.5e-4}
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 BACKEND_NAMES = {"cudnn", "flash", "efficient", "math"}
+# The interpreter converts and multiplies bf16 as the GPU does (tests/ops/conftest.py).
+pytestmark = pytest.mark.usefixtures("interpreter_dots_bf16_like_the_gpu")
 
 
 def run(qkv, do, backend, cast=None):
@@ -33,11 +35,6 @@ def run(qkv, do, backend, cast=None):
 
 CASES = [(2, 37, 3, 72, torch.bfloat16), (2, 37, 3, 72, torch.float32), (2, 64, 16, 64, torch.bfloat16),
          (3, 250, 2, 72, torch.float16)]
-
-
-@pytest.fixture(autouse=True)
-def interpreter_bf16_like_the_gpu(interpreter_dots_bf16_like_the_gpu):
-    """The interpreter's bf16 conversions and tl.dot as the GPU's (tests/ops/conftest.py)."""
 
 
 @pytest.mark.parametrize("device", DEVICES)
